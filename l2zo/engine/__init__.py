@@ -1,0 +1,26 @@
+"""The ZO engine: blocks, seeded z, in-place perturbations and the two-point estimator.
+
+Pure functions over tensors; no Lightning, no data code.
+"""
+
+from l2zo.engine.blocks import Block, block_depth, block_kind, fingerprint, partition
+from l2zo.engine.estimator import Probe, two_point_estimate, zo_probe
+from l2zo.engine.perturb import axpby_z_, for_each_z, perturb_
+from l2zo.engine.seeding import Z_CHUNK, ZSource, mix_seed
+
+__all__ = [
+    "Block",
+    "Probe",
+    "ZSource",
+    "Z_CHUNK",
+    "axpby_z_",
+    "block_depth",
+    "block_kind",
+    "fingerprint",
+    "for_each_z",
+    "mix_seed",
+    "partition",
+    "perturb_",
+    "two_point_estimate",
+    "zo_probe",
+]

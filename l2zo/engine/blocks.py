@@ -1,0 +1,150 @@
+"""Blocks: the unit the ZO engine perturbs and the learned optimizer assigns a sigma to.
+
+A block is one trainable parameter tensor, as in ZO Fine-tuner (its "291 blocks for LLaMA-8B").
+Tied weights (an lm_head sharing the embedding matrix) are one block: we de-duplicate by tensor
+identity and by storage, never by model or parameter name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from l2zo.errors import L2ZOError
+
+ParamsLike = nn.Module | Iterable[tuple[str, torch.Tensor]] | Iterable[torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """One parameter tensor under ZO optimisation.
+
+    Attributes:
+        index: position in the block list; part of the z seed, so it must be stable.
+        name: the parameter's name in the model, e.g. "model.layers.0.self_attn.q_proj.weight".
+        param: the tensor itself, updated in place.
+    """
+
+    index: int
+    name: str
+    param: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    @property
+    def is_matrix(self) -> bool:
+        """Matrices (and higher) get weight decay; biases and norm gains (1-D) do not, as in MeZO."""
+        return self.param.dim() >= 2
+
+
+def _named(params: ParamsLike) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(params, nn.Module):
+        # named_parameters() already skips repeated Parameter objects (tied weights).
+        return list(params.named_parameters())
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        raise L2ZOError("ZO optimizers take a model, (name, param) pairs or params, not param groups")
+    named = []
+    for i, item in enumerate(items):
+        if isinstance(item, tuple):
+            named.append((str(item[0]), item[1]))
+        else:
+            named.append((f"param{i}", item))
+    return named
+
+
+def _compile(patterns: str | Sequence[str] | None) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise L2ZOError(f"bad block pattern: {exc}. Patterns are Python regular expressions matched with re.search") from exc
+
+
+def partition(
+    params: ParamsLike,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> list[Block]:
+    """Split trainable parameters into blocks, tied weights counted once.
+
+    Args:
+        params: a module, ``named_parameters()`` pairs, or bare tensors (named ``param{i}``).
+        include: regexes; if given, keep only names matching one of them (``re.search``).
+        exclude: regexes; drop names matching any of them (applied after ``include``).
+
+    Returns:
+        Blocks in model order, indexed 0..B-1.
+    """
+    inc, exc = _compile(include), _compile(exclude)
+    seen_ids: set[int] = set()
+    seen_storage: set[tuple[int, int, tuple[int, ...]]] = set()
+    blocks: list[Block] = []
+    for name, p in _named(params):
+        if not p.requires_grad:
+            continue
+        if inc and not any(r.search(name) for r in inc):
+            continue
+        if any(r.search(name) for r in exc):
+            continue
+        # Two Parameter objects over the same storage are one tensor for ZO purposes: perturbing
+        # both would apply z twice.
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+        if id(p) in seen_ids or (p.numel() > 0 and key in seen_storage):
+            continue
+        seen_ids.add(id(p))
+        seen_storage.add(key)
+        if not p.is_contiguous():
+            raise L2ZOError(f"parameter {name} is not contiguous; call .contiguous() on the model's weights first")
+        blocks.append(Block(index=len(blocks), name=name, param=p))
+    if not blocks:
+        raise L2ZOError(
+            "no trainable parameters selected: check requires_grad and the include/exclude patterns"
+        )
+    return blocks
+
+
+def fingerprint(blocks: Sequence[Block]) -> str:
+    """Architecture fingerprint: sha256 over block names and shapes (not weights, not dtypes).
+
+    A derivative (same architecture, other weights, e.g. an Instruct variant) has the same
+    fingerprint; a model with another layer count or width does not.
+    """
+    h = hashlib.sha256()
+    for b in blocks:
+        h.update(f"{b.name}:{'x'.join(map(str, b.shape))};".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def block_kind(name: str) -> str:
+    """A coarse role for a block from its name, for summaries and role embeddings.
+
+    Returns the last module name before ``.weight``/``.bias`` ("q_proj", "down_proj", "embed_tokens",
+    "input_layernorm", ...) with a ``.bias`` suffix for biases; generic, no model-specific table.
+    """
+    parts = name.split(".")
+    leaf = parts[-1]
+    owner = next((p for p in reversed(parts[:-1]) if not p.isdigit()), leaf)
+    return f"{owner}.bias" if leaf == "bias" else owner
+
+
+def block_depth(name: str) -> int | None:
+    """The first integer component of a block name (the layer index), or None (embeddings, final norm)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
