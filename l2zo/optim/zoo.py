@@ -1,15 +1,11 @@
-"""Registration of the built-in optimizers (one line of description each, for ``l2zo optimizers``)."""
+"""Imports every module in ``l2zo.optim.methods`` so that each registers its optimizers."""
 
 from __future__ import annotations
 
-from l2zo.optim.mezo import MeZO
-from l2zo.optim.registry import OptimizerSpec, register_optimizer
+import importlib
+import pkgutil
 
-register_optimizer(
-    OptimizerSpec(
-        name="mezo",
-        factory=MeZO,
-        description="MeZO / ZO-SGD: two-point SPSA with seed replay, in-place and fused (0 extra buffers)",
-        defaults=dict(lr=1e-6, eps=1e-3),
-    )
-)
+import l2zo.optim.methods as _methods
+
+for _info in sorted(pkgutil.iter_modules(_methods.__path__), key=lambda m: m.name):
+    importlib.import_module(f"{_methods.__name__}.{_info.name}")

@@ -12,6 +12,7 @@ Extra memory: 0 parameter-sized buffers (one 4 MB z chunk buffer per device and 
 from __future__ import annotations
 
 from l2zo.optim.base import ZOOptimizer
+from l2zo.optim.registry import OptimizerSpec, register_optimizer
 
 
 class MeZO(ZOOptimizer):
@@ -23,3 +24,13 @@ class MeZO(ZOOptimizer):
         for batch in loader:
             loss = opt.step(lambda: loss_fn(model, batch))
     """
+
+
+register_optimizer(
+    OptimizerSpec(
+        name="mezo",
+        factory=MeZO,
+        description="MeZO / ZO-SGD: two-point SPSA with seed replay, in-place and fused (0 extra buffers)",
+        defaults=dict(lr=1e-6, eps=1e-3),
+    )
+)

@@ -1,0 +1,5 @@
+import sys
+
+from l2zo.cli.main import main
+
+sys.exit(main())

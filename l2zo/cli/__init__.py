@@ -1,0 +1,1 @@
+"""The ``l2zo`` command line."""

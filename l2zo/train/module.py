@@ -1,0 +1,146 @@
+"""``FinetuneModule``: the Lightning shell around one optimizer fine-tuning one model on one task.
+
+Manual optimization: a ZO optimizer's ``step(closure)`` runs the forwards itself. First-order
+optimizers (the fo-* references) get a closure that also runs backward. The module owns no
+algorithm: it logs, times and evaluates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from l2zo.tasks.scoring import CandidateScorer, ScoringBatch
+from l2zo.utils.memory import peak_memory_mb
+
+OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class FinetuneModule(L.LightningModule):
+    """Fine-tune ``model`` with the optimizer ``build_optimizer(model)`` returns.
+
+    Logged tags (the same for every optimizer, so TensorBoard overlays runs): train/loss,
+    train/projected_grad, train/lr, train/step_time_s, train/peak_mem_mb, train/forward_passes,
+    val/loss, val/acc, test/loss, test/acc.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scorer: CandidateScorer,
+        loss_kind: str,
+        build_optimizer: OptimizerBuilder,
+        zeroth_order: bool,
+        forwards_per_step: int,
+        lr_schedule: str = "constant",
+        total_steps: int = 1,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.scorer = scorer
+        self.loss_kind = loss_kind
+        self._build_optimizer = build_optimizer
+        self.zeroth_order = zeroth_order
+        self.forwards_per_step = forwards_per_step
+        self.lr_schedule = lr_schedule
+        self.total_steps = total_steps
+        self.automatic_optimization = False
+        self.step_times: list[float] = []
+        self.history: dict[str, list[tuple[int, float]]] = {"val/loss": [], "val/acc": []}
+        self.test_metrics: dict[str, float] = {}
+        self._sums: dict[str, float] = {}
+
+    def configure_optimizers(self) -> Any:
+        # The model is already on its device here, so optimizer state is allocated there.
+        opt = self._build_optimizer(self.model)
+        if self.lr_schedule == "linear":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / self.total_steps))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+        return [opt], [sched]
+
+    def transfer_batch_to_device(self, batch: ScoringBatch, device: torch.device, dataloader_idx: int) -> ScoringBatch:
+        return batch.to(device)
+
+    def _loss(self, batch: ScoringBatch) -> torch.Tensor:
+        return self.scorer.loss(self.model, batch, self.loss_kind)
+
+    def training_step(self, batch: ScoringBatch, batch_idx: int) -> None:
+        opt = self.optimizers(use_pl_optimizer=False)
+        sched = self.lr_schedulers()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if self.zeroth_order:
+            loss = opt.step(lambda: self._loss(batch))
+        else:
+            self.model.train()
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad(set_to_none=True)
+                loss = self._loss(batch)
+                loss.backward()
+                return loss
+
+            with torch.enable_grad():
+                loss = opt.step(closure)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.step_times.append(dt)
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        probe = getattr(opt, "last_probe", None)
+        metrics = {
+            "train/loss": loss.detach().float(),
+            "train/lr": float(lr),
+            "train/step_time_s": dt,
+            "train/peak_mem_mb": peak_memory_mb(self.device),
+            "train/forward_passes": float((self.global_step + 1) * self.forwards_per_step),
+        }
+        if probe is not None:
+            metrics["train/projected_grad"] = probe.projected_grad
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=int(batch.labels.numel()))
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=int(batch.labels.numel()))
+
+    # -- evaluation: sums over the whole split, logged once per evaluation -------------------------
+    def _eval_start(self) -> None:
+        self._sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+
+    def _eval_step(self, batch: ScoringBatch) -> None:
+        out = self.scorer.evaluate(self.model, batch)
+        for k in self._sums:
+            self._sums[k] += float(out[k])
+
+    def _eval_end(self, prefix: str) -> dict[str, float]:
+        n = max(self._sums["count"], 1.0)
+        metrics = {f"{prefix}/loss": self._sums["loss_sum"] / n, f"{prefix}/acc": self._sums["correct"] / n}
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val")
+        return metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: ScoringBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._eval_end("val")
+        step = int(self.global_step)
+        for k, v in metrics.items():
+            if not self.history[k] or self.history[k][-1][0] != step:
+                self.history[k].append((step, v))
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: ScoringBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = self._eval_end("test")
