@@ -1,0 +1,315 @@
+"""Learned-optimizer artifacts: a folder bound to one base-model architecture.
+
+    <dir>/variance_net.safetensors   the net's learned tensors (stacked; no pickle)
+    <dir>/l2zo_artifact.json         the manifest (sorted keys): versions, base model, net spec, normalisation, ...
+    <dir>/meta_config.yaml           the resolved config that produced it
+
+Loading never unpickles (safetensors, json, yaml.safe_load), checks the weights' sha256 and the
+architecture fingerprint (names and shapes of the blocks). The same fingerprint under another model
+name (a fine-tuned derivative) warns and loads; another architecture is refused, naming the first
+block that differs, unless ``partial=True`` (blocks matched by name and shape; the rest get sigma 1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import subprocess
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import yaml
+from torch import Tensor, nn
+
+import l2zo
+from l2zo.engine.blocks import Block, block_kind, fingerprint
+from l2zo.errors import L2ZOError
+from l2zo.learned.features import FEATURE_NAMES, FeatureRef, build_features, weight_stats
+from l2zo.learned.net import NetSpec, VarianceNet
+from l2zo.learned.normalization import block_weights, normalize_sigma
+from l2zo.utils.io import atomic_dir
+
+log = logging.getLogger("l2zo")
+
+FORMAT_VERSION = 1
+KIND = "per_block_variance_net"
+WEIGHTS_FILE = "variance_net.safetensors"
+MANIFEST_FILE = "l2zo_artifact.json"
+CONFIG_FILE = "meta_config.yaml"
+
+
+class ArtifactWarning(UserWarning):
+    """An artifact loads, but something about it deserves attention (e.g. another model name)."""
+
+
+@dataclass
+class LoadedArtifact:
+    """A loaded artifact, its net re-mapped to the target blocks' order.
+
+    Attributes:
+        net: the variance net, one row per target block.
+        manifest: the parsed l2zo_artifact.json.
+        unmatched: names of target blocks the artifact has no MLP for (partial loads only).
+        sigma_fallback: [B] True for the unmatched blocks (the optimizer gives them raw sigma 1).
+    """
+
+    net: VarianceNet
+    manifest: dict[str, Any]
+    unmatched: list[str] = field(default_factory=list)
+    sigma_fallback: list[bool] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=1)
+def l2zo_version() -> str:
+    """``l2zo.__version__``, plus ``+g<short sha>`` when l2zo runs from a git checkout (failure-tolerant)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(l2zo.__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        rev = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{l2zo.__version__}+g{rev}" if rev else l2zo.__version__
+
+
+def architecture_record(blocks: Sequence[Block]) -> dict[str, Any]:
+    """``{"fingerprint": ..., "blocks": [[name, shape], ...]}`` for the manifest."""
+    return {"fingerprint": fingerprint(blocks), "blocks": [[b.name, list(b.shape)] for b in blocks]}
+
+
+def sigma_by_kind(block_names: Sequence[str], sigma: Tensor) -> dict[str, float]:
+    """Mean of a [B] sigma over the blocks of each kind (``block_kind``), sorted by kind."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for name, s in zip(block_names, sigma.detach().double().cpu().tolist(), strict=True):
+        groups[block_kind(name)].append(s)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+@torch.no_grad()
+def evaluate_sigma(
+    net: VarianceNet, stats: Tensor, n: Tensor, *, loss: float, rule: str = "numel", steps: int = 1
+) -> Tensor:
+    """Effective sigma [B] of ``net`` at fixed weights and L+ = L- = ``loss``, without a model.
+
+    Iterates the sigma_prev recurrence ``steps`` times from sigma_prev = 1 (the paper's start), then
+    normalises with ``n`` (rule "none": raw). With ``normalize`` features, ``loss`` is read as relative
+    to the first loss and the weights as the initial ones.
+
+    Args:
+        stats: [B, 2] weight stats; n: [B] block weights.
+    """
+    spec = net.spec.features
+    ref = FeatureRef(loss0=1.0, var0=stats[:, 1].float()) if spec.normalize else None
+    sigma_prev = torch.ones(net.num_blocks)
+    for _ in range(max(1, steps)):
+        sigma_prev = net(build_features(stats, loss, loss, sigma_prev, spec, ref))
+    return sigma_prev if rule == "none" else normalize_sigma(sigma_prev, n)[1]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_weights(tensors: dict[str, Tensor], path: Path) -> None:
+    # A module-level function so tests can make the save fail midway.
+    safetensors.torch.save_file(tensors, str(path))
+
+
+def save_artifact(
+    path: str | Path,
+    net: VarianceNet,
+    blocks: Sequence[Block],
+    *,
+    base_model: dict[str, Any],
+    meta_config: dict[str, Any],
+    meta_record: dict[str, Any],
+    normalization: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    sigma: Tensor | None = None,
+    stats: Tensor | None = None,
+    model: nn.Module | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an artifact folder atomically (a temp folder beside ``path``, renamed when complete).
+
+    Args:
+        path: the folder to create.
+        net: the trained net, one row per block of ``blocks``.
+        blocks: the base model's blocks (names and shapes are recorded; their weights give ``weight_stats``).
+        base_model: at least ``name``; ``revision`` recommended. Fingerprint and block list are added here.
+        meta_config: the resolved meta-training config (written to meta_config.yaml).
+        meta_record: tasks, steps, seed, objective, final_meta_loss, wall_time_s, ...
+        normalization: ``{"rule": ..., "batch_size": ...}``.
+        extra: more top-level manifest keys (may not shadow the standard ones).
+        sigma: [B] effective sigma at the end of meta-training, for ``sigma_by_kind``; default: the net
+            evaluated once on the base weights with zero losses, normalised with ``normalization``.
+        stats: [B, 2] base-model weight stats; default computed from ``blocks`` now.
+        model: the base model; with it the block weights n_b of the rule are stored (``l2zo inspect``).
+        overwrite: replace an existing folder (only after the new one is complete).
+    """
+    names = [b.name for b in blocks]
+    if net.block_names != names:
+        raise L2ZOError("save_artifact: the net's block names differ from the blocks given")
+    rule = str(normalization.get("rule", "numel"))
+    batch_size = int(normalization.get("batch_size", 16))
+    stats = weight_stats(blocks, device="cpu") if stats is None else stats.detach().float().cpu()
+    if sigma is None:
+        # Without the model the "paper" embedding weights are unknown; numel is the close stand-in for a summary.
+        summary_rule = "numel" if rule == "paper" and model is None else rule
+        n = block_weights(blocks, summary_rule, model=model, batch_size=batch_size)
+        sigma = evaluate_sigma(net, stats, n, loss=0.0, rule=rule)
+    norm = {**normalization, "rule": rule, "batch_size": batch_size}
+    if model is not None:
+        norm["block_weights"] = block_weights(blocks, rule, model=model, batch_size=batch_size).tolist()
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "l2zo_version": l2zo_version(),
+        "kind": KIND,
+        "base_model": {**base_model, **architecture_record(blocks), "num_blocks": len(blocks)},
+        "net": {**net.spec.to_dict(), "feature_names": list(FEATURE_NAMES), "num_inputs": net.spec.num_inputs},
+        "normalization": norm,
+        "meta_training": dict(meta_record),
+        "sigma_by_kind": sigma_by_kind(names, sigma),
+        "weight_stats": stats.tolist(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    clash = sorted(set(extra or {}) & (set(manifest) | {"weights_sha256"}))
+    if clash:
+        raise L2ZOError(f"save_artifact: extra keys {clash} would overwrite standard manifest keys")
+    manifest.update(extra or {})
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        _write_weights(tensors, tmp / WEIGHTS_FILE)
+        manifest["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta_config, sort_keys=False), encoding="utf-8")
+    return Path(path)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Parse and check the manifest of an artifact folder (format_version, kind); no weights read."""
+    path = Path(path)
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        raise L2ZOError(f"{path} is not an l2zo artifact: {MANIFEST_FILE} not found")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise L2ZOError(f"{file} is not valid JSON: {exc}") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise L2ZOError(
+            f"{path}: unknown artifact format_version {version!r}; this l2zo ({l2zo.__version__}) reads "
+            f"format_version {FORMAT_VERSION}. Use the l2zo version that wrote it ({manifest.get('l2zo_version', '?')})"
+        )
+    if manifest.get("kind") != KIND:
+        raise L2ZOError(f"{path}: artifact kind {manifest.get('kind')!r} is not {KIND!r}")
+    return manifest
+
+
+def read_artifact(path: str | Path) -> tuple[VarianceNet, dict[str, Any]]:
+    """The net on the artifact's own blocks, and the manifest; checks format and the weights' sha256."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise L2ZOError(f"{path}: {WEIGHTS_FILE} not found")
+    if _sha256(weights) != manifest.get("weights_sha256"):
+        raise L2ZOError(
+            f"{weights}: sha256 does not match the manifest; the file is corrupted or was modified. "
+            "Re-download or re-export the artifact"
+        )
+    net_d = dict(manifest["net"])
+    names = net_d.pop("feature_names", list(FEATURE_NAMES))
+    net_d.pop("num_inputs", None)
+    if list(names) != list(FEATURE_NAMES):
+        raise L2ZOError(f"{path}: the net was trained on features {names}, this l2zo computes {list(FEATURE_NAMES)}")
+    spec = NetSpec.from_dict(net_d)
+    net = VarianceNet(spec, [n for n, _ in manifest["base_model"]["blocks"]])
+    try:
+        tensors = safetensors.torch.load_file(str(weights))
+        net.load_state_dict(tensors, strict=True)
+    except (RuntimeError, OSError, ValueError) as exc:  # safetensors errors are RuntimeError/SafetensorError
+        raise L2ZOError(f"{weights}: cannot load the variance net: {exc}") from exc
+    return net, manifest
+
+
+def _first_difference(src: Sequence[tuple[str, tuple[int, ...]]], dst: Sequence[Block]) -> str:
+    for i in range(max(len(src), len(dst))):
+        a = src[i] if i < len(src) else None
+        b = (dst[i].name, dst[i].shape) if i < len(dst) else None
+        if a != b:
+            fmt = lambda x: "nothing" if x is None else f"{x[0]!r} {list(x[1])}"  # noqa: E731
+            return f"block {i}: the artifact has {fmt(a)}, this model has {fmt(b)}"
+    return "no block differs (fingerprint collision?)"
+
+
+def load_artifact(
+    path: str | Path, blocks: Sequence[Block], *, model_name: str | None = None, partial: bool = False
+) -> LoadedArtifact:
+    """Load an artifact for ``blocks`` (the target model's blocks, in optimizer order).
+
+    Raises:
+        L2ZOError: unknown format, bad checksum, or another architecture without ``partial``.
+    """
+    net, manifest = read_artifact(path)
+    base = manifest["base_model"]
+    src = [(str(n), tuple(int(d) for d in s)) for n, s in base["blocks"]]
+    if fingerprint(blocks) == base["fingerprint"]:
+        if model_name and base.get("name") and model_name != base["name"]:
+            warnings.warn(
+                f"artifact {path} was meta-trained on {base['name']!r}; using it on {model_name!r}, which has the "
+                "same architecture (fingerprint match)",
+                ArtifactWarning,
+                stacklevel=2,
+            )
+        return LoadedArtifact(net=net, manifest=manifest, unmatched=[], sigma_fallback=[False] * len(blocks))
+    if not partial:
+        raise L2ZOError(
+            f"artifact {path} was meta-trained for another architecture ({base.get('name', '?')}, {len(src)} blocks; "
+            f"this model has {len(blocks)}): {_first_difference(src, blocks)}. To use the blocks that match by name "
+            "and shape (the others get sigma 1), pass partial=True (`--opt-args partial=true` on the CLI)"
+        )
+    index = {name: (i, shape) for i, (name, shape) in enumerate(src)}
+    pairs, unmatched = [], []
+    for j, b in enumerate(blocks):
+        hit = index.get(b.name)
+        if hit is not None and hit[1] == b.shape:
+            pairs.append((hit[0], j))
+        else:
+            unmatched.append(b.name)
+    if not pairs:
+        raise L2ZOError(f"artifact {path}: no block of this model matches one of the artifact by name and shape")
+    target = VarianceNet(net.spec, [b.name for b in blocks])
+    target.copy_rows_from(net, pairs)
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f", ... (+{len(unmatched) - 5})" if len(unmatched) > 5 else "")
+        log.warning(
+            "partial artifact load: %d of %d blocks unmatched, given sigma 1: %s", len(unmatched), len(blocks), shown
+        )
+    matched = {j for _, j in pairs}
+    fallback = [j not in matched for j in range(len(blocks))]
+    return LoadedArtifact(net=target, manifest=manifest, unmatched=unmatched, sigma_fallback=fallback)
+
+
+def stored_stats(manifest: Mapping[str, Any]) -> Tensor:
+    """The base model's [B, 2] weight stats recorded in the manifest."""
+    return torch.tensor(manifest["weight_stats"], dtype=torch.float32)

@@ -1,0 +1,289 @@
+"""LearnedZO (ZO Fine-tuner, arXiv 2510.00419): MeZO with a learned, normalised sigma per block.
+
+Each step (reference §2.1): features [mean W_b, var W_b, L+_{t-1}, L-_{t-1}, sigma_{b,t-1}] -> the
+variance net -> raw sigma_b -> c = sqrt(sum n_b / sum n_b sigma_b^2) -> u_b = c sigma_b z_b, then
+MeZO's probe and fused update with that u. The raw sigma and (L+, L-) become the next step's
+features. With sigma == 1 and c == 1 the step is MeZO's, bit for bit.
+
+Registered here, with the two ablations the paper lacks (reference §5.4, §7):
+  learned          a meta-trained net from an artifact folder
+  learned-random   a freshly initialised net (same spec, normalisation and seed handling)
+  per-block-const  one fixed sigma per block kind (default all 1 = MeZO), normalised the same way
+
+Extra cost over MeZO: one read of the weights per step (mean/var) and one tiny batched MLP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from l2zo.engine.blocks import ParamsLike, block_kind, partition
+from l2zo.errors import L2ZOError
+from l2zo.learned.artifact import load_artifact, read_manifest
+from l2zo.learned.features import FeatureRef, build_features, weight_stats
+from l2zo.learned.net import NetSpec, VarianceNet
+from l2zo.learned.normalization import block_weights, normalize_sigma
+from l2zo.optim.base import ZOOptimizer
+from l2zo.optim.registry import OptimizerSpec, register_optimizer
+
+
+def _normalize(raw: Tensor, n: Tensor, rule: str) -> tuple[float, Tensor]:
+    if rule == "none":
+        return 1.0, raw
+    c, eff = normalize_sigma(raw, n)
+    return float(c), eff
+
+
+class LearnedZO(ZOOptimizer):
+    """ZO-SGD whose per-block perturbation scale comes from a ``VarianceNet``.
+
+    Args:
+        params: the model (needed by normalization "paper"), or its named parameters.
+        net: the variance net; its ``block_names`` must be this optimizer's blocks, in order.
+        lr, eps, weight_decay, seed, include, exclude: as ``MeZO``.
+        normalization: "numel", "paper" or "none" (``l2zo.learned.normalization``).
+        batch_size: the global batch size, for the "paper" embedding weight.
+        sigma_fallback: [B] True where the block gets raw sigma 1 instead of the net's (partial loads).
+
+    Attributes:
+        last_sigma: [B] effective sigma (c * sigma) of the last step, or None before the first step.
+        last_c: the normalisation constant of the last step.
+    """
+
+    def __init__(
+        self,
+        params: ParamsLike,
+        net: VarianceNet,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        normalization: str = "numel",
+        batch_size: int = 16,
+        sigma_fallback: Sequence[bool] | None = None,
+    ) -> None:
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude)
+        names = [b.name for b in self.blocks]
+        if net.block_names != names:
+            pairs = enumerate(zip(net.block_names, names))
+            diff = next((i for i, (a, b) in pairs if a != b), min(len(names), net.num_blocks))
+            raise L2ZOError(
+                f"the variance net was built for other blocks ({net.num_blocks} vs {len(names)} here; first difference "
+                f"at block {diff}); build it with VarianceNet(spec, [b.name for b in optimizer blocks]) or load the "
+                "artifact against this model"
+            )
+        self.net = net
+        self.normalization = normalization
+        device = net.w1.device
+        self.n = block_weights(self.blocks, normalization, model=self.module, batch_size=batch_size).to(device)
+        fallback = [False] * len(names) if sigma_fallback is None else [bool(f) for f in sigma_fallback]
+        if len(fallback) != len(names):
+            raise L2ZOError(f"sigma_fallback has {len(fallback)} entries for {len(names)} blocks")
+        self.sigma_fallback = torch.tensor(fallback, dtype=torch.bool, device=device)
+        # The paper's initial recurrent state: losses 0, sigma 1.
+        self.loss_prev: tuple[float, float] = (0.0, 0.0)
+        self.sigma_prev = torch.ones(len(names), dtype=torch.float32, device=device)
+        self.ref = FeatureRef()
+        self.last_sigma: Tensor | None = None
+        self.last_c: float = 1.0
+        self._raw: Tensor | None = None
+
+    @torch.no_grad()
+    def raw_sigma(self) -> Tensor:
+        """[B] the net's sigma for the current weights and recurrent state (fallback blocks: 1)."""
+        spec = self.net.spec.features
+        stats = weight_stats(self.blocks, device=self.sigma_prev.device)
+        if spec.normalize:
+            self.ref.observe_stats(stats)
+        feats = build_features(stats, *self.loss_prev, self.sigma_prev, spec, self.ref)
+        raw = self.net(feats)
+        return torch.where(self.sigma_fallback, torch.ones_like(raw), raw)
+
+    def sigma(self) -> list[float]:
+        raw = self.raw_sigma()
+        c, eff = _normalize(raw, self.n, self.normalization)
+        if not bool(torch.isfinite(eff).all()):
+            bad = [self.blocks[i].name for i in torch.nonzero(~torch.isfinite(eff)).flatten().tolist()[:3]]
+            raise L2ZOError(f"the variance net produced a non-finite sigma (blocks {bad}); the artifact may be broken")
+        self._raw, self.last_c, self.last_sigma = raw, c, eff
+        return eff.tolist()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        loss = super().step(closure)
+        # Only after a successful step: a non-finite loss raises above and leaves the state untouched.
+        probe = self.last_probe
+        assert probe is not None and self._raw is not None
+        self.loss_prev = (float(probe.loss_plus), float(probe.loss_minus))
+        self.sigma_prev = self._raw
+        if self.net.spec.features.normalize:
+            self.ref.observe_loss(*self.loss_prev)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["learned"] = {
+            "loss_prev": list(self.loss_prev),
+            "sigma_prev": self.sigma_prev.detach().cpu().clone(),
+            "ref": self.ref.state_dict(),
+            "last_c": self.last_c,
+            "last_sigma": None if self.last_sigma is None else self.last_sigma.detach().cpu().clone(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        learned = state_dict.pop("learned", None)
+        super().load_state_dict(state_dict)
+        if learned is None:
+            return
+        device = self.sigma_prev.device
+        self.loss_prev = (float(learned["loss_prev"][0]), float(learned["loss_prev"][1]))
+        self.sigma_prev = torch.as_tensor(learned["sigma_prev"], dtype=torch.float32).to(device).clone()
+        self.ref = FeatureRef.from_state(learned.get("ref"))
+        self.last_c = float(learned.get("last_c", 1.0))
+        last = learned.get("last_sigma")
+        self.last_sigma = None if last is None else torch.as_tensor(last).to(device).clone()
+
+
+class PerBlockConstZO(ZOOptimizer):
+    """MeZO with a fixed sigma per block kind, normalised once like LearnedZO's (the "no learning" ablation).
+
+    Args:
+        sigma_by_kind: kind (``block_kind``) -> raw sigma; kinds not listed get ``default_sigma``.
+        normalization, batch_size: as ``LearnedZO``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsLike,
+        sigma_by_kind: Mapping[str, float] | None = None,
+        default_sigma: float = 1.0,
+        normalization: str = "numel",
+        batch_size: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, **kwargs)
+        mapping = dict(sigma_by_kind or {})
+        raw = torch.tensor([float(mapping.get(block_kind(b.name), default_sigma)) for b in self.blocks])
+        if not bool(torch.isfinite(raw).all()) or bool((raw < 0).any()):
+            raise L2ZOError("per-block-const sigmas must be finite and >= 0")
+        n = block_weights(self.blocks, normalization, model=self.module, batch_size=batch_size)
+        self.last_c, self.last_sigma = _normalize(raw, n, normalization)
+        self._sigma = self.last_sigma.tolist()
+
+    def sigma(self) -> list[float]:
+        return self._sigma
+
+
+def _model_name(model: nn.Module) -> str | None:
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    return str(name) if name else None
+
+
+def build_learned(
+    model: nn.Module,
+    *,
+    artifact: str | None = None,
+    partial: bool = False,
+    lr: float = 1e-6,
+    eps: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    batch_size: int | None = None,
+) -> LearnedZO:
+    """LearnedZO from an artifact folder, checked against ``model`` (normalisation from the manifest)."""
+    if artifact is None:
+        raise L2ZOError("optimizer 'learned' needs an artifact folder: pass --artifact DIR (see `l2zo inspect DIR`)")
+    blocks = partition(model, include, exclude)
+    loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(partial))
+    norm = loaded.manifest["normalization"]
+    return LearnedZO(
+        model, loaded.net, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude,
+        normalization=norm["rule"], batch_size=int(batch_size or norm.get("batch_size", 16)),
+        sigma_fallback=loaded.sigma_fallback,
+    )  # fmt: skip
+
+
+def build_learned_random(
+    model: nn.Module,
+    *,
+    artifact: str | None = None,
+    net_seed: int = 0,
+    normalization: str | None = None,
+    batch_size: int | None = None,
+    lr: float = 1e-6,
+    eps: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> LearnedZO:
+    """LearnedZO with a fresh ``VarianceNet(spec, blocks, net_seed)``; spec and normalisation from ``artifact``."""
+    spec, norm = NetSpec(), {"rule": "numel", "batch_size": 16}
+    if artifact is not None:
+        manifest = read_manifest(artifact)
+        net_d = {k: v for k, v in manifest["net"].items() if k not in ("feature_names", "num_inputs")}
+        spec, norm = NetSpec.from_dict(net_d), manifest["normalization"]
+    net = VarianceNet(spec, [b.name for b in partition(model, include, exclude)], seed=net_seed)
+    return LearnedZO(
+        model, net, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude,
+        normalization=normalization or norm["rule"], batch_size=int(batch_size or norm.get("batch_size", 16)),
+    )  # fmt: skip
+
+
+def build_per_block_const(
+    model: nn.Module,
+    *,
+    sigma_by_kind: Mapping[str, float] | None = None,
+    artifact: str | None = None,
+    default_sigma: float = 1.0,
+    normalization: str | None = None,
+    batch_size: int | None = None,
+    lr: float = 1e-6,
+    eps: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> PerBlockConstZO:
+    """PerBlockConstZO from ``sigma_by_kind``, or from an artifact's recorded ``sigma_by_kind``; default all 1."""
+    norm: Mapping[str, Any] = {"rule": "numel", "batch_size": 16}
+    mapping = dict(sigma_by_kind or {})
+    if artifact is not None:
+        manifest = read_manifest(artifact)
+        norm = manifest["normalization"]
+        mapping = {**manifest.get("sigma_by_kind", {}), **mapping}
+    elif mapping:
+        kinds = {block_kind(b.name) for b in partition(model, include, exclude)}
+        unknown = sorted(set(mapping) - kinds)
+        if unknown:
+            raise L2ZOError(f"sigma_by_kind names unknown block kinds {unknown}; this model has {sorted(kinds)}")
+    return PerBlockConstZO(
+        model, sigma_by_kind=mapping, default_sigma=default_sigma, normalization=normalization or norm["rule"],
+        batch_size=int(batch_size or norm.get("batch_size", 16)),
+        lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude,
+    )  # fmt: skip
+
+
+_DEFAULTS = dict(lr=1e-6, eps=1e-3)
+register_optimizer(OptimizerSpec(
+    name="learned", factory=build_learned, defaults=_DEFAULTS,
+    description="ZO Fine-tuner: MeZO with a meta-trained per-block sigma net from an artifact (--artifact DIR)",
+))  # fmt: skip
+register_optimizer(OptimizerSpec(
+    name="learned-random", factory=build_learned_random, defaults=_DEFAULTS,
+    description="ablation: LearnedZO with a freshly initialised net (net_seed), same normalisation",
+))  # fmt: skip
+register_optimizer(OptimizerSpec(
+    name="per-block-const", factory=build_per_block_const, defaults=_DEFAULTS,
+    description="ablation: a fixed normalised sigma per block kind (sigma_by_kind or an artifact's); default = MeZO",
+))  # fmt: skip
