@@ -39,9 +39,9 @@ class FinetuneConfig:
     eval_batch_size: int = 32
     seed: int = 0
     data_seed: int = 0
-    num_train: int = 1000
+    num_train: int | None = None
     num_dev: int | None = None
-    num_test: int = 1000
+    num_test: int | None = None
     max_length: int = 256
     lr_schedule: str = "constant"
     precision: str = "32"
@@ -56,11 +56,12 @@ class FinetuneConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "num_train", "num_test", "max_length"):
+        for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "max_length"):
             if getattr(self, key) <= 0:
                 raise L2ZOError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
-        if self.num_dev is not None and self.num_dev <= 0:
-            raise L2ZOError(f"--num-dev must be positive, got {self.num_dev}")
+        for key in ("num_train", "num_dev", "num_test"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise L2ZOError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -79,9 +80,9 @@ FIELD_HELP: dict[str, str] = {
     "eval_batch_size": "examples per evaluation batch",
     "seed": "training seed: z seeds and batch order",
     "data_seed": "seed of MeZO's train/dev/test sampling",
-    "num_train": "training examples sampled (MeZO: 1000)",
-    "num_dev": "dev examples (default: the task's, 500 or 100 for CB/COPA)",
-    "num_test": "test examples, at most (MeZO: 1000)",
+    "num_train": "training examples sampled (default: the task's; MeZO: 1000)",
+    "num_dev": "dev examples (default: the task's; MeZO: 500, 100 for CB/COPA)",
+    "num_test": "test examples, at most (default: the task's; MeZO: 1000)",
     "max_length": "max tokens per (prompt, candidate) sequence; prompts are cut on the left",
     "lr_schedule": "constant or linear (decay to 0)",
     "precision": "32 or bf16-mixed (bf16 autocast over fp32 weights; losses in fp32)",

@@ -102,8 +102,7 @@ def test_user_yaml_task_with_three_classes_trains_and_evaluates(tmp_path):
         "template": "{text}. The weather was",
         "verbalizer": {"low": " cold", "mid": " mild", "high": " hot"},
         "label_field": "temp",
-        "train": "train.jsonl",
-        "test": "test.jsonl",
+        "data": {"train": "train.jsonl", "test": "test.jsonl"},
     }
     task_file = tmp_path / "weather3.yaml"
     task_file.write_text(yaml.safe_dump(task))

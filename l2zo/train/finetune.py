@@ -51,7 +51,11 @@ def optimizer_hparams(cfg: FinetuneConfig, spec: OptimizerSpec) -> dict[str, Any
 
 def load_task_data(cfg: FinetuneConfig) -> tuple[Any, TaskData]:
     task = get_task(cfg.task)
-    sizes = SplitSizes(train=cfg.num_train, dev=cfg.num_dev or task.default_dev, test=cfg.num_test)
+    # Task defaults (MeZO's 1000/500/1000, or a YAML task's own sizes), overridden by the flags.
+    default = getattr(task, "default_sizes", SplitSizes(dev=task.default_dev))
+    sizes = SplitSizes(
+        train=cfg.num_train or default.train, dev=cfg.num_dev or default.dev, test=cfg.num_test or default.test
+    )
     data = task.load(Path(cfg.data_dir) if cfg.data_dir else None, sizes, cfg.data_seed)
     for split in ("train", "dev", "test"):
         if not getattr(data, split):
@@ -86,6 +90,11 @@ def make_trainer(cfg: FinetuneConfig, logger: TensorBoardLogger | bool) -> L.Tra
         enable_progress_bar=cfg.progress,
         deterministic=False,
     )
+
+
+def _digests(module: FinetuneModule) -> dict[str, Any]:
+    """The training batch sequence's digest: equal across runs exactly when they saw the same batches in order."""
+    return {"batch_digest": module.batch_digest, "batch_digests_head": list(module.batch_digests_head)}
 
 
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]:
@@ -137,7 +146,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
             trainer.validate(module, datamodule=dm, verbose=False)
         trainer.test(module, datamodule=dm, verbose=False)
     except L2ZOError as exc:
-        summary.update(status="failed", error=str(exc), steps_done=int(trainer.global_step))
+        summary.update(status="failed", error=str(exc), steps_done=int(trainer.global_step), **_digests(module))
         write_json_atomic(logdir / "summary.json", summary)
         raise
     dev = module.history["val/loss"]
@@ -157,6 +166,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         dev_history=[{"step": s, "loss": loss, "acc": a} for (s, loss), (_, a) in zip(dev, module.history["val/acc"])],
         test_loss=module.test_metrics.get("test/loss"),
         test_acc=module.test_metrics.get("test/acc"),
+        **_digests(module),
     )
     if cfg.save_model:
         with atomic_dir(logdir / "model", overwrite=True) as tmp:

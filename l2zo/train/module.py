@@ -7,6 +7,7 @@ algorithm: it logs, times and evaluates.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,15 +55,47 @@ class FinetuneModule(L.LightningModule):
         self.history: dict[str, list[tuple[int, float]]] = {"val/loss": [], "val/acc": []}
         self.test_metrics: dict[str, float] = {}
         self._sums: dict[str, float] = {}
+        # Digest of the training batch sequence (l2zo compare checks that every optimizer saw the same
+        # batches in the same order): sha256 over each step's token ids and labels, chained step by step.
+        self._batch_sha = hashlib.sha256()
+        self.batch_digests_head: list[str] = []  # the first few per-step digests, to locate a divergence
+
+    @property
+    def batch_digest(self) -> str:
+        """sha256 of the per-step batch digests so far, in order."""
+        return self._batch_sha.hexdigest()
+
+    def _digest_batch(self, batch: ScoringBatch) -> None:
+        step = hashlib.sha256()
+        for t in (batch.input_ids, batch.labels):
+            step.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        self._batch_sha.update(step.digest())
+        if len(self.batch_digests_head) < 8:
+            self.batch_digests_head.append(step.hexdigest()[:16])
 
     def configure_optimizers(self) -> Any:
         # The model is already on its device here, so optimizer state is allocated there.
         opt = self._build_optimizer(self.model)
+        if hasattr(opt, "set_anchor_loss_fn"):  # variance-reduced methods (mezo-svrg) need a fixed large batch
+            opt.set_anchor_loss_fn(self._large_batch_loss_fn())
         if self.lr_schedule == "linear":
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / self.total_steps))
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
         return [opt], [sched]
+
+    def _large_batch_loss_fn(self, num_examples: int = 512, micro_batch: int = 32) -> Callable[[], torch.Tensor]:
+        """A closure: the mean loss over the first ``num_examples`` training examples, in micro-batches."""
+        examples = self.trainer.datamodule.data.train[:num_examples]
+        batches = [self.scorer.collate(examples[i : i + micro_batch]) for i in range(0, len(examples), micro_batch)]
+
+        def loss_fn() -> torch.Tensor:
+            total = torch.zeros((), device=self.device)
+            for b in batches:
+                total += self._loss(b.to(self.device)) * len(b)
+            return total / len(examples)
+
+        return loss_fn
 
     def transfer_batch_to_device(self, batch: ScoringBatch, device: torch.device, dataloader_idx: int) -> ScoringBatch:
         return batch.to(device)
@@ -71,13 +104,17 @@ class FinetuneModule(L.LightningModule):
         return self.scorer.loss(self.model, batch, self.loss_kind)
 
     def training_step(self, batch: ScoringBatch, batch_idx: int) -> None:
-        opt = self.optimizers(use_pl_optimizer=False)
+        # Step through Lightning's wrapper: it counts optimizer steps (global_step, hence max_steps and
+        # val_check_interval); stepping the raw optimizer counts nothing and training never stops.
+        pl_opt = self.optimizers()
+        opt = pl_opt.optimizer
         sched = self.lr_schedulers()
+        self._digest_batch(batch)  # before t0: not part of the step time
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if self.zeroth_order:
-            loss = opt.step(lambda: self._loss(batch))
+            loss = pl_opt.step(lambda: self._loss(batch))
         else:
             self.model.train()
 
@@ -88,7 +125,7 @@ class FinetuneModule(L.LightningModule):
                 return loss
 
             with torch.enable_grad():
-                loss = opt.step(closure)
+                loss = pl_opt.step(closure)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -101,7 +138,7 @@ class FinetuneModule(L.LightningModule):
             "train/lr": float(lr),
             "train/step_time_s": dt,
             "train/peak_mem_mb": peak_memory_mb(self.device),
-            "train/forward_passes": float((self.global_step + 1) * self.forwards_per_step),
+            "train/forward_passes": float(self.global_step * self.forwards_per_step),  # counted after the step
         }
         if probe is not None:
             metrics["train/projected_grad"] = probe.projected_grad
@@ -120,7 +157,12 @@ class FinetuneModule(L.LightningModule):
     def _eval_end(self, prefix: str) -> dict[str, float]:
         n = max(self._sums["count"], 1.0)
         metrics = {f"{prefix}/loss": self._sums["loss_sum"] / n, f"{prefix}/acc": self._sums["correct"] / n}
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val", logger=False)
+        # To TensorBoard at x = optimizer steps done: Lightning would put validation inside fit at
+        # global_step - 1 but a standalone validate at global_step (the step-0 and step-1 evaluations
+        # collide at eval_every=1), and l2zo compare/report read the dev curves back from these events.
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=int(self.global_step))
         return metrics
 
     def on_validation_epoch_start(self) -> None:
