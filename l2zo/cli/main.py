@@ -18,8 +18,11 @@ from l2zo.errors import L2ZOError
 # Each module defines register(subparsers) and sets `func` on its parser(s).
 COMMANDS = (
     "l2zo.cli.finetune_cmd",
+    "l2zo.cli.compare_cmd",
+    "l2zo.cli.meta_train_cmd",
     "l2zo.cli.demo",
     "l2zo.cli.listing",
+    "l2zo.cli.inspect_cmd",
 )
 
 
