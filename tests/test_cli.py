@@ -127,3 +127,14 @@ def test_listing_commands(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "smollm2-135m" in out
+
+
+def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
+    """The quick start's main job, with a 3-step budget: the shipped artifact, three runs, one table."""
+    assert main(["demo", "--steps", "3", "--logdir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the learned optimizer" in out
+    for run in ("mezo", "learned", "learned-random"):
+        assert (tmp_path / "demo" / run / "seed0").is_dir(), run
+        assert f"| {run} |" in out
+    assert (tmp_path / "demo" / "summary.md").is_file()

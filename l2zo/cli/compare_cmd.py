@@ -41,7 +41,7 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     cfg = build_config(CompareConfig, args.config, overrides)
     report = run_compare(cfg, overwrite=args.overwrite)
-    _print(report, Path(cfg.logdir))
+    print_report(report, Path(cfg.logdir))
     failed = sum(r["status"] != "ok" for r in report["records"])
     if failed:
         print(f"{failed} of {len(report['records'])} runs failed; see the status column")
@@ -54,11 +54,11 @@ def run_report(args: argparse.Namespace) -> int:
     root = Path(args.logdir)
     if not root.is_dir():
         raise L2ZOError(f"no such folder: {root}")
-    _print(write_report(root, args.select), root)
+    print_report(write_report(root, args.select), root)
     return 0
 
 
-def _print(report: dict, root: Path) -> None:
+def print_report(report: dict, root: Path) -> None:
     print()
     print(report["markdown"].split("\n- ")[0].rstrip())  # the header and the main table
     print(f"\nwrote {root / 'summary.md'}, {root / 'summary.csv'} and {len(report['plots'])} plots "

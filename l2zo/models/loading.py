@@ -110,6 +110,8 @@ def _from_pretrained(name: str, where: str, source: str, attn: str | None, **kw:
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
     model.eval()
+    # The name the user gave ("tiny", a hub id): artifacts record it and compare it on load.
+    model.l2zo_name = name
     return LoadedModel(model, _prepare_tokenizer(tokenizer), name, where, None, source)
 
 

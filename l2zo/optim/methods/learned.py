@@ -183,6 +183,8 @@ class PerBlockConstZO(ZOOptimizer):
 
 
 def _model_name(model: nn.Module) -> str | None:
+    if getattr(model, "l2zo_name", None):  # set by l2zo.models.load_model
+        return str(model.l2zo_name)
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     return str(name) if name else None
 
