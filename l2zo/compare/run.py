@@ -32,6 +32,7 @@ from l2zo.compare.spec import (
 from l2zo.config import FinetuneConfig
 from l2zo.errors import L2ZOError
 from l2zo.optim.registry import get_optimizer_spec, optimizer_specs
+from l2zo.utils.logs import quiet_libraries
 
 log = logging.getLogger("l2zo")
 
@@ -188,22 +189,13 @@ def _fmt(x: Any, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _quiet() -> None:
-    """Lightning (re)sets its loggers to INFO when first imported, after the CLI quietened them; with
-    many runs its per-run banners and the weight-loading bars would bury the one line per run."""
-    import lightning  # noqa: F401
-    import transformers
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
 
 
 def run_compare(cfg: CompareConfig, overwrite: bool = False) -> dict[str, Any]:
     """Check the plan, run every (spec, seed), then write summary.md, summary.csv and the plots."""
     from l2zo.compare.summary import write_report
 
-    _quiet()
+    quiet_libraries()
 
     plan = make_plan(cfg)
     prepare_logdir(plan, overwrite)

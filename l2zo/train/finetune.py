@@ -24,6 +24,7 @@ from l2zo.tasks.scoring import CandidateScorer
 from l2zo.train.data import TaskDataModule
 from l2zo.train.module import FinetuneModule
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
+from l2zo.utils.logs import quiet_libraries
 from l2zo.utils.memory import peak_memory_mb
 
 log = logging.getLogger("l2zo")
@@ -99,6 +100,7 @@ def _digests(module: FinetuneModule) -> dict[str, Any]:
 
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune, evaluate on dev during training and on test at the end; return the summary."""
+    quiet_libraries()
     spec = get_optimizer_spec(cfg.optimizer)
     hp = optimizer_hparams(cfg, spec)
     task, data = load_task_data(cfg)

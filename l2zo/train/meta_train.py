@@ -32,6 +32,7 @@ from l2zo.tasks.scoring import CandidateScorer
 from l2zo.train.finetune import load_task_data
 from l2zo.train.meta_module import MetaTask, MetaTrainModule
 from l2zo.utils.io import write_json_atomic, write_yaml_atomic
+from l2zo.utils.logs import quiet_libraries
 
 log = logging.getLogger("l2zo")
 
@@ -114,6 +115,7 @@ def make_meta_trainer(cfg: MetaTrainConfig, logdir: Path, logger: TensorBoardLog
 
 def run_meta_train(cfg: MetaTrainConfig, *, resume: str | None = None, overwrite: bool = False) -> Path:
     """Meta-train (or resume from a Lightning checkpoint ``resume``) and write the artifact; returns its path."""
+    quiet_libraries()
     logdir = _prepare_run(cfg, resume, overwrite)
     tasks = load_meta_tasks(cfg)
     loaded = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
