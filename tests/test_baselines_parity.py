@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from l2zo.engine import ZSource
-from l2zo.optim.methods.first_order import FOAdam, FOSGD
+from l2zo.optim.methods.first_order import FOSGD, FOAdam
 from l2zo.optim.methods.hizoo import HiZOO
 from l2zo.optim.methods.sparse_mezo import SparseMeZO
 from l2zo.optim.methods.zo_adam import ZOAdam

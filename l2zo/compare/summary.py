@@ -76,7 +76,7 @@ def choose_sweeps(groups: dict[str, list[RunRecord]], select: str) -> tuple[list
         eligible = [(s, i) for i, (_, s, ok) in enumerate(scored) if ok and s is not None]
         best = min(eligible)[1] if eligible else 0  # none finished: show the first point, failed
         chosen.append(labels[best])
-        for i, (label, score, all_ok) in enumerate(scored):
+        for i, (label, score, _ok) in enumerate(scored):
             runs = groups[label]
             sweep_rows.append({"base": base, "point": " ".join(f"{k}={fmt_value(v)}" for k, v in runs[0].sweep.items()),
                                "score": score, "seeds_ok": sum(r.ok for r in runs), "seeds": len(runs),
