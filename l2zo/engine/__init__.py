@@ -4,7 +4,7 @@ Pure functions over tensors; no Lightning, no data code.
 """
 
 from l2zo.engine.blocks import Block, block_depth, block_kind, fingerprint, partition
-from l2zo.engine.estimator import Probe, two_point_estimate, zo_probe
+from l2zo.engine.estimator import Probe, evaluate_loss, probe_with, two_point_estimate, zo_probe
 from l2zo.engine.perturb import axpby_z_, for_each_z, perturb_
 from l2zo.engine.seeding import Z_CHUNK, ZSource, mix_seed
 
@@ -14,6 +14,7 @@ __all__ = [
     "ZSource",
     "Z_CHUNK",
     "axpby_z_",
+    "evaluate_loss",
     "block_depth",
     "block_kind",
     "fingerprint",
@@ -21,6 +22,7 @@ __all__ = [
     "mix_seed",
     "partition",
     "perturb_",
+    "probe_with",
     "two_point_estimate",
     "zo_probe",
 ]

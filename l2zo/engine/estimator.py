@@ -42,7 +42,8 @@ class Probe:
         return (self.loss_plus + self.loss_minus) / 2
 
 
-def _evaluate(loss_fn: LossFn) -> torch.Tensor:
+def evaluate_loss(loss_fn: LossFn) -> torch.Tensor:
+    """One ZO forward: autocast weight cache cleared first, a detached fp32 scalar out."""
     # The autocast weight cache keys on the parameter tensor, not its contents: after an in-place
     # perturbation it would hand the next forward the previous step's bf16 weights (g == 0).
     torch.clear_autocast_cache()
@@ -52,7 +53,33 @@ def _evaluate(loss_fn: LossFn) -> torch.Tensor:
     return loss.detach().float()
 
 
+Perturb = Callable[[float], None]  # perturb(scale): theta += scale * u, in place
+
+
 @torch.no_grad()
+def probe_with(loss_fn: LossFn, perturb: Perturb, eps: float, seed: int) -> Probe:
+    """L(theta + eps*u) and L(theta - eps*u) for any in-place ``perturb``; on return theta sits at theta - eps*u.
+
+    Methods with their own directions (low-rank, sparse, Hessian-scaled) pass their own ``perturb``.
+    If ``loss_fn`` raises, theta is restored before the exception propagates.
+    """
+    perturb(+eps)
+    try:
+        lp = evaluate_loss(loss_fn)
+    except BaseException:
+        perturb(-eps)
+        raise
+    perturb(-2 * eps)
+    try:
+        lm = evaluate_loss(loss_fn)
+    except BaseException:
+        perturb(+eps)
+        raise
+    torch.clear_autocast_cache()
+    g = float((lp - lm) / (2 * eps))  # the one host sync of the step
+    return Probe(seed=seed, loss_plus=lp, loss_minus=lm, projected_grad=g)
+
+
 def zo_probe(
     loss_fn: LossFn,
     blocks: Sequence[Block],
@@ -61,25 +88,8 @@ def zo_probe(
     zsrc: ZSource,
     sigma: Sequence[float] | None = None,
 ) -> Probe:
-    """Evaluate L at theta +/- eps*u; on return theta sits at theta - eps*u.
-
-    If ``loss_fn`` raises, theta is restored before the exception propagates.
-    """
-    perturb_(blocks, seed, zsrc, +eps, sigma)
-    try:
-        lp = _evaluate(loss_fn)
-    except BaseException:
-        perturb_(blocks, seed, zsrc, -eps, sigma)
-        raise
-    perturb_(blocks, seed, zsrc, -2 * eps, sigma)
-    try:
-        lm = _evaluate(loss_fn)
-    except BaseException:
-        perturb_(blocks, seed, zsrc, +eps, sigma)
-        raise
-    torch.clear_autocast_cache()
-    g = float((lp - lm) / (2 * eps))  # the one host sync of the step
-    return Probe(seed=seed, loss_plus=lp, loss_minus=lm, projected_grad=g)
+    """Evaluate L at theta +/- eps*u with u_b = sigma_b z_b(seed); on return theta sits at theta - eps*u."""
+    return probe_with(loss_fn, lambda scale: perturb_(blocks, seed, zsrc, scale, sigma), eps, seed)
 
 
 @torch.no_grad()

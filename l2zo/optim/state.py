@@ -4,21 +4,19 @@
   default (momentum, Adam moments and HiZOO's Hessian accumulate in fp32 even for bf16/fp16 weights).
 * ``restore_state_dtypes`` undoes ``torch.optim.Optimizer.load_state_dict``'s cast of every floating
   state tensor to the parameter's dtype (it would turn fp32 moments of a bf16 model into bf16).
-* ``probe_with`` is the engine's two-point probe for perturbations that are not ``sigma_b * z_b``
-  (HiZOO's ``z / sqrt(H)``, Sparse MeZO's ``mask * z``): the caller supplies the in-place perturbation.
+* ``probe_with`` / ``evaluate`` re-export the engine's two-point probe and forward, for perturbations that
+  are not ``sigma_b * z_b`` (HiZOO's ``z / sqrt(H)``, Sparse MeZO's ``mask * z``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from l2zo.engine import Block, Probe
-
-# perturb(scale): theta += scale * u in place, u the method's direction for this step.
-Perturb = Callable[[float], None]
+from l2zo.engine import Block
+from l2zo.engine.estimator import Perturb, evaluate_loss, probe_with  # noqa: F401  (re-exported)
 
 
 def state_buffer(
@@ -57,34 +55,5 @@ def lr_and_decay(opt: torch.optim.Optimizer, blocks: Sequence[Block]) -> tuple[l
     return lrs, decays
 
 
-def evaluate(closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """One forward as the engine runs it: autocast weight cache cleared first, fp32 detached scalar out."""
-    # The autocast cache keys on the parameter tensor, not its contents (see l2zo.engine.estimator).
-    torch.clear_autocast_cache()
-    loss = closure()
-    if not isinstance(loss, torch.Tensor):
-        loss = torch.as_tensor(loss)
-    return loss.detach().float()
-
-
-@torch.no_grad()
-def probe_with(closure: Callable[[], torch.Tensor], perturb: Perturb, eps: float, seed: int) -> Probe:
-    """L(theta + eps*u), L(theta - eps*u) with a caller-defined in-place ``perturb``; ends at theta - eps*u.
-
-    Same contract as ``l2zo.engine.zo_probe``: if the closure raises, theta is restored first.
-    """
-    perturb(+eps)
-    try:
-        lp = evaluate(closure)
-    except BaseException:
-        perturb(-eps)
-        raise
-    perturb(-2 * eps)
-    try:
-        lm = evaluate(closure)
-    except BaseException:
-        perturb(+eps)
-        raise
-    torch.clear_autocast_cache()
-    g = float((lp - lm) / (2 * eps))
-    return Probe(seed=seed, loss_plus=lp, loss_minus=lm, projected_grad=g)
+# The engine's forward and probe, re-exported for the methods that bring their own perturbation.
+evaluate = evaluate_loss
