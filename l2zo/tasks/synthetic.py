@@ -122,12 +122,15 @@ def _category(rng: random.Random) -> Example:
 def _colour(rng: random.Random) -> Example:
     label = rng.randrange(len(COLOURS))
     noun = rng.choice([n for n in NOUNS if n.colour == COLOURS[label]])
-    phrase, plural = _some(rng, noun)
+    phrase, _ = _some(rng, noun)
     name = rng.choice(NAMES)
-    if plural:
-        prompt = f"{name} has {phrase}. What colour are they? They are"
+    # The corpus's own phrasings: `tiny` knows every colour this way (zero-shot 1.0); `tiny-derived`,
+    # trained on other text, has half forgotten them (0.5). Fine-tuning the derivative on this task
+    # is the "recover what the base model knew" case, which ZO can learn within a few hundred steps.
+    if rng.random() < 0.5:
+        prompt = f"{name} has {phrase}. The colour of the {noun.word} is"
     else:
-        prompt = f"{name} has {phrase}. What colour is it? It is"
+        prompt = f"{name} has {phrase}. {noun.plural.capitalize()} are"
     return Example(prompt, tuple(f" {c}" for c in COLOURS), label)
 
 
@@ -191,7 +194,7 @@ _SPECS: dict[str, tuple[str, Sampler, bool]] = {
     "synth-size": ("tiny world: is the thing big or small", _size, False),
     "synth-parity": ("tiny world: is a number word even or odd", _parity, False),
     "synth-compare": ("tiny world: 'x is more than y? Yes or No?'", _compare, False),
-    "synth-color": ("tiny world (held out): colour of a thing, red/yellow/green/brown", _colour, True),
+    "synth-color": ("tiny world (held out): colour of a thing, in the corpus phrasing", _colour, True),
     "synth-negation": ("tiny world (held out): is a possibly negated fact true or false", _negation, True),
 }
 
