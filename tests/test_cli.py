@@ -138,3 +138,14 @@ def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
         assert (tmp_path / "demo" / run / "seed0").is_dir(), run
         assert f"| {run} |" in out
     assert (tmp_path / "demo" / "summary.md").is_file()
+
+
+def test_nan_loss_is_one_clear_error_and_a_failed_summary(tmp_path, capsys):
+    """An eps so large that the perturbed weights overflow: the loss is NaN, the run stops cleanly."""
+    logdir = tmp_path / "nan"
+    rc = main(["finetune", "--model", "tiny", "--task", "synth-color", "--eps", "1e38", "--steps", "4",
+               "--eval-every", "2", "--logdir", str(logdir), *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite loss at step 0" in err and "Traceback" not in err
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["error"]

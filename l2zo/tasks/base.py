@@ -63,12 +63,17 @@ class Task(Protocol):
             the correct candidate's tokens, MeZO's choice for COPA). Accuracy is always the argmax
             over candidates.
         default_dev: the default dev size (MeZO uses 100 for CB and COPA).
+        default_sizes: the split sizes used when the user gives none (MeZO's 1000 / default_dev / 1000,
+            or a YAML task's own ``sizes``).
     """
 
     name: str
     description: str
     loss_kind: str
     default_dev: int
+
+    @property
+    def default_sizes(self) -> SplitSizes: ...
 
     def load(self, data_dir: Path | None, sizes: SplitSizes, seed: int) -> TaskData:
         """Sample train/dev/test with a fixed data seed.

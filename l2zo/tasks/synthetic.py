@@ -48,6 +48,10 @@ class SynthTask:
     loss_kind: str = "classification"
     default_dev: int = 500
 
+    @property
+    def default_sizes(self) -> SplitSizes:
+        return SplitSizes(train=1000, dev=self.default_dev, test=1000)
+
     def load(self, data_dir: Path | None, sizes: SplitSizes, seed: int) -> TaskData:
         """Sample disjoint train/dev/test splits; deterministic in ``(name, seed)``."""
         del data_dir  # generated, not read

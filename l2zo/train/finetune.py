@@ -53,7 +53,7 @@ def optimizer_hparams(cfg: FinetuneConfig, spec: OptimizerSpec) -> dict[str, Any
 def load_task_data(cfg: FinetuneConfig) -> tuple[Any, TaskData]:
     task = get_task(cfg.task)
     # Task defaults (MeZO's 1000/500/1000, or a YAML task's own sizes), overridden by the flags.
-    default = getattr(task, "default_sizes", SplitSizes(dev=task.default_dev))
+    default = task.default_sizes
     sizes = SplitSizes(
         train=cfg.num_train or default.train, dev=cfg.num_dev or default.dev, test=cfg.num_test or default.test
     )
