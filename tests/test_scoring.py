@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from l2zo.errors import L2ZOError
+from l2zo.models import set_attn_implementation
 from l2zo.tasks import CandidateScorer, Example, ScoringBatch
 from tests.conftest import build_tiny_tokenizer
 
@@ -43,13 +44,14 @@ def test_collate_layout(tiny_tokenizer) -> None:
     pad = tiny_tokenizer.pad_token_id
     for row, (b, c) in enumerate(zip(batch.example_index.tolist(), batch.candidate_index.tolist(), strict=True)):
         ex = EXAMPLES[b]
-        length = int(batch.attention_mask[row].sum())
-        assert batch.attention_mask[row, :length].all() and not batch.attention_mask[row, length:].any()
-        assert (batch.input_ids[row, length:] == pad).all()  # right padding
-        assert batch.input_ids[row, 0] == tiny_tokenizer.bos_token_id
+        t = batch.input_ids.shape[1]
+        pad_len = t - int(batch.attention_mask[row].sum())
+        assert batch.attention_mask[row, pad_len:].all() and not batch.attention_mask[row, :pad_len].any()
+        assert (batch.input_ids[row, :pad_len] == pad).all()  # left padding: every sequence ends at column T-1
+        assert batch.input_ids[row, pad_len] == tiny_tokenizer.bos_token_id
         cand = tiny_tokenizer(ex.candidates[c], add_special_tokens=False)["input_ids"]
         prompt = tiny_tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
-        assert batch.input_ids[row, :length].tolist() == [tiny_tokenizer.bos_token_id] + prompt + cand
+        assert batch.input_ids[row, pad_len:].tolist() == [tiny_tokenizer.bos_token_id] + prompt + cand
         # option_mask[t] marks positions whose NEXT token is a candidate token.
         targets = batch.input_ids[row, 1:][batch.option_mask[row, :-1].bool()]
         assert targets.tolist() == cand and batch.option_mask[row, -1] == 0
@@ -64,6 +66,53 @@ def test_candidate_scores_match_slow_reference(tiny_lm, tiny_tokenizer) -> None:
         for c, cand in enumerate(ex.candidates):
             assert scores[b, c].item() == pytest.approx(_reference(tiny_lm, tiny_tokenizer, ex.prompt, cand), abs=1e-5)
         assert (scores[b, len(ex.candidates) :] == float("-inf")).all()
+
+
+class _FullLogitsOnly(torch.nn.Module):
+    """The same Llama behind a forward that takes neither position_ids nor logits_to_keep."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padding_with_logits_only_at_candidates_matches_reference_per_kernel(tiny_lm, tiny_tokenizer, attn) -> None:
+    """Left padding + explicit positions + the LM head on the last columns only, under both attention kernels
+    (a fully masked pad row must not leak NaN into real rows), equals unpadded scoring; the lm loss too."""
+    before = tiny_lm.config._attn_implementation
+    set_attn_implementation(tiny_lm, attn)
+    try:
+        scorer = CandidateScorer(tiny_tokenizer)
+        batch = scorer.collate(EXAMPLES)
+        calls = []
+        hook = tiny_lm.lm_head.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
+        with torch.no_grad():
+            scores = scorer.candidate_scores(tiny_lm, batch)
+            lm = scorer.loss(tiny_lm, batch, "lm")
+        hook.remove()
+        longest_cand = max(len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) for e in EXAMPLES for c in e.candidates)
+        assert calls[0][1] == longest_cand + 1 < batch.input_ids.shape[1]  # not [N, T, V]
+        for b, ex in enumerate(EXAMPLES):
+            for c, cand in enumerate(ex.candidates):
+                assert scores[b, c].item() == pytest.approx(_reference(tiny_lm, tiny_tokenizer, ex.prompt, cand), abs=1e-5)
+        with torch.no_grad():
+            single = scorer.collate([Example("a gripping film . It was", (" great",), 0)])  # one row: no padding
+            full = scorer.candidate_scores(_FullLogitsOnly(tiny_lm), single)
+            kept = scorer.candidate_scores(tiny_lm, single)
+        torch.testing.assert_close(full, kept, atol=1e-5, rtol=0)
+        assert torch.isfinite(lm)
+    finally:
+        set_attn_implementation(tiny_lm, before)
+
+
+def test_a_forward_without_position_ids_is_refused_on_padded_batches(tiny_lm, tiny_tokenizer) -> None:
+    scorer = CandidateScorer(tiny_tokenizer)
+    with pytest.raises(L2ZOError, match="position_ids"), torch.no_grad():
+        scorer.candidate_scores(_FullLogitsOnly(tiny_lm), scorer.collate(EXAMPLES))
 
 
 def test_left_truncation_keeps_bos_prompt_end_and_candidate(tiny_lm, tiny_tokenizer) -> None:

@@ -1,11 +1,16 @@
 """Candidate scoring shared by every task: batching, MeZO's classification loss, the LM loss, accuracy.
 
-Each example becomes one sequence per candidate, ``[special prefix] + prompt tokens + candidate tokens``, right
+Each example becomes one sequence per candidate, ``[special prefix] + prompt tokens + candidate tokens``, LEFT
 padded. The prompt and the candidate are tokenized separately (the prompt with the tokenizer's leading special
 tokens, e.g. BOS; trailing ones such as an EOS are dropped since the candidate follows), so the candidate's tokens
 are known exactly. A candidate's score is the mean log-probability of its tokens given everything before them
-(MeZO's length-normalised score). Right padding keeps real tokens at positions 0..L-1, so models that derive
-position ids from the sequence index need no position ids.
+(MeZO's length-normalised score).
+
+Why left padding: every sequence then ends at column T-1, so all candidate tokens sit in the last few columns and
+the LM head (a [H, V] matmul, V ~ 50k) runs only there (``logits_to_keep``), not at all N*T positions: that is
+most of the activation peak of a ZO forward and ~20% of its time on a 135M model. Position ids are passed
+explicitly (``cumsum(attention_mask) - 1``), so each real token keeps the position it has unpadded; models whose
+forward takes neither ``position_ids`` nor ``logits_to_keep`` are still scored correctly (full logits).
 
 Alignment of ``option_mask``: ``option_mask[n, t] == 1`` iff ``input_ids[n, t + 1]`` is a candidate token, i.e. it
 selects the rows of ``logits[:, :-1]`` whose targets ``input_ids[:, 1:]`` are candidate tokens. The last column is
@@ -14,6 +19,7 @@ always 0.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -33,7 +39,7 @@ class ScoringBatch:
     """B examples expanded into N = sum(num_candidates) sequences (example-major, candidate-minor).
 
     Attributes:
-        input_ids: [N, T] long, right padded.
+        input_ids: [N, T] long, left padded.
         attention_mask: [N, T] long, 1 on real tokens.
         option_mask: [N, T] float, 1.0 where the NEXT token is a candidate token (see the module docstring).
         example_index: [N] long, the example (0..B-1) each sequence belongs to.
@@ -138,9 +144,10 @@ class CandidateScorer:
         attention_mask = torch.zeros((n, t), dtype=torch.long)
         option_mask = torch.zeros((n, t), dtype=torch.float32)
         for i, (ids, start) in enumerate(seqs):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, : len(ids)] = 1
-            option_mask[i, start - 1 : len(ids) - 1] = 1.0  # position t predicts token t + 1
+            pad = t - len(ids)
+            input_ids[i, pad:] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, pad:] = 1
+            option_mask[i, pad + start - 1 : t - 1] = 1.0  # position t predicts token t + 1
         return ScoringBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -157,15 +164,28 @@ class CandidateScorer:
     def _option_logprobs(
         model, input_ids: Tensor, attention_mask: Tensor, option_mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Log-probabilities of the candidate tokens.
+        """Log-probabilities of the candidate tokens of a left-padded batch.
 
         Returns:
             (rows [K], logp [K] fp32): the sequence of each of the K candidate tokens and its log-probability.
         """
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [N, T, V]
+        t = input_ids.shape[1]
+        kwargs = {}
+        takes = _forward_params(model)
+        if "position_ids" in takes:
+            kwargs["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, T], as if unpadded
+        elif bool((attention_mask[:, 0] == 0).any()):
+            raise L2ZOError(f"{type(model).__name__}.forward takes no position_ids, so left-padded batches would "
+                            "shift its positions; use a model whose forward accepts position_ids")  # fmt: skip
+        # Columns from `first` on hold every position that predicts a candidate token (see the module docstring).
+        first = int(option_mask.any(dim=0).nonzero()[0]) if bool(option_mask.any()) else t - 1
+        if "logits_to_keep" in takes:
+            kwargs["logits_to_keep"] = t - first  # >= 2: the last column is kept too (it predicts nothing)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # [N, T', V]
+        offset = t - logits.shape[1]
         rows, cols = option_mask[:, :-1].nonzero(as_tuple=True)
-        # Only the K candidate positions go through the fp32 log-softmax, never the full [N, T, V].
-        picked = logits[rows, cols].float().log_softmax(dim=-1)  # [K, V]
+        # Only the K candidate positions go through the fp32 log-softmax, never the full [N, T', V].
+        picked = logits[rows, cols - offset].float().log_softmax(dim=-1)  # [K, V]
         logp = picked.gather(-1, input_ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1)  # [K]
         return rows, logp
 
@@ -195,7 +215,7 @@ class CandidateScorer:
             attention_mask = batch.attention_mask[keep]
             t = int(attention_mask.sum(dim=1).max().item())  # trim padding the correct sequences do not need
             _, logp = self._option_logprobs(
-                model, batch.input_ids[keep, :t], attention_mask[:, :t], batch.option_mask[keep, :t]
+                model, batch.input_ids[keep, -t:], attention_mask[:, -t:], batch.option_mask[keep, -t:]
             )
             return -logp.mean()
         raise L2ZOError(f"unknown loss kind {loss_kind!r}; valid choices: {', '.join(LOSS_KINDS)}")
@@ -209,3 +229,19 @@ class CandidateScorer:
             "correct": (scores.argmax(dim=-1) == batch.labels).sum(),
             "count": torch.tensor(batch.labels.shape[0], dtype=torch.long, device=scores.device),
         }
+
+
+def _forward_params(model) -> frozenset[str]:
+    """The keyword names ``model``'s forward accepts; ``model`` may be a module or a wrapper around one (it then
+    exposes the module as ``.model``, as ``l2zo.learned.meta.FunctionalModel`` does). Cached per class."""
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", model)
+    cls = type(module)
+    if cls not in _PARAMS_CACHE:
+        try:
+            _PARAMS_CACHE[cls] = frozenset(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError, AttributeError):
+            _PARAMS_CACHE[cls] = frozenset()
+    return _PARAMS_CACHE[cls]
+
+
+_PARAMS_CACHE: dict[type, frozenset[str]] = {}
