@@ -27,12 +27,11 @@ def for_each_z(blocks: Sequence[Block], seed: int, zsrc: ZSource, visit: ChunkVi
     """Regenerate z(seed) block by block, chunk by chunk, and hand each chunk to ``visit``.
 
     The generic pass for update rules that need z together with state (momentum, Adam moments):
-    ``visit`` receives flat views ``theta[start:end]`` and ``z[start:end]`` ([n] each).
+    ``visit`` receives flat views ``theta[start:end]`` and ``z[start:end]`` ([n] each). Chunks are drawn
+    ahead on ``zsrc``'s worker threads (``ZSource.stream``); ``visit`` runs on the caller's thread, in order.
     """
-    for b in blocks:
-        flat = b.param.data.view(-1)
-        for start, end, z in zsrc.chunks(b.param, seed, b.index):
-            visit(b, start, end, flat[start:end], z)
+    for b, start, end, z in zsrc.stream(blocks, seed):
+        visit(b, start, end, b.param.data.view(-1)[start:end], z)
 
 
 @torch.no_grad()
@@ -48,20 +47,17 @@ def axpby_z_(
     Args:
         coef: [B] multiplier of z per block (e.g. eps * sigma_b).
         decay: [B] multiplier of theta per block (1 - lr*wd), or None for all ones.
-    Blocks with decay 1 and coef 0 are skipped (no regeneration needed).
+    Blocks with coef 0 need no z and are not regenerated.
     """
+    moving = []
     for b in blocks:
-        c = float(coef[b.index])
         d = 1.0 if decay is None else float(decay[b.index])
-        if c == 0.0 and d == 1.0:
-            continue
-        flat = b.param.data.view(-1)
         if d != 1.0:
-            flat.mul_(d)
-        if c == 0.0:
-            continue
-        for start, end, z in zsrc.chunks(b.param, seed, b.index):
-            flat[start:end].add_(z, alpha=c)
+            b.param.data.mul_(d)
+        if float(coef[b.index]) != 0.0:
+            moving.append(b)
+    for b, start, end, z in zsrc.stream(moving, seed):
+        b.param.data.view(-1)[start:end].add_(z, alpha=float(coef[b.index]))
 
 
 def perturb_(

@@ -83,6 +83,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.zsrc = ZSource()
         self.last_probe: Probe | None = None
 
+    def set_z_source(self, *, workers: int | None = None, cache: bool = False) -> None:
+        """How z is regenerated: on ``workers`` CPU threads (default: torch's thread count), and with ``cache``
+        one parameter-sized copy of the step's z, so a step draws z once instead of three times. Either way
+        the parameters after a step are bit for bit those of the plain sequential path (tests/test_speed_paths.py).
+        """
+        self.zsrc = ZSource(workers=workers, cache=cache)
+
     # -- hooks for subclasses -------------------------------------------------------------------
     def sigma(self) -> Sequence[float] | None:
         """Per-block perturbation scale [B]; None means 1 everywhere (MeZO)."""
