@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from l2zo.config import check_choice
+from l2zo.config import PRECISIONS, check_choice
 from l2zo.errors import L2ZOError
 from l2zo.tasks.synthetic import SYNTH_META_TRAIN
 
@@ -64,6 +64,7 @@ class MetaTrainConfig:
     steps: int = 600
     seed: int = 0
     attn_implementation: str | None = "eager"
+    precision: str = "32"
     output: str = "checkpoints/tiny/zo-finetuner"
     logdir: str = "runs/meta-train/tiny"
     checkpoint_every: int = 100
@@ -77,6 +78,7 @@ class MetaTrainConfig:
         check_choice("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("precision", self.precision, PRECISIONS)
         if not self.tasks:
             raise L2ZOError("--tasks must name at least one task")
         if self.task_weights is not None:
@@ -150,6 +152,7 @@ META_FIELD_HELP: dict[str, str] = {
     "logdir": "run folder: TensorBoard events, Lightning checkpoints (last.ckpt), config.yaml, summary.json",
     "checkpoint_every": "save a resumable Lightning checkpoint every N meta-steps",
     "histogram_every": "log sigma histograms every N meta-steps",
+    "precision": "32 (the paper) or bf16-mixed: bf16 autocast over fp32 weights and net, losses in fp32 (~3x faster on CPU)",
     "device": "auto, cpu or cuda",
     "progress": "show a progress bar",
 }

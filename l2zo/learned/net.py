@@ -153,7 +153,12 @@ class VarianceNet(nn.Module):
         if features.shape != (self.num_blocks, NUM_FEATURES):
             expected = [self.num_blocks, NUM_FEATURES]
             raise L2ZOError(f"VarianceNet expects features {expected}, got {list(features.shape)}")
-        x = self.inputs(features)
+        # The net is tiny and its output scales every block's step: keep it in the net's dtype even when the
+        # caller runs under bf16 autocast (bf16-mixed meta-training or fine-tuning).
+        with torch.autocast(features.device.type, enabled=False):
+            return self._mlp(self.inputs(features))
+
+    def _mlp(self, x: Tensor) -> Tensor:
         act, pos = ACTIVATIONS[self.spec.activation], POSITIVE[self.spec.positive]
         if self.spec.shared:
             h = act(x @ self.w1[0] + self.b1[0])

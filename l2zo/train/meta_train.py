@@ -100,7 +100,7 @@ def make_meta_trainer(cfg: MetaTrainConfig, logdir: Path, logger: TensorBoardLog
     return L.Trainer(
         accelerator={"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.device],
         devices=1,
-        precision="32",  # meta-training is fp32, as the paper's
+        precision=cfg.precision,  # "32" as the paper; bf16-mixed keeps fp32 master weights, net and losses
         max_steps=cfg.steps,
         max_epochs=-1,
         limit_val_batches=0,
