@@ -122,11 +122,24 @@ def _config_hash(folder: Path) -> str | None:
     return hashlib.sha256(config.read_bytes()).hexdigest()[:12] if config.is_file() else None
 
 
+def _forget_gguf_quantizer(model: transformers.PreTrainedModel) -> None:
+    """GGUF weights arrive dequantized to fp32 tensors, but transformers keeps its GGUF quantizer attached, and
+    ``save_pretrained`` then refuses the model ("quantized with gguf and is not serializable"), which would break
+    ``finetune --save-model`` and derivatives. The weights are plain tensors: drop the quantizer and its config."""
+    if getattr(model, "hf_quantizer", None) is None or any(not p.is_floating_point() for p in model.parameters()):
+        return  # nothing attached, or still packed (then the quantizer is needed)
+    for attr in ("hf_quantizer", "quantization_method"):
+        vars(model).pop(attr, None)
+    model.is_quantized = False
+    vars(model.config).pop("quantization_config", None)
+
+
 def _load_path(name: str, path: Path, attn: str | None) -> LoadedModel:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise _error(name, f"GGUF file {path} does not exist", "Pass an existing .gguf file.")
         loaded = _from_pretrained(name, str(path.parent), "gguf", attn, gguf_file=path.name)
+        _forget_gguf_quantizer(loaded.model)
         loaded.name_or_path = str(path)
         loaded.revision = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode()).hexdigest()[:12]
         return loaded

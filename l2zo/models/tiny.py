@@ -38,7 +38,7 @@ SHIPPED_ROOT = Path(__file__).resolve().parents[2] / "checkpoints"
 class Schedule:
     """One training phase: ``steps`` AdamW steps on batches of ``batch`` x ``seq_len`` tokens."""
 
-    corpus: str  # "pretrain" (corpus a) or "derived" (corpus b)
+    corpus: str  # a label for the logs: "pretrain" (corpus a), "derived" (corpus b), or another corpus's name
     steps: int
     n_docs: int
     batch: int = 24
@@ -100,20 +100,29 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> transform
     )
 
 
-def _token_blocks(tokenizer: transformers.PreTrainedTokenizerFast, docs: list[str], seq_len: int) -> torch.Tensor:
-    """Pack ``<s> doc </s>`` sequences into a [N, seq_len] LongTensor of contiguous blocks."""
+def token_blocks(tokenizer: transformers.PreTrainedTokenizerBase, docs: list[str], seq_len: int) -> torch.Tensor:
+    """Pack the documents, each followed by the eos token, into a [N, seq_len] LongTensor of contiguous blocks.
+
+    Each document is encoded as the tokenizer does by default (the tiny tokenizer prepends ``<s>``, so
+    tiny sees ``<s> doc </s>``); the tail that does not fill a whole block is dropped.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("token_blocks needs a tokenizer with an eos token to separate the documents")
     ids: list[int] = []
-    for enc in tokenizer(docs)["input_ids"]:  # each starts with <s>
+    for enc in tokenizer(docs)["input_ids"]:
         ids.extend(enc)
         ids.append(tokenizer.eos_token_id)
     n = len(ids) // seq_len
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def train_lm(model: transformers.PreTrainedModel, blocks: torch.Tensor, sched: Schedule) -> list[float]:
+def train_lm(
+    model: transformers.PreTrainedModel, blocks: torch.Tensor, sched: Schedule, *, precision: str = "32"
+) -> list[float]:
     """Train ``model`` in place with AdamW (warmup + cosine) on random batches of ``blocks`` [N, T].
 
-    Returns the per-step LM losses.
+    ``precision`` "bf16-mixed" runs the forward under bf16 autocast over the fp32 weights (the loss
+    stays fp32); "32" is plain fp32. Batches are moved to the model's device. Returns the per-step LM losses.
     """
     gen = torch.Generator().manual_seed(sched.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -131,12 +140,15 @@ def train_lm(model: transformers.PreTrainedModel, blocks: torch.Tensor, sched: S
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))  # cosine from 1.0 down to 0.1
 
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
     for step in range(sched.steps):
-        idx = torch.randint(0, blocks.shape[0], (sched.batch,), generator=gen)
-        batch = blocks[idx]
-        logits = model(input_ids=batch).logits  # fp32: bf16 autocast is no faster on small CPU matmuls
+        idx = torch.randint(0, blocks.shape[0], (sched.batch,), generator=gen)  # on the CPU generator
+        batch = blocks[idx].to(device)
+        # The tiny builds use fp32: bf16 autocast is no faster on small CPU matmuls.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(input_ids=batch).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
         )
@@ -198,7 +210,7 @@ def build_tiny(root: Path, schedules: tuple[Schedule, Schedule] = FULL, command:
         "threads": torch.get_num_threads(),
     }
 
-    blocks = _token_blocks(tokenizer, docs_a, base_s.seq_len)
+    blocks = token_blocks(tokenizer, docs_a, base_s.seq_len)
     t1 = time.perf_counter()
     losses = train_lm(model, blocks, base_s)
     phase_a = _phase_info(base_s, losses, time.perf_counter() - t1, blocks.numel())
@@ -207,7 +219,7 @@ def build_tiny(root: Path, schedules: tuple[Schedule, Schedule] = FULL, command:
     _save(model, tokenizer, root / "tiny", base_info)
 
     t2 = time.perf_counter()
-    blocks_b = _token_blocks(tokenizer, derived_corpus(derived_s.n_docs, seed=derived_s.seed), derived_s.seq_len)
+    blocks_b = token_blocks(tokenizer, derived_corpus(derived_s.n_docs, seed=derived_s.seed), derived_s.seq_len)
     losses_b = train_lm(model, blocks_b, derived_s)
     phase_b = _phase_info(derived_s, losses_b, time.perf_counter() - t2, blocks_b.numel())
     derived_info = {**common, "model": "tiny-derived", "base_revision": content_hash(root / "tiny")}

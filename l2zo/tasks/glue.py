@@ -19,6 +19,8 @@ from l2zo.tasks import templates
 from l2zo.tasks.base import Example, SplitSizes, TaskData, register_task
 from l2zo.tasks.sampling import sample_test, sample_train_dev, split_pools
 from l2zo.tasks.sources import (
+    RawData,
+    Record,
     SourceSpec,
     Split,
     boolq_local,
@@ -50,16 +52,7 @@ class GlueTask:
     def load(self, data_dir: Path | None, sizes: SplitSizes, seed: int) -> TaskData:
         raw = load_raw(self.spec, data_dir)
         notes: list[str] = []
-        source = raw.source
-        if raw.train is None:
-            groups = raw.valid.groups or list(range(len(raw.valid.records)))
-            train_idx, dev_idx, test_idx = split_pools(groups, sizes, seed, notes)
-            train_split = raw.valid
-            source += f"; train/dev/test are disjoint pools of the validation file (seed {seed})"
-        else:
-            train_idx, dev_idx = sample_train_dev(len(raw.train.records), sizes.train, sizes.dev, seed, notes)
-            test_idx = sample_test(len(raw.valid.records), sizes.test, seed, notes)
-            train_split = raw.train
+        train_split, (train_idx, dev_idx, test_idx), source = self._sample(raw, sizes, seed, notes)
         return TaskData(
             train=self.examples(train_split, train_idx),
             dev=self.examples(train_split, dev_idx),
@@ -67,6 +60,29 @@ class GlueTask:
             source=source,
             notes=[f"{self.name}: {n}" for n in notes],
         )
+
+    def train_records(self, data_dir: Path | None, sizes: SplitSizes, seed: int) -> list[Record]:
+        """The raw records (hub schema, e.g. SST-2's ``{"sentence", "label"}``) behind ``load(...).train``.
+
+        Same sampling as :meth:`load`, before the template: for uses that need the raw text rather than
+        the prompt (e.g. unlabeled continued LM training on the train sentences).
+        """
+        raw = load_raw(self.spec, data_dir)
+        train_split, (train_idx, _, _), _ = self._sample(raw, sizes, seed, [])
+        return [train_split.records[i] for i in train_idx]
+
+    def _sample(
+        self, raw: RawData, sizes: SplitSizes, seed: int, notes: list[str]
+    ) -> tuple[Split, tuple[np.ndarray, np.ndarray, np.ndarray], str]:
+        """(the split train/dev index into, (train, dev, test) indices, source); test indexes ``raw.valid``."""
+        if raw.train is None:
+            groups = raw.valid.groups or list(range(len(raw.valid.records)))
+            train_idx, dev_idx, test_idx = split_pools(groups, sizes, seed, notes)
+            source = raw.source + f"; train/dev/test are disjoint pools of the validation file (seed {seed})"
+            return raw.valid, (train_idx, dev_idx, test_idx), source
+        train_idx, dev_idx = sample_train_dev(len(raw.train.records), sizes.train, sizes.dev, seed, notes)
+        test_idx = sample_test(len(raw.valid.records), sizes.test, seed, notes)
+        return raw.train, (train_idx, dev_idx, test_idx), raw.source
 
     def examples(self, split: Split, indices: Sequence[int] | np.ndarray) -> list[Example]:
         """Apply the template to the chosen records; a missing field names the field, file and record."""
