@@ -45,6 +45,7 @@ class FinetuneConfig:
     max_length: int = 256
     lr_schedule: str = "constant"
     precision: str = "32"
+    cache_z: bool = False
     logdir: str = "runs/finetune"
     save_model: bool = False
     include: list[str] | None = None
@@ -86,6 +87,8 @@ FIELD_HELP: dict[str, str] = {
     "max_length": "max tokens per (prompt, candidate) sequence; prompts are cut on the left",
     "lr_schedule": "constant or linear (decay to 0)",
     "precision": "32 or bf16-mixed (bf16 autocast over fp32 weights; losses in fp32)",
+    "cache_z": "ZO optimizers draw z once per step and keep it (one parameter-sized copy); same parameters, "
+    "fewer regenerations (see BENCHMARKS.md)",
     "logdir": "run folder: TensorBoard events, config.yaml, summary.json",
     "save_model": "save the fine-tuned model into LOGDIR/model",
     "include": "regexes: train only parameters whose names match",

@@ -149,3 +149,16 @@ def test_nan_loss_is_one_clear_error_and_a_failed_summary(tmp_path, capsys):
     assert rc == 2 and "non-finite loss at step 0" in err and "Traceback" not in err
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["status"] == "failed" and "non-finite" in summary["error"]
+
+
+def test_cache_z_changes_nothing_but_speed(tmp_path):
+    """--cache-z replays the same z from one copy: the run's dev losses and test accuracy are identical."""
+    summaries = []
+    for flag in ("--no-cache-z", "--cache-z"):
+        logdir = tmp_path / flag
+        argv = ["finetune", "--model", "tiny", "--task", "synth-sentiment", "--lr", "1e-3", "--steps", "4",
+                "--eval-every", "2", "--logdir", str(logdir), flag, *SMALL]  # fmt: skip
+        assert main(argv) == 0
+        summaries.append(json.loads((logdir / "summary.json").read_text()))
+    a, b = summaries
+    assert a["dev_loss_final"] == b["dev_loss_final"] and a["test_acc"] == b["test_acc"]

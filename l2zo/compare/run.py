@@ -60,7 +60,7 @@ class Plan:
             artifact=None if artifact is None else str(artifact), steps=c.steps, batch_size=c.batch_size,
             eval_every=c.eval_every, eval_batch_size=c.eval_batch_size, seed=seed, data_seed=c.data_seed,
             num_train=c.num_train, num_dev=c.num_dev, num_test=c.num_test, max_length=c.max_length,
-            lr_schedule=c.lr_schedule, precision=c.precision, logdir=str(self.run_dir(spec, seed)),
+            lr_schedule=c.lr_schedule, precision=c.precision, cache_z=c.cache_z, logdir=str(self.run_dir(spec, seed)),
             device=c.device, progress=c.progress,
         )  # fmt: skip
 

@@ -48,6 +48,7 @@ class CompareConfig:
     max_length: int = 256
     lr_schedule: str = "constant"
     precision: str = "32"
+    cache_z: bool = False
     device: str = "auto"
     progress: bool = False
 
@@ -80,6 +81,7 @@ COMPARE_HELP: dict[str, str] = {
     "max_length": "max tokens per (prompt, candidate) sequence",
     "lr_schedule": "constant or linear",
     "precision": "32 or bf16-mixed",
+    "cache_z": "ZO runs draw z once per step into one parameter-sized copy (same parameters, faster on few cores)",
     "device": "auto, cpu or cuda",
     "progress": "show a progress bar per run",
 }

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from l2zo.config import FinetuneConfig, config_to_dict
 from l2zo.errors import L2ZOError
 from l2zo.models import load_model
+from l2zo.optim.base import ZOOptimizer
 from l2zo.optim.registry import OptimizerSpec, build_optimizer, get_optimizer_spec
 from l2zo.tasks.base import SplitSizes, TaskData, get_task
 from l2zo.tasks.scoring import CandidateScorer
@@ -98,6 +100,15 @@ def _digests(module: FinetuneModule) -> dict[str, Any]:
     return {"batch_digest": module.batch_digest, "batch_digests_head": list(module.batch_digests_head)}
 
 
+def _with_z_source(opt: torch.optim.Optimizer, cache_z: bool) -> torch.optim.Optimizer:
+    """--cache-z: the step's z is drawn once and kept (bit-identical parameters; see ZOOptimizer.set_z_source)."""
+    if cache_z and isinstance(opt, ZOOptimizer):
+        opt.set_z_source(cache=True)
+    elif cache_z:  # e.g. fo-adam in a compare that caches z for the ZO runs
+        log.info("--cache-z ignored: %s does not regenerate z", type(opt).__name__)
+    return opt
+
+
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune, evaluate on dev during training and on test at the end; return the summary."""
     quiet_libraries()
@@ -113,7 +124,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         model=loaded.model,
         scorer=scorer,
         loss_kind=task.loss_kind,
-        build_optimizer=lambda model: build_optimizer(cfg.optimizer, model, **hp),
+        build_optimizer=lambda model: _with_z_source(build_optimizer(cfg.optimizer, model, **hp), cfg.cache_z),
         zeroth_order=spec.zeroth_order,
         forwards_per_step=spec.forwards_per_step,
         lr_schedule=cfg.lr_schedule,
