@@ -43,3 +43,22 @@ def test_mezo_finetunes_smollm2_on_sst2():
     assert moved == len(theta0)  # every block took a step
     delta = max((p - theta0[n]).abs().max().item() for n, p in model.named_parameters())
     assert 0 < delta < 1e-2
+
+
+ARTIFACT = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m" / "zo-finetuner"
+
+
+def test_shipped_artifact_loads_onto_smollm2_and_finetunes_rte(tmp_path):
+    """The README's command on the held-out RTE: the shipped artifact passes the fingerprint check, 2 steps run."""
+    import json
+
+    from l2zo.cli.main import main
+
+    logdir = tmp_path / "rte"
+    rc = main(["finetune", "--model", "smollm2-135m", "--optimizer", "learned", "--artifact", str(ARTIFACT), "--task", "rte",
+               "--data-dir", str(DATA), "--steps", "2", "--lr", "1e-5", "--batch-size", "4", "--num-train", "16",
+               "--num-dev", "8", "--num-test", "8", "--eval-every", "2", "--max-length", "128", "--precision", "bf16-mixed",
+               "--logdir", str(logdir), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "ok" and math.isfinite(summary["dev_loss_final"])

@@ -1,0 +1,162 @@
+"""Held-out evaluation of a learned ZO optimizer: `l2zo compare` on every (model, task), then win counts.
+
+    python scripts/evaluate_heldout.py --artifact checkpoints/smollm2-135m/zo-finetuner \\
+        --models smollm2-135m,runs/derivatives/smollm2-135m-sst2lm --tasks rte,wsc,wic,cb \\
+        --optimizers learned,mezo,learned-random,per-block-const --steps 100 --seeds 0,1 --jobs 2
+
+Each (model, task) is one `l2zo compare` (the command is printed and recorded), run with ``--jobs`` of them
+side by side, each on ``--threads`` CPU threads (two 1-thread processes use a 2-core CPU better than one
+2-thread process: a ZO step has serial parts). A compare that already finished is not re-run, so the
+script resumes after an interruption. It then reads every compare's summary.csv and writes, under --docs:
+
+* summary.md / summary.csv: final dev loss and test accuracy (mean ± std over seeds) per model, task, optimizer;
+* the win counts of `learned` over each other optimizer across (model, task) pairs (lower mean final dev loss),
+  and over single seeds;
+* commands.txt: the exact compare commands.
+
+``learned`` and ``per-block-const`` take ``--artifact`` (per-block-const uses the artifact's recorded sigma per
+block kind: the "is the net's dependence on the state worth anything" ablation); ``learned-random`` builds a
+fresh net with the artifact's spec and normalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACT_OPTS = ("learned", "per-block-const", "learned-random")
+
+
+def model_label(model: str) -> str:
+    return Path(model).name if ("/" in model or model.startswith(".")) else model
+
+
+def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
+    items = []
+    for opt in a.optimizers.split(","):
+        name, _, extra = opt.partition(":")
+        item = f"{name}={a.artifact}" if name in ARTIFACT_OPTS else name
+        hp = [f"lr={a.lr}"] + ([extra] if extra else [])
+        items.append(":".join([item, *hp]))
+    return ["--model", model, "--task", task, "--data-dir", a.data_dir, "--optimizers", ",".join(items),
+            "--steps", str(a.steps), "--seeds", a.seeds, "--batch-size", str(a.batch_size), "--eval-every",
+            str(a.eval_every), "--num-dev", str(a.num_dev), "--num-test", str(a.num_test), "--max-length",
+            str(a.max_length), "--precision", a.precision, "--cache-z",
+            "--logdir", str(Path(a.out) / model_label(model) / task)]  # fmt: skip
+
+
+def done(logdir: Path) -> bool:
+    path = logdir / "summary.csv"
+    return path.is_file() and all(r["status"] == "ok" for r in csv.DictReader(path.open()))
+
+
+def run_one(a: argparse.Namespace, model: str, task: str) -> tuple[str, float, int]:
+    args = compare_args(a, model, task)
+    logdir = Path(args[args.index("--logdir") + 1])
+    if done(logdir):
+        return f"{model_label(model)}/{task}: already done", 0.0, 0
+    env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    logdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(logdir.parent / f"{task}.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "l2zo.cli.main", "compare", *args, "--overwrite"], cwd=ROOT,
+                            env={**_base_env(), **env}, stdout=log, stderr=subprocess.STDOUT).returncode  # fmt: skip
+    return f"{model_label(model)}/{task}: exit {rc}", time.time() - t0, rc
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def aggregate(a: argparse.Namespace) -> None:
+    rows = []
+    for model in a.models.split(","):
+        for task in a.tasks.split(","):
+            path = Path(a.out) / model_label(model) / task / "summary.csv"
+            if not path.is_file():
+                continue
+            for r in csv.DictReader(path.open()):
+                rows.append({"model": model_label(model), "task": task, **r})
+    docs = ROOT / a.docs
+    docs.mkdir(parents=True, exist_ok=True)
+    keys = ["model", "task", "run", "status", "seeds_ok", "dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean",
+            "test_acc_std", "time_per_step_s"]  # fmt: skip
+    with open(docs / "summary.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (docs / "summary.csv.tmp").replace(docs / "summary.csv")
+
+    def num(x: str) -> float | None:
+        return float(x) if x not in ("", "None", None) else None
+
+    lines = [f"# Held-out evaluation: {a.steps} steps, seeds {a.seeds}, lr {a.lr}, batch {a.batch_size}, "
+             f"{a.precision}", "", "| model | task | optimizer | dev loss final | test acc | s/step |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        d, ds, t, ts = (num(r[k]) for k in ("dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean", "test_acc_std"))
+        lines.append(f"| {r['model']} | {r['task']} | {r['run']} | "
+                     f"{'-' if d is None else f'{d:.4f} ± {ds or 0:.4f}'} | {'-' if t is None else f'{t:.3f} ± {ts or 0:.3f}'} | "
+                     f"{float(r['time_per_step_s']):.2f} |")  # fmt: skip
+    pairs: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if num(r["dev_loss_final_mean"]) is not None:
+            pairs.setdefault((r["model"], r["task"]), {})[r["run"].split("@")[0]] = float(r["dev_loss_final_mean"])
+    lines += ["", "## Win counts of `learned` (lower mean final dev loss, per model-task pair)", "",
+              "| against | wins | losses | ties | pairs |", "|---|---|---|---|---|"]  # fmt: skip
+    others = sorted({o for p in pairs.values() for o in p} - {"learned"})
+    for other in others:
+        w = lo = ti = 0
+        for p in pairs.values():
+            if "learned" in p and other in p:
+                diff = p["learned"] - p[other]
+                w, lo, ti = w + (diff < -1e-6), lo + (diff > 1e-6), ti + (abs(diff) <= 1e-6)
+        lines.append(f"| {other} | {w} | {lo} | {ti} | {w + lo + ti} |")
+    (docs / "summary.md.tmp").write_text("\n".join(lines) + "\n")
+    (docs / "summary.md.tmp").replace(docs / "summary.md")
+    cmds = [shlex.join(["l2zo", "compare", *compare_args(a, m, t)]) for m in a.models.split(",") for t in a.tasks.split(",")]
+    (docs / "commands.txt").write_text("\n".join(cmds) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--tasks", default="rte,wsc,wic,cb")
+    ap.add_argument("--optimizers", default="learned,mezo,learned-random,per-block-const")
+    ap.add_argument("--lr", default="1e-5")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--num-dev", type=int, default=64)
+    ap.add_argument("--num-test", type=int, default=200)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--precision", default="bf16-mixed")
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--out", default="runs/heldout")
+    ap.add_argument("--docs", default="docs/results/heldout")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--aggregate-only", action="store_true")
+    a = ap.parse_args()
+    if not a.aggregate_only:
+        work = [(m, t) for m in a.models.split(",") for t in a.tasks.split(",")]
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            for msg, secs, _ in pool.map(lambda mt: run_one(a, *mt), work):
+                print(f"{msg} ({secs:.0f} s)", flush=True)
+    aggregate(a)
+
+
+if __name__ == "__main__":
+    main()
