@@ -66,8 +66,11 @@ def table(rec: dict) -> str:
 
 
 def targets(recs: dict[str, dict]) -> str:
-    lines = ["| configuration | mezo x 2 fwd (<= 1.10) | learned / mezo (<= 1.03) | mezo peak x inference (<= 1.05) | "
-             "learned peak x inference (<= 1.05) | mezo speed-up vs reference |", "|---|---|---|---|---|---|"]  # fmt: skip
+    head = (
+        "| configuration | mezo x 2 fwd (<= 1.10) | learned / mezo (<= 1.03) | mezo peak x inference (<= 1.05) | "
+        "learned peak x inference (<= 1.05) | mezo speed-up vs reference |"
+    )
+    lines = [head, "|---|---|---|---|---|---|"]
     for name, rec in recs.items():
         rows = rec["rows"]
         if "mezo" not in rows or "learned" not in rows:
@@ -123,8 +126,8 @@ def render(data_dir: str | None) -> str:
     mach = any_rec["machine"]
     parts = [(ROOT / "docs" / "bench" / "INTRO.md").read_text().strip(), "",
              "## Machine", "",
-             f"{mach['cpu']}, {mach['cpu_count']} cores, {mach['threads']} torch threads, torch {mach['torch']}, "
-             f"Python {mach['python']}, {mach['platform']}.", "",
+             (f"{mach['cpu']}, {mach['cpu_count']} cores, {mach['threads']} torch threads, torch {mach['torch']}, "
+              f"Python {mach['python']}, {mach['platform']}."), "",
              "## Targets", "", targets(recs), "",
              "## Scaling", "", "![step time, overhead and peak memory against parameter count](docs/bench/scaling.png)", "",
              "| model | parameters | 2 forwards s | mezo step s | mezo x 2 fwd | learned x 2 fwd | mezo peak MiB | inference peak MiB |",
@@ -145,8 +148,13 @@ def render(data_dir: str | None) -> str:
         for name, rec in gpu.items():
             parts += [f"### {name} on {rec['machine'].get('gpu', 'GPU')}", "", table(rec), ""]
     else:
-        parts += ["Not measured: no GPU machine was available when these figures were taken. "
-                  "`python scripts/bench_all.py` on a CUDA machine fills this section (docs/bench/gpu/).", ""]  # fmt: skip
+        parts += [
+            (
+                "Not measured: no GPU machine was available when these figures were taken. "
+                "`python scripts/bench_all.py` on a CUDA machine fills this section (docs/bench/gpu/)."
+            ),
+            "",
+        ]
     parts += [(ROOT / "docs" / "bench" / "ANALYSIS.md").read_text().strip(), ""]
     return "\n".join(parts)
 

@@ -29,8 +29,17 @@ def test_record_has_every_ratio_for_every_row() -> None:
                       optimizers=["mezo", "learned", "zo-adam", "fo-adam"])  # fmt: skip
     rec = run_bench(cfg, log=lambda *_: None)
     rows = rec["rows"]
-    assert list(rows) == ["inference", "mezo", "learned", "zo-adam", "fo-adam", "mezo+cache-z", "mezo-reference",
-                          "z-pass", "z-pass-1thread"]
+    assert list(rows) == [
+        "inference",
+        "mezo",
+        "learned",
+        "zo-adam",
+        "fo-adam",
+        "mezo+cache-z",
+        "mezo-reference",
+        "z-pass",
+        "z-pass-1thread",
+    ]
     for name in ("mezo", "learned", "zo-adam", "mezo+cache-z", "mezo-reference"):
         r = rows[name]
         assert r["step_over_2fwd"] == pytest.approx(r["median_s"] / (2 * rows["inference"]["median_s"]))

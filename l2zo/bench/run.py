@@ -84,7 +84,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         for name in names:
             if name != INFERENCE and "peak_mb" in out_rows[name]:
                 out_rows[name]["peak_over_inference"] = out_rows[name]["peak_mb"] / inf_peak if inf_peak > 0 else None
-    return {"config": dataclasses.asdict(cfg), "machine": machine_info(device), "model_params": params, "rows": out_rows}
+    return {
+        "config": dataclasses.asdict(cfg),
+        "machine": machine_info(device),
+        "model_params": params,
+        "rows": out_rows,
+    }
 
 
 def format_table(record: dict[str, Any]) -> str:

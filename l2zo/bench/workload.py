@@ -80,7 +80,9 @@ def build_workload(cfg: BenchConfig) -> Workload:
     root = Path(cfg.data_dir) if cfg.data_dir else None
     data = task.load(root, SplitSizes(train=n_pool, dev=1, test=1), seed=0)
     if len(data.train) < cfg.batch_size + 1:
-        raise L2ZOError(f"task {task_name} has {len(data.train)} training examples; --batch-size {cfg.batch_size} needs more")
+        raise L2ZOError(
+            f"task {task_name} has {len(data.train)} training examples; --batch-size {cfg.batch_size} needs more"
+        )
     scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.seq_len)
     examples = data.train[: cfg.batch_size]
     examples = lengthen(examples, data.train[cfg.batch_size :], scorer, cfg.seq_len)
@@ -92,4 +94,3 @@ def default_artifact(model: str) -> Path | None:
     """checkpoints/<model>/zo-finetuner if it exists (the shipped artifact for an alias)."""
     path = SHIPPED_ROOT / model / "zo-finetuner"
     return path if (path / MANIFEST_FILE).is_file() else None
-

@@ -1,6 +1,6 @@
 """``l2zo bench``: a ZO step against two forward passes and MeZO's reference loop, memory against inference.
 
-    l2zo bench --model smollm2-135m --batch-size 16 --seq-len 64 --precision bf16-mixed --json out.json
+l2zo bench --model smollm2-135m --batch-size 16 --seq-len 64 --precision bf16-mixed --json out.json
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ _NOT_CONFIG = ("command", "func", "config")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time a ZO step against two forward passes and MeZO's loop; peak memory vs inference")
+    p = sub.add_parser(
+        "bench", help="time a ZO step against two forward passes and MeZO's loop; peak memory vs inference"
+    )
     p.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags win)")
     add_config_arguments(p, BenchConfig, BENCH_FIELD_HELP)
     p.set_defaults(func=run)
