@@ -159,6 +159,11 @@ class ZSource:
         for _ in range(self.workers + 1):
             if not submit():
                 break
+        # The consumer's ops (add_ of one chunk) run on one intra-op thread during the pass: a multi-threaded
+        # add_ leaves OpenMP threads spinning after each chunk, on the very cores the drawing threads need
+        # (measured: slower than drawing on one thread). Restored when the pass ends or is abandoned.
+        intra = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             while pending:
                 (b, start, end, c), buf, fut = pending.popleft()
@@ -170,6 +175,7 @@ class ZSource:
                 self._ring[(b.param.device, b.param.dtype)].append(buf)
                 submit()
         finally:  # an abandoned stream must not leave draws writing into buffers handed out again
+            torch.set_num_threads(intra)
             for _, buf, fut in pending:
                 if fut is not None:
                     fut.result()
