@@ -160,3 +160,22 @@ def test_losses_are_fp32_and_g_nonzero_under_bf16_autocast():
     assert probe.projected_grad != 0.0
     ref = two_point_estimate(lambda: lm_loss(model, ids), blocks, 3, 1e-2, ZSource())
     assert abs(probe.projected_grad - ref.projected_grad) < 0.25 * abs(ref.projected_grad) + 0.05
+
+
+def test_zo_forward_runs_bf16_autocast_without_its_weight_cache():
+    """A cached cast would keep a bf16 copy of every weight for the whole forward (2.3x inference's memory)."""
+    model = tiny_llama()
+    blocks = partition(model)
+    ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def loss_fn() -> torch.Tensor:
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled()))
+        return lm_loss(model, ids)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zo_probe(loss_fn, blocks, 3, 1e-2, ZSource())
+        assert torch.is_autocast_cache_enabled()  # the caller's autocast is left as it was
+    assert seen == [(True, torch.bfloat16, False)] * 2
+    zo_probe(loss_fn, blocks, 3, 1e-2, ZSource())  # no autocast: the forward runs as called
+    assert seen[-1][0] is False

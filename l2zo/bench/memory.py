@@ -3,7 +3,8 @@
 A fresh process per row, because a process's peak RSS only grows: measuring rows one after the other in one
 process would charge each row with the peaks of the rows before it. The baseline is taken once the model,
 the batch and the row (its optimizer) are built; on CPU the peak is the OS's high-water mark of the resident
-set (VmHWM, reset through /proc/self/clear_refs so the model's loading peak does not count), on CUDA
+set (VmHWM, reset through /proc/self/clear_refs so the model's loading peak does not count; glibc's mmap threshold
+fixed so freed buffers leave the resident set, see ``measure_in_subprocess``), on CUDA
 ``torch.cuda.max_memory_allocated``. Both are reported minus the baseline: the memory the work itself needs.
 """
 
@@ -71,7 +72,12 @@ def measure_row(cfg: BenchConfig, name: str) -> dict[str, float | str]:
 def measure_in_subprocess(cfg: BenchConfig, name: str) -> dict[str, float | str]:
     """Run :func:`measure_row` in a fresh interpreter and return its result."""
     payload = json.dumps(dataclasses.asdict(cfg))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # glibc's malloc raises its mmap threshold after the first large free and then keeps freed activations in
+    # the heap, so the resident set drifts with the history of allocations (tens of MiB between identical
+    # forwards). A fixed threshold serves every buffer >= 256 KiB with its own mapping, returned on free: the
+    # peak RSS then tracks the peak of live memory. Only this measuring process runs so (never timed).
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": str(256 * 1024),
+           "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024)}  # fmt: skip
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "l2zo.bench.memory", payload, name], capture_output=True, text=True,

@@ -8,6 +8,7 @@ with its update; ``two_point_estimate`` restores separately (the unfused, 4-rege
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,12 +43,27 @@ class Probe:
         return (self.loss_plus + self.loss_minus) / 2
 
 
+def _uncached_autocast() -> contextlib.AbstractContextManager:
+    """The enclosing autocast, re-entered with its weight cache off (a no-op context when none is active).
+
+    The cache keeps the low-precision copy of every weight until the autocast context exits, so a whole
+    forward holds a second, bf16 copy of the model (+269 MB on SmolLM2-135M, 2.3x inference's peak).
+    Each weight is used once per forward, so casting on the fly costs no time and frees each copy at once.
+    """
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
 def evaluate_loss(loss_fn: LossFn) -> torch.Tensor:
-    """One ZO forward: autocast weight cache cleared first, a detached fp32 scalar out."""
+    """One ZO forward: autocast weight cache cleared and off, a detached fp32 scalar out."""
     # The autocast weight cache keys on the parameter tensor, not its contents: after an in-place
     # perturbation it would hand the next forward the previous step's bf16 weights (g == 0).
     torch.clear_autocast_cache()
-    loss = loss_fn()
+    with _uncached_autocast():
+        loss = loss_fn()
     if not isinstance(loss, torch.Tensor):
         loss = torch.as_tensor(loss)
     return loss.detach().float()

@@ -140,6 +140,8 @@ class ZSource:
                     yield b, start, end, z
             return
         pool = self._executor()
+        # Buffers as large as the largest chunk of this pass (at most Z_CHUNK): a small model keeps small buffers.
+        size = max(end - start for _, start, end, _ in jobs)
         pending: deque[tuple[tuple, torch.Tensor, Future | None]] = deque()
         queue = iter(jobs)
 
@@ -150,7 +152,9 @@ class ZSource:
             b, start, end, c = job
             n, chunk_seed = end - start, mix_seed(seed, b.index, c)
             ring = self._ring.setdefault((b.param.device, b.param.dtype), [])
-            buf = ring.pop() if ring else torch.empty(Z_CHUNK, device=b.param.device, dtype=b.param.dtype)
+            while ring and ring[-1].numel() < n:  # too small for this pass: let it go
+                ring.pop()
+            buf = ring.pop() if ring else torch.empty(size, device=b.param.device, dtype=b.param.dtype)
             fut = None if n < _INLINE else pool.submit(self._draw, buf[:n], chunk_seed)
             pending.append((job, buf, fut))
             return True
