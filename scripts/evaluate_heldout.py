@@ -10,8 +10,9 @@ side by side, each on ``--threads`` CPU threads (two 1-thread processes use a 2-
 script resumes after an interruption. It then reads every compare's summary.csv and writes, under --docs:
 
 * summary.md / summary.csv: final dev loss and test accuracy (mean ± std over seeds) per model, task, optimizer;
-* the win counts of `learned` over each other optimizer across (model, task) pairs (lower mean final dev loss),
-  and over single seeds;
+* the win counts of `learned` over each other optimizer across (model, task) pairs: a win is a lower mean
+  final dev loss;
+* <model>/<task>/*.png: each compare's plots (dev loss against steps, test accuracy);
 * commands.txt: the exact compare commands.
 
 ``learned`` and ``per-block-const`` take ``--artifact`` (per-block-const uses the artifact's recorded sigma per
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -89,6 +91,13 @@ def aggregate(a: argparse.Namespace) -> None:
                 rows.append({"model": model_label(model), "task": task, **r})
     docs = ROOT / a.docs
     docs.mkdir(parents=True, exist_ok=True)
+    for model in a.models.split(","):
+        for task in a.tasks.split(","):
+            for png in ("dev_loss_vs_steps.png", "test_acc.png"):
+                src = Path(a.out) / model_label(model) / task / png
+                if src.is_file():
+                    (docs / model_label(model) / task).mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, docs / model_label(model) / task / png)
     keys = ["model", "task", "run", "status", "seeds_ok", "dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean",
             "test_acc_std", "time_per_step_s"]  # fmt: skip
     with open(docs / "summary.csv.tmp", "w", newline="") as f:
@@ -125,9 +134,9 @@ def aggregate(a: argparse.Namespace) -> None:
         lines.append(f"| {other} | {w} | {lo} | {ti} | {w + lo + ti} |")
     (docs / "summary.md.tmp").write_text("\n".join(lines) + "\n")
     (docs / "summary.md.tmp").replace(docs / "summary.md")
-    cmds = [
-        shlex.join(["l2zo", "compare", *compare_args(a, m, t)]) for m in a.models.split(",") for t in a.tasks.split(",")
-    ]
+    ran = [(m, t) for m in a.models.split(",") for t in a.tasks.split(",")
+           if (Path(a.out) / model_label(m) / t / "summary.csv").is_file()]  # fmt: skip
+    cmds = [shlex.join(["l2zo", "compare", *compare_args(a, m, t)]) for m, t in ran]
     (docs / "commands.txt").write_text("\n".join(cmds) + "\n")
     print("\n".join(lines))
 

@@ -170,7 +170,9 @@ def test_zo_forward_runs_bf16_autocast_without_its_weight_cache():
     seen = []
 
     def loss_fn() -> torch.Tensor:
-        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled()))
+        seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled())
+        )
         return lm_loss(model, ids)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
