@@ -118,6 +118,45 @@ def plot_scaling(recs: dict[str, dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
+    """The figures docs/bench/ANALYSIS.md quotes ({name} fields), computed from the SmolLM2 JSON files.
+
+    Computed, not typed in, so the analysis stays true to the tables whenever the benchmarks are re-run.
+    """
+    from l2zo.engine.seeding import Z_CHUNK, ZSource
+
+    r32, rbf = recs["smollm2-135m-32"]["rows"], recs["smollm2-135m-bf16-mixed"]["rows"]
+    params = recs["smollm2-135m-32"]["model_params"]
+    step, fwd2, zpass = r32["mezo"]["median_s"], 2 * r32["inference"]["median_s"], r32["z-pass"]["median_s"]
+    budget = 0.10 * fwd2
+    rest = step - fwd2 - 3 * zpass
+    workers = ZSource().workers
+    # A cached pass: what the cached step spends beyond the forwards and the rest, over its three passes;
+    # each reads theta and z and writes theta (3 x 4 bytes a parameter).
+    cached_pass = (r32["mezo+cache-z"]["median_s"] - fwd2 - rest) / 3
+    v = {
+        "fwd2_32": f"{fwd2:.2f}", "fwd2_share_32": f"{fwd2 / step:.0%}",
+        "zpass3_32": f"{3 * zpass:.2f}", "zpass3_share_32": f"{3 * zpass / step:.0%}",
+        "rest_32": f"{rest:.2f}", "rest_share_32": f"{rest / step:.0%}",
+        "zpass_32": f"{zpass:.2f}", "zpass1_32": f"{r32['z-pass-1thread']['median_s']:.2f}",
+        "cached_32": f"{r32['mezo+cache-z']['step_over_2fwd']:.2f}",
+        "cached_bf16": f"{rbf['mezo+cache-z']['step_over_2fwd']:.2f}",
+        "cached_pass_32": f"{cached_pass:.2f}", "bandwidth_32": f"{12 * params / cached_pass / 1e9:.0f}",
+        "cached_32_mib": f"{r32['mezo+cache-z'].get('peak_mb', float('nan')):.0f}",
+        "budget_32": f"{budget:.2f}", "budget_pass_32": f"{budget / 3:.2f}",
+        "gen_rate_needed": f"{params / (budget / 3) / 1e6:.0f}", "gen_speedup_needed": f"{zpass / (budget / 3):.1f}",
+        "bf16_ratio": f"{rbf['mezo']['step_over_2fwd']:.2f}",
+        "ring_mib": f"{(workers + 1) * Z_CHUNK * 4 / 2**20:.0f}",
+        "mezo_peak_32": f"{r32['mezo'].get('peak_over_inference', float('nan')):.2f}",
+        "mezo_peak_bf16": f"{rbf['mezo'].get('peak_over_inference', float('nan')):.2f}",
+        "inf_peak_32": f"{r32['inference'].get('peak_mb', float('nan')):.0f}",
+        "inf_peak_bf16": f"{rbf['inference'].get('peak_mb', float('nan')):.0f}",
+        "learned_over_mezo_32": f"{r32['learned']['median_s'] / step:.2f}",
+        "learned_over_mezo_bf16": f"{rbf['learned']['median_s'] / rbf['mezo']['median_s']:.2f}",
+    }  # fmt: skip
+    return v
+
+
 def render(data_dir: str | None) -> str:
     recs = _load(OUT)
     gpu = _load(OUT / "gpu") if (OUT / "gpu").is_dir() else {}
@@ -155,7 +194,8 @@ def render(data_dir: str | None) -> str:
             ),
             "",
         ]
-    parts += [(ROOT / "docs" / "bench" / "ANALYSIS.md").read_text().strip(), ""]
+    analysis = (ROOT / "docs" / "bench" / "ANALYSIS.md").read_text().strip()
+    parts += [analysis.format_map(analysis_values(recs)), ""]
     return "\n".join(parts)
 
 
