@@ -67,6 +67,7 @@ def run_one(a: argparse.Namespace, model: str, task: str) -> tuple[str, float, i
     env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     logdir.mkdir(parents=True, exist_ok=True)
+    (logdir / "command.txt").write_text(shlex.join(["l2zo", "compare", *args]) + "\n")  # what aggregate lists
     t0 = time.time()
     with open(logdir.parent / f"{task}.log", "w") as log:
         rc = subprocess.run([sys.executable, "-m", "l2zo.cli.main", "compare", *args, "--overwrite"], cwd=ROOT,
@@ -80,6 +81,20 @@ def _base_env() -> dict[str, str]:
     return dict(os.environ)
 
 
+def initial_dev_loss(logdir: Path) -> float | None:
+    """The dev loss before the first step (the same model and dev set for every optimizer of a compare)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for f in sorted(logdir.glob("*/seed*/events.out.tfevents.*")):
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        ea.Reload()
+        if "val/loss" in ea.Tags()["scalars"]:
+            first = min(ea.Scalars("val/loss"), key=lambda e: e.step)
+            if first.step == 0:
+                return first.value
+    return None
+
+
 def aggregate(a: argparse.Namespace) -> None:
     rows = []
     for model in a.models.split(","):
@@ -87,8 +102,9 @@ def aggregate(a: argparse.Namespace) -> None:
             path = Path(a.out) / model_label(model) / task / "summary.csv"
             if not path.is_file():
                 continue
+            start = initial_dev_loss(path.parent)
             for r in csv.DictReader(path.open()):
-                rows.append({"model": model_label(model), "task": task, **r})
+                rows.append({"model": model_label(model), "task": task, "dev_loss_initial": start, **r})
     docs = ROOT / a.docs
     docs.mkdir(parents=True, exist_ok=True)
     for model in a.models.split(","):
@@ -98,7 +114,7 @@ def aggregate(a: argparse.Namespace) -> None:
                 if src.is_file():
                     (docs / model_label(model) / task).mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src, docs / model_label(model) / task / png)
-    keys = ["model", "task", "run", "status", "seeds_ok", "dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean",
+    keys = ["model", "task", "run", "status", "seeds_ok", "dev_loss_initial", "dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean",
             "test_acc_std", "time_per_step_s"]  # fmt: skip
     with open(docs / "summary.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -109,34 +125,46 @@ def aggregate(a: argparse.Namespace) -> None:
     def num(x: str) -> float | None:
         return float(x) if x not in ("", "None", None) else None
 
-    title = f"# Held-out evaluation: {a.steps} steps, seeds {a.seeds}, lr {a.lr}, batch {a.batch_size}, {a.precision}"
-    lines = [title, "", "| model | task | optimizer | dev loss final | test acc | s/step |", "|---|---|---|---|---|---|"]  # fmt: skip
+    title = f"# Held-out evaluation: {a.steps} steps, lr {a.lr}, batch {a.batch_size}, {a.precision}"
+    lines = [title, "", "| model | task | optimizer | seeds | dev loss at step 0 | dev loss final | test acc | s/step |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         d, ds, t, ts = (
             num(r[k]) for k in ("dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean", "test_acc_std")
         )
-        lines.append(f"| {r['model']} | {r['task']} | {r['run']} | "
+        start = "-" if r["dev_loss_initial"] is None else f"{r['dev_loss_initial']:.4f}"
+        lines.append(f"| {r['model']} | {r['task']} | {r['run']} | {r['seeds_ok']} | {start} | "
                      f"{'-' if d is None else f'{d:.4f} ± {ds or 0:.4f}'} | {'-' if t is None else f'{t:.3f} ± {ts or 0:.3f}'} | "
                      f"{float(r['time_per_step_s']):.2f} |")  # fmt: skip
-    pairs: dict[tuple[str, str], dict[str, float]] = {}
-    for r in rows:
-        if num(r["dev_loss_final_mean"]) is not None:
-            pairs.setdefault((r["model"], r["task"]), {})[r["run"].split("@")[0]] = float(r["dev_loss_final_mean"])
-    lines += ["", "## Win counts of `learned` (lower mean final dev loss, per model-task pair)", "",
-              "| against | wins | losses | ties | pairs |", "|---|---|---|---|---|"]  # fmt: skip
-    others = sorted({o for p in pairs.values() for o in p} - {"learned"})
-    for other in others:
-        w = lo = ti = 0
-        for p in pairs.values():
-            if "learned" in p and other in p:
-                diff = p["learned"] - p[other]
-                w, lo, ti = w + (diff < -1e-6), lo + (diff > 1e-6), ti + (abs(diff) <= 1e-6)
-        lines.append(f"| {other} | {w} | {lo} | {ti} | {w + lo + ti} |")
+    lines += ["", "## Win counts of `learned`, per model-task pair", "",
+              "| against | by mean final dev loss (lower): wins / losses / ties | by mean test accuracy (higher): wins / losses / ties | pairs |",
+              "|---|---|---|---|"]  # fmt: skip
+    for other in sorted({r["run"].split("@")[0] for r in rows} - {"learned"}):
+        counts = []
+        for key, sign in (("dev_loss_final_mean", 1.0), ("test_acc_mean", -1.0)):
+            pairs: dict[tuple[str, str], dict[str, float]] = {}
+            for r in rows:
+                if num(r[key]) is not None:
+                    pairs.setdefault((r["model"], r["task"]), {})[r["run"].split("@")[0]] = float(r[key])
+            w = lo = ti = n = 0
+            for p in pairs.values():
+                if "learned" in p and other in p:
+                    diff = sign * (p["learned"] - p[other])  # < 0: learned is better
+                    w, lo, ti, n = w + (diff < -1e-6), lo + (diff > 1e-6), ti + (abs(diff) <= 1e-6), n + 1
+            counts.append((w, lo, ti, n))
+        (dw, dl, dt, n), (tw, tl, tt, _) = counts
+        lines.append(f"| {other} | {dw} / {dl} / {dt} | {tw} / {tl} / {tt} | {n} |")
     (docs / "summary.md.tmp").write_text("\n".join(lines) + "\n")
     (docs / "summary.md.tmp").replace(docs / "summary.md")
     ran = [(m, t) for m in a.models.split(",") for t in a.tasks.split(",")
            if (Path(a.out) / model_label(m) / t / "summary.csv").is_file()]  # fmt: skip
-    cmds = [shlex.join(["l2zo", "compare", *compare_args(a, m, t)]) for m, t in ran]
+    cmds = []
+    for m, t in ran:
+        recorded = Path(a.out) / model_label(m) / t / "command.txt"
+        cmds.append(
+            recorded.read_text().strip()
+            if recorded.is_file()
+            else shlex.join(["l2zo", "compare", *compare_args(a, m, t)])
+        )
     (docs / "commands.txt").write_text("\n".join(cmds) + "\n")
     print("\n".join(lines))
 
