@@ -32,9 +32,9 @@ def configs(data_dir: str | None) -> dict[str, list[str]]:
                                        prec, "--steps", "5", "--warmup", "1", "--optimizers", MAIN_OPTS, "--cache-z", *data]  # fmt: skip
         out[f"tiny-{prec}"] = ["--model", "tiny", "--batch-size", "16", "--seq-len", "64", "--precision", prec,
                                "--steps", "20", "--warmup", "3", "--optimizers", MAIN_OPTS, "--cache-z"]  # fmt: skip
-    for model in ("llama-10m", "llama-30m"):
-        out[f"{model}-bf16-mixed"] = ["--model", model, "--batch-size", "16", "--seq-len", "64", "--precision",
-                                      "bf16-mixed", "--steps", "10", "--warmup", "2", "--optimizers", "mezo,learned"]  # fmt: skip
+        for model in ("llama-10m", "llama-30m"):
+            out[f"{model}-{prec}"] = ["--model", model, "--batch-size", "16", "--seq-len", "64", "--precision",
+                                      prec, "--steps", "10", "--warmup", "2", "--optimizers", "mezo,learned"]  # fmt: skip
     return out
 
 
@@ -92,22 +92,28 @@ def plot_scaling(recs: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted((rec["model_params"], rec["rows"]) for name, rec in recs.items() if name.endswith("bf16-mixed"))
-    if not pts:
-        return
-    params = [p / 1e6 for p, _ in pts]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].loglog(params, [r["inference"]["median_s"] * 2 for _, r in pts], "k--o", label="2 forwards")
-    for opt in ("mezo", "learned"):
-        axes[0].loglog(params, [r[opt]["median_s"] for _, r in pts], "-o", label=f"{opt} step")
-    axes[0].set(xlabel="parameters (M)", ylabel="seconds", title="step time (bf16-mixed, batch 16x2x64)")
-    for opt in ("mezo", "learned"):
-        axes[1].semilogx(params, [r[opt]["step_over_2fwd"] for _, r in pts], "-o", label=opt)
+    drawn = False
+    for prec, style in (("32", "-"), ("bf16-mixed", "--")):
+        pts = sorted((rec["model_params"], rec["rows"]) for name, rec in recs.items() if name.endswith("-" + prec))
+        if not pts:
+            continue
+        drawn = True
+        params = [p / 1e6 for p, _ in pts]
+        axes[0].loglog(params, [r["inference"]["median_s"] * 2 for _, r in pts], "k" + style + "o", label=f"2 forwards ({prec})")
+        for opt in ("mezo", "learned"):
+            axes[0].loglog(params, [r[opt]["median_s"] for _, r in pts], style + "o", label=f"{opt} step ({prec})")
+            axes[1].semilogx(params, [r[opt]["step_over_2fwd"] for _, r in pts], style + "o", label=f"{opt} ({prec})")
+        axes[2].loglog(params, [max(r["inference"].get("peak_mb", 0), 1) for _, r in pts], "k" + style + "o",
+                       label=f"inference ({prec})")  # fmt: skip
+        for opt in ("mezo", "learned"):
+            axes[2].loglog(params, [max(r[opt].get("peak_mb", 0), 1) for _, r in pts], style + "o", label=f"{opt} ({prec})")
+    if not drawn:
+        plt.close(fig)
+        return
+    axes[0].set(xlabel="parameters (M)", ylabel="seconds", title="step time (batch 16x2x64)")
     axes[1].axhline(1.10, color="r", ls=":", label="target 1.10")
     axes[1].set(xlabel="parameters (M)", ylabel="step / (2 x forward)", title="overhead over two forwards")
-    axes[2].loglog(params, [max(r["inference"].get("peak_mb", 0), 1) for _, r in pts], "k--o", label="inference")
-    for opt in ("mezo", "learned"):
-        axes[2].loglog(params, [max(r[opt].get("peak_mb", 0), 1) for _, r in pts], "-o", label=opt)
     axes[2].set(xlabel="parameters (M)", ylabel="peak MiB above the loaded model", title="peak memory")
     for ax in axes:
         ax.legend()
@@ -169,13 +175,11 @@ def render(data_dir: str | None) -> str:
               f"Python {mach['python']}, {mach['platform']}."), "",
              "## Targets", "", targets(recs), "",
              "## Scaling", "", "![step time, overhead and peak memory against parameter count](docs/bench/scaling.png)", "",
-             "| model | parameters | 2 forwards s | mezo step s | mezo x 2 fwd | learned x 2 fwd | mezo peak MiB | inference peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, rec in sorted(recs.items(), key=lambda kv: kv[1]["model_params"]):
-        if not name.endswith("bf16-mixed"):
-            continue
+             "| model | precision | parameters | 2 forwards s | mezo step s | mezo x 2 fwd | learned x 2 fwd | mezo peak MiB | inference peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, rec in sorted(recs.items(), key=lambda kv: (kv[1]["config"]["precision"], kv[1]["model_params"])):
         r = rec["rows"]
-        parts.append(f"| {rec['config']['model']} | {rec['model_params'] / 1e6:.1f}M | {2 * r['inference']['median_s']:.3f} | "
+        parts.append(f"| {rec['config']['model']} | {rec['config']['precision']} | {rec['model_params'] / 1e6:.1f}M | {2 * r['inference']['median_s']:.3f} | "
                      f"{r['mezo']['median_s']:.3f} | {r['mezo']['step_over_2fwd']:.2f} | {r['learned']['step_over_2fwd']:.2f} | "
                      f"{_f(r['mezo'].get('peak_mb'), '.0f')} | {_f(r['inference'].get('peak_mb'), '.0f')} |")  # fmt: skip
     parts += ["", "## Every configuration", ""]
