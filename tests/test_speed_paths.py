@@ -50,6 +50,20 @@ def test_threaded_stream_is_the_sequential_z_bit_for_bit(workers: int) -> None:
         assert torch.equal(full, seq.full(b.param, 1234, b.index).view(-1))
 
 
+def test_the_z_ring_is_released_when_a_pass_ends() -> None:
+    """The chunk buffers exist only during a pass, so they never add to a forward's peak memory."""
+    blocks = partition(_Mixed())
+    par = ZSource(workers=2)
+    seen = 0
+    for _ in par.stream(blocks, 7):
+        seen += 1
+    assert seen > 3 and not any(par._ring.values())
+    it = par.stream(blocks, 8)
+    next(it)
+    it.close()  # abandoned mid-pass: released too
+    assert not any(par._ring.values())
+
+
 def test_an_abandoned_stream_leaves_the_next_one_correct() -> None:
     blocks = partition(_Mixed())
     par = ZSource(workers=2)
