@@ -7,7 +7,8 @@
 Each (model, task) is one `l2zo compare` (the command is printed and recorded), run with ``--jobs`` of them
 side by side, each on ``--threads`` CPU threads (two 1-thread processes use a 2-core CPU better than one
 2-thread process: a ZO step has serial parts). A compare that already finished is not re-run, so the
-script resumes after an interruption. It then reads every compare's summary.csv and writes, under --docs:
+script resumes after an interruption; asked for more ``--seeds`` than a finished compare has, it runs only the
+missing seeds into the same folder (the compare's tables then cover all of them). It then reads every compare's summary.csv and writes, under --docs:
 
 * summary.md / summary.csv: final dev loss and test accuracy (mean ± std over seeds) per model, task, optimizer;
 * the win counts of `learned` over each other optimizer across (model, task) pairs: a win is a lower mean
@@ -54,23 +55,35 @@ def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
             "--logdir", str(Path(a.out) / model_label(model) / task)]  # fmt: skip
 
 
-def done(logdir: Path) -> bool:
+def missing_seeds(logdir: Path, a: argparse.Namespace) -> list[str]:
+    """The requested seeds that some optimizer of this compare has not finished (all of them on a first run)."""
     path = logdir / "summary.csv"
-    return path.is_file() and all(r["status"] == "ok" for r in csv.DictReader(path.open()))
+    if not path.is_file() or not all(r["status"] == "ok" for r in csv.DictReader(path.open())):
+        return a.seeds.split(",")
+    labels = [opt.partition(":")[0] for opt in a.optimizers.split(",")]
+    return [k for k in a.seeds.split(",") if not all((logdir / lab / f"seed{k}" / "summary.json").is_file()
+                                                     for lab in labels)]  # fmt: skip
 
 
 def run_one(a: argparse.Namespace, model: str, task: str) -> tuple[str, float, int]:
     args = compare_args(a, model, task)
     logdir = Path(args[args.index("--logdir") + 1])
-    if done(logdir):
+    seeds = missing_seeds(logdir, a)
+    if not seeds:
         return f"{model_label(model)}/{task}: already done", 0.0, 0
+    # More seeds for a finished compare run beside its seeds (the summary covers every seed in the folder);
+    # anything else (a first run, a failed or interrupted one) starts the compare afresh.
+    added = seeds != a.seeds.split(",")
+    args[args.index("--seeds") + 1] = ",".join(seeds)
     env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     logdir.mkdir(parents=True, exist_ok=True)
-    (logdir / "command.txt").write_text(shlex.join(["l2zo", "compare", *args]) + "\n")  # what aggregate lists
+    cmd = shlex.join(["l2zo", "compare", *args]) + "\n"
+    with open(logdir / "command.txt", "a" if added else "w") as f:  # what aggregate lists
+        f.write(cmd)
     t0 = time.time()
-    with open(logdir.parent / f"{task}.log", "w") as log:
-        rc = subprocess.run([sys.executable, "-m", "l2zo.cli.main", "compare", *args, "--overwrite"], cwd=ROOT,
+    with open(logdir.parent / f"{task}.log", "a" if added else "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "l2zo.cli.main", "compare", *args, *([] if added else ["--overwrite"])], cwd=ROOT,
                             env={**_base_env(), **env}, stdout=log, stderr=subprocess.STDOUT, check=False).returncode  # fmt: skip
     return f"{model_label(model)}/{task}: exit {rc}", time.time() - t0, rc
 
