@@ -100,14 +100,18 @@ def plot_scaling(recs: dict[str, dict], path: Path) -> None:
             continue
         drawn = True
         params = [p / 1e6 for p, _ in pts]
-        axes[0].loglog(params, [r["inference"]["median_s"] * 2 for _, r in pts], "k" + style + "o", label=f"2 forwards ({prec})")
+        axes[0].loglog(
+            params, [r["inference"]["median_s"] * 2 for _, r in pts], "k" + style + "o", label=f"2 forwards ({prec})"
+        )
         for opt in ("mezo", "learned"):
             axes[0].loglog(params, [r[opt]["median_s"] for _, r in pts], style + "o", label=f"{opt} step ({prec})")
             axes[1].semilogx(params, [r[opt]["step_over_2fwd"] for _, r in pts], style + "o", label=f"{opt} ({prec})")
         axes[2].loglog(params, [max(r["inference"].get("peak_mb", 0), 1) for _, r in pts], "k" + style + "o",
                        label=f"inference ({prec})")  # fmt: skip
         for opt in ("mezo", "learned"):
-            axes[2].loglog(params, [max(r[opt].get("peak_mb", 0), 1) for _, r in pts], style + "o", label=f"{opt} ({prec})")
+            axes[2].loglog(
+                params, [max(r[opt].get("peak_mb", 0), 1) for _, r in pts], style + "o", label=f"{opt} ({prec})"
+            )
     if not drawn:
         plt.close(fig)
         return
@@ -152,6 +156,9 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
         "budget_32": f"{budget:.2f}", "budget_pass_32": f"{budget / 3:.2f}",
         "gen_rate_needed": f"{params / (budget / 3) / 1e6:.0f}", "gen_speedup_needed": f"{zpass / (budget / 3):.1f}",
         "bf16_ratio": f"{rbf['mezo']['step_over_2fwd']:.2f}",
+        "bf16_fwd_ratio": f"{rbf['inference']['median_s'] / r32['inference']['median_s']:.2f}",
+        "ns_per_number": f"{r32['z-pass-1thread']['median_s'] / params * 1e9:.1f}",
+        "two_thread_speedup": f"{r32['z-pass-1thread']['median_s'] / zpass:.1f}",
         "ring_mib": f"{(workers + 1) * Z_CHUNK * 4 / 2**20:.0f}",
         "mezo_peak_32": f"{r32['mezo'].get('peak_over_inference', float('nan')):.2f}",
         "mezo_peak_bf16": f"{rbf['mezo'].get('peak_over_inference', float('nan')):.2f}",
