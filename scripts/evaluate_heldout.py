@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--num-dev", type=int, default=64)
     ap.add_argument("--num-test", type=int, default=200)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--precision", default="bf16-mixed")
+    ap.add_argument("--precision", default="32", help="32, or bf16-mixed on a CPU or GPU with bf16 arithmetic")
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--out", default="runs/heldout")
     ap.add_argument("--docs", default="docs/results/heldout")
