@@ -138,6 +138,9 @@ def aggregate(a: argparse.Namespace) -> None:
     def num(x: str) -> float | None:
         return float(x) if x not in ("", "None", None) else None
 
+    def pm(mean: float | None, std: float | None, spec: str) -> str:  # one seed has no std: none is shown
+        return "-" if mean is None else format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
+
     title = f"# Held-out evaluation: {a.steps} steps, lr {a.lr}, batch {a.batch_size}, {a.precision}"
     lines = [title, "", "| model | task | optimizer | seeds | dev loss at step 0 | dev loss final | test acc | s/step |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -146,7 +149,7 @@ def aggregate(a: argparse.Namespace) -> None:
         )
         start = "-" if r["dev_loss_initial"] is None else f"{r['dev_loss_initial']:.4f}"
         lines.append(f"| {r['model']} | {r['task']} | {r['run']} | {r['seeds_ok']} | {start} | "
-                     f"{'-' if d is None else f'{d:.4f} ± {ds or 0:.4f}'} | {'-' if t is None else f'{t:.3f} ± {ts or 0:.3f}'} | "
+                     f"{pm(d, ds, '.4f')} | {pm(t, ts, '.3f')} | "
                      f"{float(r['time_per_step_s']):.2f} |")  # fmt: skip
     lines += ["", "## Win counts of `learned`, per model-task pair", "",
               "| against | by mean final dev loss (lower): wins / losses / ties | by mean test accuracy (higher): wins / losses / ties | pairs |",
