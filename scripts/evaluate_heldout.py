@@ -8,7 +8,8 @@ Each (model, task) is one `l2zo compare` (the command is printed and recorded), 
 side by side, each on ``--threads`` CPU threads (two 1-thread processes use a 2-core CPU better than one
 2-thread process: a ZO step has serial parts). A compare that already finished is not re-run, so the
 script resumes after an interruption; asked for more ``--seeds`` than a finished compare has, it runs only the
-missing seeds into the same folder (the compare's tables then cover all of them). It then reads every compare's summary.csv and writes, under --docs:
+missing seeds into the same folder (the compare's tables then cover all of them). It then reads every
+compare's summary.csv and writes, under --docs:
 
 * summary.md / summary.csv: final dev loss and test accuracy (mean ± std over seeds) per model, task, optimizer;
 * the win counts of `learned` over each other optimizer across (model, task) pairs: a win is a lower mean

@@ -2,8 +2,8 @@
 
 A fresh process per row, because a process's peak RSS only grows: measuring rows one after the other in one
 process would charge each row with the peaks of the rows before it. The baseline is taken once the model,
-the batch and the row (its optimizer) are built and one inference forward has run (a warm model); on CPU the peak is the OS's high-water mark of the resident
-set (VmHWM, reset through /proc/self/clear_refs so the model's loading peak does not count; glibc's mmap threshold
+the batch and the row (its optimizer) are built and one inference forward has run (a warm model); on CPU the
+peak is the OS's high-water mark of the resident set (VmHWM, reset through /proc/self/clear_refs so the model's loading peak does not count; glibc's mmap threshold
 fixed so freed buffers leave the resident set, see ``measure_in_subprocess``), on CUDA
 ``torch.cuda.max_memory_allocated``. Both are reported minus the baseline: the memory the work itself needs.
 """
