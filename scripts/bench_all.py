@@ -15,6 +15,7 @@ import json
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,8 +146,13 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
     rbf32 = recs[f"{bf16_model}-32"]["rows"] if bf16_model else {}
     on_smollm2 = bf16_model == "smollm2-135m"
 
-    def bf16_clause(value: str) -> str:  # a bf16 figure of SmolLM2 beside the fp32 one, when it was measured
-        return f" and {value} in bf16-mixed" if on_smollm2 else " (bf16-mixed on SmolLM2: not measured on this machine)"
+    def bf16_clause(figure: Callable[[], float]) -> str:
+        """SmolLM2's bf16 figure beside the fp32 one; ``figure`` is only read where that config was measured."""
+        return (
+            f" and {figure():.2f}x in bf16-mixed"
+            if on_smollm2
+            else " (bf16-mixed on SmolLM2: not measured on this machine)"
+        )
 
     params = recs["smollm2-135m-32"]["model_params"]
     step, fwd2, zpass = r32["mezo"]["median_s"], 2 * r32["inference"]["median_s"], r32["z-pass"]["median_s"]
@@ -165,7 +171,7 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
                                            "percent on each row)."),
         "zpass_32": f"{zpass:.2f}", "zpass1_32": f"{r32['z-pass-1thread']['median_s']:.2f}",
         "cached_32": f"{r32['mezo+cache-z']['step_over_2fwd']:.2f}",
-        "cached_bf16": bf16_clause(f"{rbf['mezo+cache-z']['step_over_2fwd']:.2f}x") if on_smollm2 else "",
+        "cached_bf16": bf16_clause(lambda: rbf["mezo+cache-z"]["step_over_2fwd"]),
         "cached_pass_32": f"{cached_pass:.2f}", "bandwidth_32": f"{12 * params / cached_pass / 1e9:.0f}",
         "cached_32_mib": f"{r32['mezo+cache-z'].get('peak_mb', float('nan')):.0f}",
         "budget_32": f"{budget:.2f}", "budget_pass_32": f"{budget / 3:.2f}",
@@ -177,13 +183,11 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
         "two_thread_speedup": f"{r32['z-pass-1thread']['median_s'] / zpass:.1f}",
         "ring_mib": f"{(workers + 1) * Z_CHUNK * 4 / 2**20:.0f}",
         "mezo_peak_32": f"{r32['mezo'].get('peak_over_inference', float('nan')):.2f}",
-        "mezo_peak_bf16": bf16_clause(f"{rbf.get('mezo', {}).get('peak_over_inference', float('nan')):.2f}x"),
+        "mezo_peak_bf16": bf16_clause(lambda: rbf["mezo"].get("peak_over_inference", float("nan"))),
         "inf_peak_32": f"{r32['inference'].get('peak_mb', float('nan')):.0f}",
         "fo_adam_x": f"{r32['fo-adam'].get('peak_over_inference', float('nan')):.0f}",
         "learned_over_mezo_32": f"{r32['learned']['median_s'] / step:.2f}",
-        "learned_over_mezo_bf16": bf16_clause(f"{rbf['learned']['median_s'] / rbf['mezo']['median_s']:.2f}x")
-        if on_smollm2
-        else bf16_clause(""),
+        "learned_over_mezo_bf16": bf16_clause(lambda: rbf["learned"]["median_s"] / rbf["mezo"]["median_s"]),
     }  # fmt: skip
     return v
 
