@@ -32,7 +32,7 @@ from l2zo.compare.spec import (
 from l2zo.config import FinetuneConfig
 from l2zo.errors import L2ZOError
 from l2zo.optim.registry import get_optimizer_spec, optimizer_specs
-from l2zo.utils.logs import quiet_libraries
+from l2zo.train.logs import quiet_libraries
 
 log = logging.getLogger("l2zo")
 

@@ -24,9 +24,9 @@ from l2zo.optim.registry import OptimizerSpec, build_optimizer, get_optimizer_sp
 from l2zo.tasks.base import SplitSizes, TaskData, get_task
 from l2zo.tasks.scoring import CandidateScorer
 from l2zo.train.data import TaskDataModule
+from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
-from l2zo.utils.logs import quiet_libraries
 from l2zo.utils.memory import peak_memory_mb
 
 log = logging.getLogger("l2zo")

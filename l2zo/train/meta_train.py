@@ -30,9 +30,9 @@ from l2zo.models import load_model
 from l2zo.models.tiny import SHIPPED_ROOT
 from l2zo.tasks.scoring import CandidateScorer
 from l2zo.train.finetune import load_task_data
+from l2zo.train.logs import quiet_libraries
 from l2zo.train.meta_module import MetaTask, MetaTrainModule
 from l2zo.utils.io import write_json_atomic, write_yaml_atomic
-from l2zo.utils.logs import quiet_libraries
 
 log = logging.getLogger("l2zo")
 

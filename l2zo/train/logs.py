@@ -1,4 +1,4 @@
-"""Keep library chatter out of l2zo's own output."""
+"""Keep library chatter out of l2zo's own output (here under train/: it imports Lightning)."""
 
 from __future__ import annotations
 
