@@ -9,7 +9,7 @@ side by side, each on ``--threads`` CPU threads (two 1-thread processes use a 2-
 2-thread process: a ZO step has serial parts). A compare that already finished is not re-run, so the
 script resumes after an interruption; asked for more ``--seeds`` than a finished compare has, it runs only the
 missing seeds into the same folder (the compare's tables then cover all of them). It then reads every
-compare's summary.csv and writes, under --docs:
+compare's summary.csv and writes, under --docs (:func:`l2zo.compare.heldout.write_heldout`):
 
 * summary.md / summary.csv: final dev loss and test accuracy (mean ± std over seeds) per model, task, optimizer;
 * the win counts of `learned` over each other optimizer across (model, task) pairs: a win is a lower mean
@@ -27,19 +27,16 @@ from __future__ import annotations
 import argparse
 import csv
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from l2zo.compare.heldout import compare_dir, model_label, write_heldout
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_OPTS = ("learned", "per-block-const", "learned-random")
-
-
-def model_label(model: str) -> str:
-    return Path(model).name if ("/" in model or model.startswith(".")) else model
 
 
 def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
@@ -53,7 +50,7 @@ def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
             "--steps", str(a.steps), "--seeds", a.seeds, "--batch-size", str(a.batch_size), "--eval-every",
             str(a.eval_every), "--num-dev", str(a.num_dev), "--num-test", str(a.num_test), "--max-length",
             str(a.max_length), "--precision", a.precision, "--cache-z",
-            "--logdir", str(Path(a.out) / model_label(model) / task)]  # fmt: skip
+            "--logdir", str(compare_dir(Path(a.out), model, task))]  # fmt: skip
 
 
 def missing_seeds(logdir: Path, a: argparse.Namespace) -> list[str]:
@@ -95,95 +92,11 @@ def _base_env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def initial_dev_loss(logdir: Path) -> float | None:
-    """The dev loss before the first step (the same model and dev set for every optimizer of a compare)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    for f in sorted(logdir.glob("*/seed*/events.out.tfevents.*")):
-        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        ea.Reload()
-        if "val/loss" in ea.Tags()["scalars"]:
-            first = min(ea.Scalars("val/loss"), key=lambda e: e.step)
-            if first.step == 0:
-                return first.value
-    return None
-
-
 def aggregate(a: argparse.Namespace) -> None:
-    rows = []
-    for model in a.models.split(","):
-        for task in a.tasks.split(","):
-            path = Path(a.out) / model_label(model) / task / "summary.csv"
-            if not path.is_file():
-                continue
-            start = initial_dev_loss(path.parent)
-            for r in csv.DictReader(path.open()):
-                rows.append({"model": model_label(model), "task": task, "dev_loss_initial": start, **r})
-    docs = ROOT / a.docs
-    docs.mkdir(parents=True, exist_ok=True)
-    for model in a.models.split(","):
-        for task in a.tasks.split(","):
-            for png in ("dev_loss_vs_steps.png", "test_acc.png"):
-                src = Path(a.out) / model_label(model) / task / png
-                if src.is_file():
-                    (docs / model_label(model) / task).mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, docs / model_label(model) / task / png)
-    keys = ["model", "task", "run", "status", "seeds_ok", "dev_loss_initial", "dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean",
-            "test_acc_std", "time_per_step_s"]  # fmt: skip
-    with open(docs / "summary.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (docs / "summary.csv.tmp").replace(docs / "summary.csv")
-
-    def num(x: str) -> float | None:
-        return float(x) if x not in ("", "None", None) else None
-
-    def pm(mean: float | None, std: float | None, spec: str) -> str:  # one seed has no std: none is shown
-        return "-" if mean is None else format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
-
-    title = f"# Held-out evaluation: {a.steps} steps, lr {a.lr}, batch {a.batch_size}, {a.precision}"
-    lines = [title, "", "| model | task | optimizer | seeds | dev loss at step 0 | dev loss final | test acc | s/step |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        d, ds, t, ts = (
-            num(r[k]) for k in ("dev_loss_final_mean", "dev_loss_final_std", "test_acc_mean", "test_acc_std")
-        )
-        start = "-" if r["dev_loss_initial"] is None else f"{r['dev_loss_initial']:.4f}"
-        lines.append(f"| {r['model']} | {r['task']} | {r['run']} | {r['seeds_ok']} | {start} | "
-                     f"{pm(d, ds, '.4f')} | {pm(t, ts, '.3f')} | "
-                     f"{float(r['time_per_step_s']):.2f} |")  # fmt: skip
-    lines += ["", "## Win counts of `learned`, per model-task pair", "",
-              "| against | by mean final dev loss (lower): wins / losses / ties | by mean test accuracy (higher): wins / losses / ties | pairs |",
-              "|---|---|---|---|"]  # fmt: skip
-    for other in sorted({r["run"].split("@")[0] for r in rows} - {"learned"}):
-        counts = []
-        for key, sign in (("dev_loss_final_mean", 1.0), ("test_acc_mean", -1.0)):
-            pairs: dict[tuple[str, str], dict[str, float]] = {}
-            for r in rows:
-                if num(r[key]) is not None:
-                    pairs.setdefault((r["model"], r["task"]), {})[r["run"].split("@")[0]] = float(r[key])
-            w = lo = ti = n = 0
-            for p in pairs.values():
-                if "learned" in p and other in p:
-                    diff = sign * (p["learned"] - p[other])  # < 0: learned is better
-                    w, lo, ti, n = w + (diff < -1e-6), lo + (diff > 1e-6), ti + (abs(diff) <= 1e-6), n + 1
-            counts.append((w, lo, ti, n))
-        (dw, dl, dt, n), (tw, tl, tt, _) = counts
-        lines.append(f"| {other} | {dw} / {dl} / {dt} | {tw} / {tl} / {tt} | {n} |")
-    (docs / "summary.md.tmp").write_text("\n".join(lines) + "\n")
-    (docs / "summary.md.tmp").replace(docs / "summary.md")
-    ran = [(m, t) for m in a.models.split(",") for t in a.tasks.split(",")
-           if (Path(a.out) / model_label(m) / t / "summary.csv").is_file()]  # fmt: skip
-    cmds = []
-    for m, t in ran:
-        recorded = Path(a.out) / model_label(m) / t / "command.txt"
-        cmds.append(
-            recorded.read_text().strip()
-            if recorded.is_file()
-            else shlex.join(["l2zo", "compare", *compare_args(a, m, t)])
-        )
-    (docs / "commands.txt").write_text("\n".join(cmds) + "\n")
-    print("\n".join(lines))
+    title = f"Held-out evaluation: {a.steps} steps, lr {a.lr}, batch {a.batch_size}, {a.precision}"
+    md = write_heldout(Path(a.out), ROOT / a.docs, a.models.split(","), a.tasks.split(","), title,
+                       lambda m, t: shlex.join(["l2zo", "compare", *compare_args(a, m, t)]))  # fmt: skip
+    print(md, end="")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ package's top-level subpackages and modules (``l2zo.optim``, ``l2zo.config``, ..
 from __future__ import annotations
 
 import ast
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class ImportGraph:
         """A cycle path with, per edge, the first import statement that makes it."""
         edges = self.edges()
         lines = [" -> ".join(cycle)]
-        for a, b in zip(cycle, cycle[1:]):
+        for a, b in itertools.pairwise(cycle):
             lines.append(f"  {a} -> {b}: {edges[(a, b)][0].where()}")
         return "\n".join(lines)
 

@@ -84,8 +84,8 @@ def _read_file(path: Path) -> tuple[dict[str, list[tuple[float, int, float]]], l
     return scalars, records
 
 
-def read_run(folder: Path, root: Path) -> RunRecord:
-    """Merge every events file in ``folder`` (Lightning's and the compare record's)."""
+def read_folder(folder: Path) -> tuple[dict[str, Series], list[str]]:
+    """(tag -> [(step, value)] sorted by step, record texts) merged over every events file in ``folder``."""
     merged: dict[str, dict[int, tuple[float, float]]] = {}
     texts: list[str] = []
     for path in sorted(folder.glob("events.out.tfevents.*")):
@@ -96,11 +96,16 @@ def read_run(folder: Path, root: Path) -> RunRecord:
                 old = merged.setdefault(tag, {}).get(step)
                 if old is None or wall >= old[0]:
                     merged[tag][step] = (wall, float(value))
+    return {t: sorted((s, v) for s, (_, v) in d.items()) for t, d in merged.items()}, texts
+
+
+def read_run(folder: Path, root: Path) -> RunRecord:
+    """Merge every events file in ``folder`` (Lightning's and the compare record's)."""
+    scalars, texts = read_folder(folder)
     rel = folder.relative_to(root).as_posix() if folder != root else root.name
     m = _SEED_DIR.match(folder.name)
     parent = folder.parent.relative_to(root).as_posix() if folder.parent != root else root.name
     label = parent if m else rel
-    scalars = {t: sorted((s, v) for s, (_, v) in d.items()) for t, d in merged.items()}
     optimizer = label.split("@")[0].split("/")[0]
     run = RunRecord(label=label, seed=int(m.group(1)) if m else 0, path=rel, optimizer=optimizer, base=label,
                     scalars=scalars)  # fmt: skip

@@ -64,7 +64,7 @@ def _dev_plot(path: Path, rows: list[Row], axis: str) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _acc_plot(path: Path, rows: list[Row]) -> None:
@@ -81,10 +81,10 @@ def _acc_plot(path: Path, rows: list[Row]) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("test accuracy of the final model (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_png(fig: plt.Figure, path: Path) -> None:
     """Save beside ``path`` and rename over it, so a reader never sees half a PNG."""
     tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
