@@ -4,6 +4,8 @@
 - :mod:`l2zo.compare.run`: :func:`run_compare` (checks everything first, then runs; failures are recorded).
 - :mod:`l2zo.compare.events`: runs read back from TensorBoard event files.
 - :mod:`l2zo.compare.summary`: summary.md / summary.csv / sweep.csv; :mod:`l2zo.compare.plots`: the PNGs.
+- :mod:`l2zo.compare.heldout`: many compares (model x task) gathered into one table and win counts.
+- :mod:`l2zo.compare.meta_curves`: a meta-train run's curves read back from its events, and their plot.
 """
 
 from __future__ import annotations
