@@ -12,8 +12,8 @@ import pytest
 from l2zo.cli.main import main
 from l2zo.compare.events import RunRecord, divergence_reason
 from l2zo.compare.spec import parse_optimizers, parse_sweep
-from l2zo.config import parse_scalar
 from l2zo.compare.summary import build_tables
+from l2zo.config import parse_scalar
 from l2zo.errors import L2ZOError
 
 SMALL = ["--model", "tiny", "--task", "synth-sentiment", "--num-train", "32", "--num-dev", "16", "--num-test", "16",

@@ -214,10 +214,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(model_dir: Path, tmp: Path, name: str, steps: int) -> MetaTrainConfig:
-    return build_config(MetaTrainConfig, overrides=dict(
-        model=str(model_dir), tasks=["synth-sentiment", "synth-parity"], num_train=24, num_dev=8, batch_size=4,
-        max_length=40, steps=steps, reset_every=4, checkpoint_every=3, p_teacher=0.5, outer_batch="heldout",
-        output=str(tmp / name / "artifact"), logdir=str(tmp / name / "run"), progress=False, histogram_every=2))  # fmt: skip
+    overrides = {"model": str(model_dir), "tasks": ["synth-sentiment", "synth-parity"], "num_train": 24,
+                 "num_dev": 8, "batch_size": 4, "max_length": 40, "steps": steps, "reset_every": 4,
+                 "checkpoint_every": 3, "p_teacher": 0.5, "outer_batch": "heldout", "progress": False,
+                 "output": str(tmp / name / "artifact"), "logdir": str(tmp / name / "run"), "histogram_every": 2}  # fmt: skip
+    return build_config(MetaTrainConfig, overrides=overrides)
 
 
 def _ckpt(cfg: MetaTrainConfig) -> dict:

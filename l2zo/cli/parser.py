@@ -55,7 +55,9 @@ class CommandParser(ArgumentParser):
         parser = self._parsers.get(command)
         types = parser.types if isinstance(parser, ConfigParser) else {}
         text = explain(message, types)
-        return f"{text}; see `l2zo {command} --help`" if parser is not None and text.startswith("unrecognized") else text
+        return (
+            f"{text}; see `l2zo {command} --help`" if parser is not None and text.startswith("unrecognized") else text
+        )
 
 
 def command_parser(description: str | None = None, epilog: str | None = None) -> ArgumentParser:

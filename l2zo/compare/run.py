@@ -58,7 +58,7 @@ class Plan:
         hp = dict(spec.hparams)
         artifact = hp.pop("artifact", None)
         return replace(self.base, optimizer=spec.optimizer, opt_args=hp, seed=seed,
-                       artifact=None if artifact is None else str(artifact), logdir=str(self.run_dir(spec, seed)))
+                       artifact=None if artifact is None else str(artifact), logdir=str(self.run_dir(spec, seed)))  # fmt: skip
 
 
 def hparams_that_run(fcfg: FinetuneConfig) -> dict[str, Any]:

@@ -50,14 +50,18 @@ def leaf_types(cls: type, skip: Iterable[str] = (), prefix: str = "") -> dict[st
     return out
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """The default instance of a nested config field (its factory's value; None without a factory)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def type_name(tp: Any) -> str:
     """A short name of an annotation for error messages: 'int', 'float or null', 'list of str'."""
     if tp is type(None):
         return "null"
-    choices = choices_of(tp)
-    if choices is not None and typing.get_origin(tp) is typing.Literal:
-        return "one of " + ", ".join(map(str, choices))
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple, Sequence):
@@ -99,7 +103,6 @@ class ConfigParser(ArgumentParser):
     def __init__(self, *args: Any, config: type | None = None, skip: Iterable[str] = (), **kwargs: Any) -> None:
         kwargs.setdefault("exit_on_error", False)
         super().__init__(*args, **kwargs)
-        self.config = config
         self.types: dict[str, Any] = {}
         self.flat: dict[str, str] = {}  # short name -> dotted key
         if config is None:  # a helper parser jsonargparse makes of this class
@@ -111,12 +114,18 @@ class ConfigParser(ArgumentParser):
                 raise ValueError(f"{config.__name__}: {key} and {self.flat[short]} share the short name {short!r}")
             self.flat[short] = key
         self.add_argument("--config", action=_ConfigFile, help="YAML file with the same keys as the flags (flags win)")
-        self.add_class_arguments(config, skip=set(skip), sub_configs=False)
+        nested = [f for f in dataclasses.fields(config) if _is_config(field_types(config)[f.name])]
+        self.add_class_arguments(config, skip=set(skip) | {f.name for f in nested})
+        for f in nested:  # a group of its own, so that its fields can be skipped and its defaults set per command
+            inner_skip = {k.split(".", 1)[1] for k in skip if k.startswith(f.name + ".")}
+            self.add_class_arguments(field_types(config)[f.name], f.name, default=_default(f), skip=inner_skip)
         self._add_short_names()
 
     def _add_short_names(self) -> None:
         """``--batch-size`` for ``--data.batch_size``; ``--cache-z`` / ``--no-cache-z`` switches for bools."""
         actions = self._option_string_actions
+        for group in {key.rsplit(".", 1)[0] for key in self.types if "." in key}:
+            actions["--" + group].help = f"YAML file with the {group}.* keys below"
         for key, tp in self.types.items():
             action = actions["--" + key]
             short = flag(key)
@@ -125,9 +134,8 @@ class ConfigParser(ArgumentParser):
                 actions[short] = action
             if tp is bool:  # a bare switch sets True; --flag false still works
                 action.nargs, action.const = "?", True
-                action.help = f"{action.help}; {short.replace('--', '--no-', 1)} sets false"
-                self.add_argument(short.replace("--", "--no-", 1), dest=key, action="store_const", const=False,
-                                  default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
+                action.container.add_argument(short.replace("--", "--no-", 1), dest=key, action="store_const",
+                                              const=False, default=argparse.SUPPRESS, help=f"set {short} false")  # fmt: skip
 
     def normalize(self, data: dict[str, Any], what: str = "config") -> dict[str, Any]:
         """Flat or nested keys, dashed or not, as the nested mapping jsonargparse reads; unknown keys fail."""
@@ -138,7 +146,9 @@ class ConfigParser(ArgumentParser):
                 key = prefix + key_name(raw)
                 if any(k.startswith(key + ".") for k in self.types):
                     if not isinstance(value, dict):
-                        raise L2ZOError(f"{what} key {key!r} must be a mapping of its keys, e.g. {key}: {{model: tiny}}")
+                        raise L2ZOError(
+                            f"{what} key {key!r} must be a mapping of its keys, e.g. {key}: {{model: tiny}}"
+                        )
                     visit(value, key + ".")
                     continue
                 dotted = key if key in self.types else self.flat.get(key) if not prefix else None
@@ -159,13 +169,6 @@ class ConfigParser(ArgumentParser):
             node[leaf] = value
         return nested
 
-    def parse_checked(self, args: Sequence[str]) -> Namespace:
-        """``parse_args`` with flags after ``--config`` whatever their order, and one-line errors."""
-        try:
-            return self.parse_args(config_first(args))
-        except argparse.ArgumentError as exc:
-            raise L2ZOError(explain(str(exc), self.types)) from None
-
 
 def from_namespace(cls: type[C], ns: Namespace, default: Any = None) -> C:
     """The config dataclass ``cls`` out of a parsed namespace (its own checks run in ``__post_init__``).
@@ -178,8 +181,7 @@ def from_namespace(cls: type[C], ns: Namespace, default: Any = None) -> C:
             continue
         tp = field_types(cls)[f.name]
         if _is_config(tp):
-            sub_default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            values[f.name] = from_namespace(tp, ns[f.name], sub_default)
+            values[f.name] = from_namespace(tp, ns[f.name], _default(f))
         else:
             values[f.name] = ns[f.name]
     return dataclasses.replace(default, **values) if default is not None else cls(**values)
@@ -204,8 +206,8 @@ def config_first(args: Sequence[str]) -> list[str]:
 def build_config(cls: type[C], file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
     """Defaults, then the YAML ``file``, then ``overrides`` (flat or nested keys): for Python callers and tests."""
     parser = config_parser(cls)
-    ns = parser.parse_checked(["--config", str(file)] if file is not None else [])
     try:
+        ns = parser.parse_args(["--config", str(file)] if file is not None else [])
         ns = parser.parse_object(parser.normalize(overrides or {}, "override"), namespace=ns)
     except argparse.ArgumentError as exc:
         raise L2ZOError(explain(str(exc), parser.types)) from None

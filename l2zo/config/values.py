@@ -29,7 +29,7 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text (raises ``yaml.YAMLError``)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:

@@ -131,4 +131,3 @@ class MetaTrainConfig:
         else:
             label = f"unrolled-K{self.unroll_steps}" + ("-dg" if self.differentiable_g else "")
         return label + ("-heldout" if self.outer_batch == "heldout" else "")
-

@@ -55,7 +55,12 @@ def optimizer_hparams(cfg: FinetuneConfig, spec: OptimizerSpec) -> dict[str, Any
     hp: dict[str, Any] = {k: getattr(cfg, k) for k in ("lr", "eps", "weight_decay") if getattr(cfg, k) is not None}
     hp.update(cfg.opt_args)
     allowed = spec.hyperparameters()
-    for key, value in (("seed", cfg.seed), ("include", cfg.include), ("exclude", cfg.exclude), ("artifact", cfg.artifact)):
+    for key, value in (
+        ("seed", cfg.seed),
+        ("include", cfg.include),
+        ("exclude", cfg.exclude),
+        ("artifact", cfg.artifact),
+    ):
         if value is not None and key in allowed and key not in hp:
             hp[key] = value
     if cfg.artifact is not None and "artifact" not in allowed:
