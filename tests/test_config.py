@@ -11,7 +11,7 @@ import yaml
 
 from l2zo.cli.main import build_parser, main
 from l2zo.compare.spec import CompareConfig, parse_optimizers
-from l2zo.config import DataArgs, FinetuneConfig, parse_scalar
+from l2zo.config import DataArgs, FinetuneConfig, config_to_dict, parse_scalar
 from l2zo.config.checks import field_types
 from l2zo.config.parser import build_config, from_namespace
 from l2zo.errors import L2ZOError
@@ -112,6 +112,13 @@ def test_data_args_are_one_nested_config_reused_by_every_command(tmp_path):
     assert build_config(CompareConfig).data.num_train == 1000 and build_config(FinetuneConfig).data.num_train is None
     with pytest.raises(L2ZOError, match="unknown override key 'task'"):
         build_config(MetaTrainConfig, overrides={"task": "sst2"})
+
+
+@pytest.mark.parametrize("cls", [FinetuneConfig, CompareConfig, MetaTrainConfig])
+def test_a_runs_config_yaml_reads_back(tmp_path, cls):
+    cfg = build_config(cls, overrides={"model": "tiny-derived", "batch_size": 4, "steps": 7})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert build_config(cls, tmp_path / "config.yaml") == cfg
 
 
 def test_meta_config_yaml_loads_in_both_layouts(tmp_path):

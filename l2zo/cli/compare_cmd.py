@@ -31,7 +31,7 @@ def register(cli: CommandParser) -> None:
 
     r = command_parser(description=REPORT_HELP)
     r.add_argument("logdir", type=str, help="experiment folder (runs in <logdir>/<run>/seed<k>/)")
-    r.add_argument("--select", type=str, choices=("final", "best"), default=None,
+    r.add_argument("--select", choices=("final", "best"), default=None,
                    help="sweep selection on the final or best dev loss (default: what the compare used)")  # fmt: skip
     cli.add_command("report", r, run_report, help=REPORT_HELP)
 

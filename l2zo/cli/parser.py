@@ -60,6 +60,6 @@ class CommandParser(ArgumentParser):
         )
 
 
-def command_parser(description: str | None = None, epilog: str | None = None) -> ArgumentParser:
+def command_parser(description: str) -> ArgumentParser:
     """A plain subcommand parser (the commands without a config dataclass)."""
-    return ArgumentParser(description=description, epilog=epilog, exit_on_error=False)
+    return ArgumentParser(description=description, exit_on_error=False)

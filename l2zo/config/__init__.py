@@ -16,8 +16,16 @@ from l2zo.config.values import parse_kv, parse_pair, parse_scalar, read_yaml_map
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain YAML-able data (nested configs as nested mappings)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain YAML-able data that its command's ``--config`` reads back (nested configs nested;
+    the fields the command leaves out, ``cli_skip``, left out here too)."""
+    out = dataclasses.asdict(cfg)
+    for key in getattr(type(cfg), "cli_skip", ()):
+        *groups, leaf = key.split(".")
+        node = out
+        for group in groups:
+            node = node[group]
+        del node[leaf]
+    return out
 
 
 __all__ = [
