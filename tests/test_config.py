@@ -144,6 +144,15 @@ def test_flags_old_and_new_names_and_switches(tmp_path):
     assert not cfg.progress and cfg.cache_z and cfg.save_model and cfg.include == ["a", "b"]
     cfg = _parse("--config", str(cfg_file), "--progress", "--no-cache-z", "--save-model", "false")
     assert cfg.progress and not cfg.cache_z and not cfg.save_model
+    (tmp_path / "data.yaml").write_text("batch_size: 3\nmodel: tiny-derived\n")  # --data FILE: the data.* keys
+    assert _parse("--data", str(tmp_path / "data.yaml")).data == DataArgs(model="tiny-derived", batch_size=3)
+
+
+def test_a_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    (tmp_path / "data.yaml").write_bytes(b"model: caf\xe9\n")
+    assert main(["finetune", "--data", str(tmp_path / "data.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == "l2zo: error: a file on the command line is not UTF-8 text (invalid continuation byte at offset 10)\n"
 
 
 @pytest.mark.parametrize(

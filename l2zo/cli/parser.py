@@ -46,6 +46,10 @@ class CommandParser(ArgumentParser):
             ns = super().parse_args(argv, namespace, **kwargs)
         except argparse.ArgumentError as exc:
             raise L2ZOError(self._explain(str(exc), argv)) from None
+        except UnicodeDecodeError as exc:  # a file jsonargparse reads itself (e.g. --data FILE)
+            raise L2ZOError(
+                f"a file on the command line is not UTF-8 text ({exc.reason} at offset {exc.start})"
+            ) from None
         sub = ns[ns.command]
         sub.func = self._handlers[ns.command]
         return sub
