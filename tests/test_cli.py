@@ -64,7 +64,7 @@ def test_config_file_and_flags(tmp_path):
         (["--optimizer", "adamw"], "unknown optimizer 'adamw'; valid choices:.*mezo"),
         (["--model", "no-such-model-anywhere"], "no-such-model-anywhere"),
         (["--precision", "fp8"], "bad --precision 'fp8'; valid choices: 32, bf16-mixed"),
-        (["--steps", "ten"], "bad value for steps"),
+        (["--steps", "ten"], "bad value for --steps: 'ten' is not a valid int"),
         (["--opt-args", "momentum=0.9"], "no hyperparameter 'momentum'"),
         (["--task", "sst2", "--data-dir", "/nonexistent/data"], "/nonexistent/data"),
         (["--task", "missing.yaml"], "missing.yaml"),

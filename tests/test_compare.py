@@ -11,8 +11,9 @@ import pytest
 
 from l2zo.cli.main import main
 from l2zo.compare.events import RunRecord, divergence_reason
-from l2zo.compare.spec import parse_optimizers, parse_scalar, parse_sweep
+from l2zo.compare.spec import parse_optimizers, parse_sweep
 from l2zo.compare.summary import build_tables
+from l2zo.config import parse_scalar
 from l2zo.errors import L2ZOError
 
 SMALL = ["--model", "tiny", "--task", "synth-sentiment", "--num-train", "32", "--num-dev", "16", "--num-test", "16",
@@ -178,13 +179,14 @@ def test_config_file_keys_and_flags_win(tmp_path):
     import yaml
 
     from l2zo.compare.spec import CompareConfig, load_opt_config, parse_seeds
-    from l2zo.config import build_config
+    from l2zo.config.parser import build_config
 
     cfg_file = tmp_path / "cmp.yaml"
     cfg_file.write_text(yaml.safe_dump({"optimizers": ["mezo", "zo-adam:lr=1e-4"], "seeds": [0, 1, 2], "steps": 9,
                                         "sweep": {"lr": ["1e-5", "1e-4"]}, "opt_config": {"mezo": {"lr": "1e-3"}}}))  # fmt: skip
-    cfg = build_config(CompareConfig, cfg_file, {"steps": "4", "seeds": None})
+    cfg = build_config(CompareConfig, cfg_file, {"steps": 4})
     assert cfg.steps == 4 and parse_seeds(cfg.seeds) == [0, 1, 2]
-    assert cfg.optimizers == "mezo,zo-adam:lr=1e-4"
+    assert [(s.label, s.hparams) for s in parse_optimizers(cfg.optimizers, KNOWN, {})] == [
+        ("mezo", {}), ("zo-adam", {"lr": 1e-4})]  # fmt: skip
     assert parse_sweep(cfg.sweep) == [{"lr": 1e-5}, {"lr": 1e-4}]
     assert load_opt_config(cfg.opt_config) == {"mezo": {"lr": 1e-3}}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from l2zo.config import build_config
+from l2zo.config.parser import build_config
 from l2zo.engine import ZSource, mix_seed, partition
 from l2zo.learned import NetSpec, VarianceNet, block_weights
 from l2zo.learned.meta import (
@@ -197,7 +197,7 @@ def test_plan_is_a_pure_function_of_seed_and_step() -> None:
 
 def test_tiny_yaml_is_a_valid_config() -> None:
     cfg = build_config(MetaTrainConfig, REPO / "meta_configs" / "tiny.yaml", {})
-    assert cfg.model == "tiny" and cfg.output.startswith("checkpoints/tiny/") and cfg.logdir.startswith("runs/")
+    assert cfg.data.model == "tiny" and cfg.output.startswith("checkpoints/tiny/") and cfg.logdir.startswith("runs/")
 
 
 # ------------------------------------------------------------------------------------ the Lightning pipeline
@@ -214,10 +214,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(model_dir: Path, tmp: Path, name: str, steps: int) -> MetaTrainConfig:
-    return MetaTrainConfig(model=str(model_dir), tasks=["synth-sentiment", "synth-parity"], num_train=24, num_dev=8,
-                           batch_size=4, max_length=40, steps=steps, reset_every=4, checkpoint_every=3, p_teacher=0.5,
-                           outer_batch="heldout", output=str(tmp / name / "artifact"), logdir=str(tmp / name / "run"),
-                           progress=False, histogram_every=2)  # fmt: skip
+    overrides = {"model": str(model_dir), "tasks": ["synth-sentiment", "synth-parity"], "num_train": 24,
+                 "num_dev": 8, "batch_size": 4, "max_length": 40, "steps": steps, "reset_every": 4,
+                 "checkpoint_every": 3, "p_teacher": 0.5, "outer_batch": "heldout", "progress": False,
+                 "output": str(tmp / name / "artifact"), "logdir": str(tmp / name / "run"), "histogram_every": 2}  # fmt: skip
+    return build_config(MetaTrainConfig, overrides=overrides)
 
 
 def _ckpt(cfg: MetaTrainConfig) -> dict:

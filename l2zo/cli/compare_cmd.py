@@ -3,43 +3,43 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from l2zo.compare.spec import COMPARE_HELP, CompareConfig
-from l2zo.config import add_config_arguments, build_config
+from jsonargparse import Namespace
+
+from l2zo.cli.parser import CommandParser, command_parser
+from l2zo.compare.spec import CompareConfig
+from l2zo.config.parser import config_parser, from_namespace
 from l2zo.errors import L2ZOError
 
-_NOT_CONFIG = ("command", "func", "config", "overwrite")
+COMPARE_HELP = "run several optimizers on the same batches and seeds; tables and plots"
+REPORT_HELP = "rebuild a compare's tables and plots from its TensorBoard event files"
 
 _EXAMPLE = """example:
   l2zo compare --model tiny --task synth-sentiment --optimizers mezo,zo-adam:lr=1e-4,hizoo \\
       --steps 50 --seeds 0,1 --logdir runs/cmp
   l2zo compare ... --optimizers mezo,mezo:lr=1e-4,learned=artifacts/zo --opt-config opt.yaml
   l2zo compare ... --sweep lr=1e-5,1e-4,1e-3      # each optimizer at each lr, picked on dev loss
+  l2zo compare --config cmp.yaml                  # optimizers: [{name: mezo, lr: 1e-4}, {name: zo-adam}]
   l2zo report runs/cmp                            # rebuild summary.md/.csv and PNGs from the events"""
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="run several optimizers on the same batches and seeds; tables and plots",
-                       epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags win)")
+def register(cli: CommandParser) -> None:
+    p = config_parser(CompareConfig, description=COMPARE_HELP, epilog=_EXAMPLE)
     p.add_argument("--overwrite", action="store_true", help="replace earlier runs in --logdir")
-    add_config_arguments(p, CompareConfig, COMPARE_HELP)
-    p.set_defaults(func=run_compare_cmd)
+    cli.add_command("compare", p, run_compare_cmd, help=COMPARE_HELP)
 
-    r = sub.add_parser("report", help="rebuild a compare's tables and plots from its TensorBoard event files")
-    r.add_argument("logdir", help="experiment folder (runs in <logdir>/<run>/seed<k>/)")
+    r = command_parser(description=REPORT_HELP)
+    r.add_argument("logdir", type=str, help="experiment folder (runs in <logdir>/<run>/seed<k>/)")
     r.add_argument("--select", choices=("final", "best"), default=None,
                    help="sweep selection on the final or best dev loss (default: what the compare used)")  # fmt: skip
-    r.set_defaults(func=run_report)
+    cli.add_command("report", r, run_report, help=REPORT_HELP)
 
 
-def run_compare_cmd(args: argparse.Namespace) -> int:
+def run_compare_cmd(args: Namespace) -> int:
     from l2zo.compare.run import run_compare
 
-    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    cfg = build_config(CompareConfig, args.config, overrides)
+    cfg = from_namespace(CompareConfig, args)
     report = run_compare(cfg, overwrite=args.overwrite)
     print_report(report, Path(cfg.logdir))
     failed = sum(r["status"] != "ok" for r in report["records"])
@@ -48,7 +48,7 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run_report(args: Namespace) -> int:
     from l2zo.compare.summary import write_report
 
     root = Path(args.logdir)

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from l2zo.cli.parser import CommandParser, command_parser
 from l2zo.compare.spec import CompareConfig
+from l2zo.config import DataArgs
 from l2zo.errors import L2ZOError
 from l2zo.tasks.synthetic import SYNTH_HELD_OUT
 
@@ -31,7 +32,7 @@ def ensure_artifact() -> Path:
         return ARTIFACT
     if not META_CONFIG.is_file():
         raise L2ZOError(f"no artifact at {ARTIFACT} and no {META_CONFIG} to meta-train one; run from a checkout")
-    from l2zo.config import build_config
+    from l2zo.config.parser import build_config
     from l2zo.learned.meta_config import MetaTrainConfig
     from l2zo.train.meta_train import run_meta_train
 
@@ -48,15 +49,11 @@ def run_demo(logdir: str = "runs/demo", steps: int = 300) -> int:
     print(f"l2zo demo: fine-tuning tiny-derived on the held-out task {task}: mezo vs learned vs learned-random")
     lr = f"lr={DEMO_LR:g}"
     cfg = CompareConfig(
-        model="tiny-derived",
-        task=task,
+        data=DataArgs(model="tiny-derived", task=task, num_train=1000, num_dev=200, num_test=300),
         optimizers=f"mezo:{lr},learned={artifact}:{lr},learned-random:{lr}",
         steps=steps,
         seeds="0",
         eval_every=max(steps // 3, 1),
-        num_train=1000,
-        num_dev=200,
-        num_test=300,
         logdir=logdir,
     )
     from l2zo.cli.compare_cmd import print_report
@@ -65,8 +62,9 @@ def run_demo(logdir: str = "runs/demo", steps: int = 300) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the quick start: learned vs MeZO on a held-out task of the embedded tiny world")
-    p.add_argument("--logdir", default="runs/demo", help="where the runs go (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps per optimizer (default: 300)")
-    p.set_defaults(func=lambda args: run_demo(logdir=args.logdir, steps=args.steps))
+def register(cli: CommandParser) -> None:
+    text = "the quick start: learned vs MeZO on a held-out task of the embedded tiny world"
+    p = command_parser(description=text)
+    p.add_argument("--logdir", type=str, default="runs/demo", help="where the runs go")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps per optimizer")
+    cli.add_command("demo", p, lambda args: run_demo(logdir=args.logdir, steps=args.steps), help=text)

@@ -7,12 +7,12 @@ steps from 1 (the released ZO Fine-tuner nets change markedly with the loss leve
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from typing import Any
 
 import torch
 
+from l2zo.cli.parser import CommandParser, command_parser
 from l2zo.engine.blocks import block_kind
 
 LOSS_LEVELS: tuple[float, ...] = (0.0, 0.7, 2.0)
@@ -96,7 +96,8 @@ def run_inspect(path: str) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="summarise a learned-optimizer artifact and its sigma per block kind")
-    p.add_argument("dir", help="the artifact folder (with l2zo_artifact.json)")
-    p.set_defaults(func=lambda args: run_inspect(args.dir))
+def register(cli: CommandParser) -> None:
+    text = "summarise a learned-optimizer artifact and its sigma per block kind"
+    p = command_parser(description=text)
+    p.add_argument("dir", type=str, help="the artifact folder (with l2zo_artifact.json)")
+    cli.add_command("inspect", p, lambda args: run_inspect(args.dir), help=text)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
+from jsonargparse import Namespace
+
+from l2zo.cli.parser import CommandParser, command_parser
 
 
 def _print_table(rows: dict[str, str]) -> None:
@@ -11,31 +13,31 @@ def _print_table(rows: dict[str, str]) -> None:
         print(f"{name:<{width}}  {desc}")
 
 
-def _tasks(args: argparse.Namespace) -> int:
+def _tasks(args: Namespace) -> int:
     from l2zo.tasks.base import task_names
 
     _print_table({**task_names(), "<file>.yaml": "a user-defined classification task (see l2zo/tasks/custom.py)"})
     return 0
 
 
-def _optimizers(args: argparse.Namespace) -> int:
+def _optimizers(args: Namespace) -> int:
     from l2zo.optim.registry import optimizer_specs
 
     _print_table({name: spec.description for name, spec in optimizer_specs().items()})
     return 0
 
 
-def _models(args: argparse.Namespace) -> int:
+def _models(args: Namespace) -> int:
     from l2zo.models import model_aliases
 
     _print_table({**model_aliases(), "<hub id|folder|.gguf>": "any Hugging Face causal LM"})
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(cli: CommandParser) -> None:
     for name, fn, text in (
         ("tasks", _tasks, "list the tasks"),
         ("optimizers", _optimizers, "list the optimizers"),
         ("models", _models, "list the model aliases"),
     ):
-        sub.add_parser(name, help=text).set_defaults(func=fn)
+        cli.add_command(name, command_parser(description=text), fn, help=text)

@@ -5,7 +5,6 @@ User errors (``L2ZOError``) print one line and exit with status 2, without a tra
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -13,9 +12,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from l2zo.cli.parser import CommandParser
 from l2zo.errors import L2ZOError
 
-# Each module defines register(subparsers) and sets `func` on its parser(s).
+# Each module defines register(cli): it adds its command(s) with CommandParser.add_command.
 COMMANDS = (
     "l2zo.cli.finetune_cmd",
     "l2zo.cli.compare_cmd",
@@ -40,18 +40,17 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l2zo", description="Learned zeroth-order optimizers for fine-tuning LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="l2zo", description="Learned zeroth-order optimizers for fine-tuning LLMs.")
     for name in COMMANDS:
-        importlib.import_module(name).register(sub)
+        importlib.import_module(name).register(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # a bad command line is an L2ZOError too
         return int(args.func(args))
     except L2ZOError as exc:
         print(f"l2zo: error: {exc}", file=sys.stderr)

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from l2zo.compare.spec import (
 )
 from l2zo.config import FinetuneConfig
 from l2zo.errors import L2ZOError
+from l2zo.optim.hparams import optimizer_hparams
 from l2zo.optim.registry import get_optimizer_spec, optimizer_specs
+from l2zo.tasks.loading import load_task_data
 from l2zo.train.logs import quiet_libraries
 
 log = logging.getLogger("l2zo")
@@ -41,34 +43,26 @@ _RUN_FILES = ("summary.json", "config.yaml", "hparams.yaml")
 
 @dataclass
 class Plan:
-    """The checked plan: run specs (sweep expanded), seeds, and one FinetuneConfig maker."""
+    """The checked plan: run specs (sweep expanded), seeds, and the config every run starts from."""
 
     cfg: CompareConfig
     specs: list[RunSpec]
     seeds: list[int]
     sweep_points: list[dict[str, Any]]
+    base: FinetuneConfig  # the compare's data and schedule; each run sets its optimizer, seed and folder
 
     def run_dir(self, spec: RunSpec, seed: int) -> Path:
         return Path(self.cfg.logdir) / spec.label / f"seed{seed}"
 
     def finetune_config(self, spec: RunSpec, seed: int) -> FinetuneConfig:
-        c = self.cfg
         hp = dict(spec.hparams)
         artifact = hp.pop("artifact", None)
-        return FinetuneConfig(
-            model=c.model, task=c.task, data_dir=c.data_dir, optimizer=spec.optimizer, opt_args=hp,
-            artifact=None if artifact is None else str(artifact), steps=c.steps, batch_size=c.batch_size,
-            eval_every=c.eval_every, eval_batch_size=c.eval_batch_size, seed=seed, data_seed=c.data_seed,
-            num_train=c.num_train, num_dev=c.num_dev, num_test=c.num_test, max_length=c.max_length,
-            lr_schedule=c.lr_schedule, precision=c.precision, cache_z=c.cache_z, logdir=str(self.run_dir(spec, seed)),
-            device=c.device, progress=c.progress,
-        )  # fmt: skip
+        return replace(self.base, optimizer=spec.optimizer, opt_args=hp, seed=seed,
+                       artifact=None if artifact is None else str(artifact), logdir=str(self.run_dir(spec, seed)))  # fmt: skip
 
 
 def hparams_that_run(fcfg: FinetuneConfig) -> dict[str, Any]:
     """The optimizer's defaults overlaid with what the run sets (raises L2ZOError for a bad key)."""
-    from l2zo.train.finetune import optimizer_hparams
-
     spec = get_optimizer_spec(fcfg.optimizer)
     hp = {**spec.defaults, **optimizer_hparams(fcfg, spec)}
     hp.pop("seed", None)  # the run seed is a column of its own
@@ -78,12 +72,13 @@ def hparams_that_run(fcfg: FinetuneConfig) -> dict[str, Any]:
 def make_plan(cfg: CompareConfig) -> Plan:
     """Parse and check everything before any run: optimizers, hyperparameters, sweep, seeds, task, model."""
     from l2zo.models import load_model
-    from l2zo.train.finetune import load_task_data
 
     seeds = parse_seeds(cfg.seeds)
     points = parse_sweep(cfg.sweep)
-    specs = parse_optimizers(str(cfg.optimizers), list(optimizer_specs()), load_opt_config(cfg.opt_config))
-    plan = Plan(cfg=cfg, specs=expand_sweep(specs, points), seeds=seeds, sweep_points=points)
+    specs = parse_optimizers(cfg.optimizers, list(optimizer_specs()), load_opt_config(cfg.opt_config))
+    base = FinetuneConfig(data=cfg.data, steps=cfg.steps, eval_every=cfg.eval_every, lr_schedule=cfg.lr_schedule,
+                          cache_z=cfg.cache_z, progress=cfg.progress)  # fmt: skip
+    plan = Plan(cfg=cfg, specs=expand_sweep(specs, points), seeds=seeds, sweep_points=points, base=base)
     for spec in plan.specs:
         fcfg = plan.finetune_config(spec, seeds[0])
         try:
@@ -96,8 +91,8 @@ def make_plan(cfg: CompareConfig) -> Plan:
             from l2zo.learned.artifact import read_manifest
 
             read_manifest(fcfg.artifact)
-    load_task_data(plan.finetune_config(plan.specs[0], seeds[0]))  # task name, data files, split sizes
-    load_model(cfg.model)  # a wrong model name fails here, not as N failed runs
+    load_task_data(cfg.data)  # task name, data files, split sizes
+    load_model(cfg.data.model)  # a wrong model name fails here, not as N failed runs
     return plan
 
 
@@ -151,9 +146,9 @@ def run_one(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str, Any]:
         "label": spec.label, "base": spec.base, "optimizer": spec.optimizer, "sweep": spec.sweep, "seed": seed,
         "order": order, "hparams": hparams_that_run(fcfg),
         "forwards_per_step": get_optimizer_spec(spec.optimizer).forwards_per_step,
-        "config": {k: getattr(plan.cfg, k) for k in ("model", "task", "steps", "batch_size", "eval_every",
-                                                      "num_train", "num_dev", "num_test", "data_seed",
-                                                      "precision", "max_length", "lr_schedule", "select")},
+        "config": {**{k: getattr(plan.cfg.data, k) for k in ("model", "task", "batch_size", "num_train", "num_dev",
+                                                             "num_test", "data_seed", "precision", "max_length")},
+                   **{k: getattr(plan.cfg, k) for k in ("steps", "eval_every", "lr_schedule", "select")}},
     }  # fmt: skip
     _reset_peak_memory()
     t0 = time.perf_counter()

@@ -3,9 +3,11 @@
 ``--optimizers`` is a comma-separated list of items ``NAME[=ARTIFACT][:key=value[:key=value...]]``:
 ``mezo``, ``learned=DIR`` (the learned optimizer with an artifact folder), ``mezo:lr=1e-4:eps=1e-3``.
 A bare ``key=value`` item (its key not an optimizer) continues the previous item, so
-``mezo:lr=1e-4,eps=1e-3`` means the same as the colon form. ``--opt-config FILE`` maps an optimizer
-name (or a run label) to ``{key: value}``; items on the list win over the file. The same optimizer may
-appear more than once; its runs are then labelled by what differs (``mezo@lr=1e-05``).
+``mezo:lr=1e-4,eps=1e-3`` means the same as the colon form. In YAML, ``optimizers`` may also be a list
+whose entries are such strings or mappings ``{name: mezo, lr: 1e-4}`` (``artifact: DIR`` for learned).
+``--opt-config FILE`` maps an optimizer name (or a run label) to ``{key: value}``; items on the list win
+over the file. The same optimizer may appear more than once; its runs are then labelled by what differs
+(``mezo@lr=1e-05``). Values are read by ``l2zo.config.parse_scalar``, as ``--opt-args`` values are.
 
 Everything here is checked before any run starts: a mistake is one ``L2ZOError`` line.
 """
@@ -14,77 +16,52 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
-
-from l2zo.config import PRECISIONS, SCHEDULES, check_choice
+from l2zo.config import DataArgs, Schedule, check_fields, parse_pair, parse_scalar, read_yaml_mapping
+from l2zo.config.values import key_name
 from l2zo.errors import L2ZOError
+
+OptimizerEntry = str | dict[str, Any]
+
+
+def _compare_data() -> DataArgs:
+    return DataArgs(task="synth-sentiment", num_train=1000, num_test=1000)
 
 
 @dataclasses.dataclass
 class CompareConfig:
-    """The keys of ``l2zo compare`` (flags, or the same keys in ``--config FILE``)."""
+    """Comparison of optimizers"""
 
-    model: str = "tiny"
-    task: str = "synth-sentiment"
-    data_dir: str | None = None
-    optimizers: str | list[str] = "mezo"
-    opt_config: str | dict[str, Any] | None = None
+    data: DataArgs = dataclasses.field(default_factory=_compare_data)
+    """the model and the data, the same for every run"""
+    optimizers: list[OptimizerEntry] | str = "mezo"
+    """comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat); in YAML also a list of
+    such strings or of {name: NAME, key: value, ...} mappings"""
+    opt_config: dict[str, Any] | str | None = None
+    """YAML file (or, in --config, a mapping): optimizer (or run label) -> {key: value}"""
     steps: int = 200
-    seeds: str | list[int] | int = "0"
+    """optimizer steps per run"""
+    seeds: list[int] | int | str = "0"
+    """run seeds, e.g. 0,1,2 (batch order and z); every optimizer gets each seed"""
     logdir: str = "runs/compare"
-    sweep: str | dict[str, Any] | None = None
-    select: str = "final"
-    batch_size: int = 16
+    """experiment folder: runs go to LOGDIR/<run>/seed<k>/, tables and plots to LOGDIR"""
+    sweep: dict[str, Any] | str | None = None
+    """KEY=v1,v2,... (e.g. lr=1e-7,1e-6,1e-5; several keys: 'lr=..;eps=..'): run each point, pick on dev"""
+    select: Literal["final", "best"] = "final"
+    """sweep selection: 'final' or 'best' dev loss (mean over seeds); never test"""
     eval_every: int = 100
-    eval_batch_size: int = 32
-    data_seed: int = 0
-    num_train: int = 1000
-    num_dev: int | None = None
-    num_test: int = 1000
-    max_length: int = 256
-    lr_schedule: str = "constant"
-    precision: str = "32"
+    """evaluate on dev every N steps (resolution of the dev curves)"""
+    lr_schedule: Schedule = "constant"
+    """constant, or linear (decay to 0)"""
     cache_z: bool = False
-    device: str = "auto"
+    """ZO runs draw z once per step into one parameter-sized copy (same parameters, faster on few cores)"""
     progress: bool = False
+    """show a progress bar per run"""
 
     def __post_init__(self) -> None:
-        check_choice("select", self.select, ("final", "best"))
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
-        if isinstance(self.optimizers, list):  # YAML list form
-            self.optimizers = ",".join(str(x) for x in self.optimizers)
-
-
-COMPARE_HELP: dict[str, str] = {
-    "model": "model for every run (tiny, a hub id, a folder ...)",
-    "task": "task for every run (see `l2zo tasks`)",
-    "data_dir": "local data root (default: the Hugging Face hub)",
-    "optimizers": "comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat)",
-    "opt_config": "YAML file: optimizer (or run label) -> {key: value}",
-    "steps": "optimizer steps per run",
-    "seeds": "run seeds, e.g. 0,1,2 (batch order and z); every optimizer gets each seed",
-    "logdir": "experiment folder: runs go to LOGDIR/<run>/seed<k>/, tables and plots to LOGDIR",
-    "sweep": "KEY=v1,v2,... (e.g. lr=1e-7,1e-6,1e-5; several keys: 'lr=..;eps=..'): run each point, pick on dev",
-    "select": "sweep selection: 'final' or 'best' dev loss (mean over seeds); never test",
-    "batch_size": "training examples per step",
-    "eval_every": "evaluate on dev every N steps (resolution of the dev curves)",
-    "eval_batch_size": "examples per evaluation batch",
-    "data_seed": "seed of the train/dev/test sampling (the same for every run)",
-    "num_train": "training examples sampled",
-    "num_dev": "dev examples (default: the task's)",
-    "num_test": "test examples, at most",
-    "max_length": "max tokens per (prompt, candidate) sequence",
-    "lr_schedule": "constant or linear",
-    "precision": "32 or bf16-mixed",
-    "cache_z": "ZO runs draw z once per step into one parameter-sized copy (same parameters, faster on few cores)",
-    "device": "auto, cpu or cuda",
-    "progress": "show a progress bar per run",
-}
+        check_fields(self, positive=("steps", "eval_every"))
 
 
 @dataclasses.dataclass
@@ -104,21 +81,6 @@ class RunSpec:
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     base: str = ""
     sweep: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def parse_scalar(text: str) -> Any:
-    """'1e-4' -> 1e-4 (PyYAML reads it as a string), '3' -> 3, 'true' -> True, 'x' -> 'x'."""
-    text = text.strip()
-    for cast in (int, float):
-        try:
-            value = cast(text)
-        except ValueError:
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            break
-        return value
-    value = yaml.safe_load(text) if text else ""
-    return text if isinstance(value, (dict, list)) or value is None else value
 
 
 def fmt_value(value: Any) -> str:
@@ -152,15 +114,15 @@ def parse_sweep(value: str | dict[str, Any] | None) -> list[dict[str, Any]]:
     if value is None or value == "":
         return []
     if isinstance(value, dict):
-        axes = {str(k): v if isinstance(v, list) else [v] for k, v in value.items()}
-        axes = {k: [parse_scalar(str(x)) for x in vs] for k, vs in axes.items()}
+        axes = {key_name(k): v if isinstance(v, list) else [v] for k, v in value.items()}
+        axes = {k: [parse_scalar(x) if isinstance(x, str) else x for x in vs] for k, vs in axes.items()}
     else:
         axes = {}
         for part in filter(None, (p.strip() for p in value.split(";"))):
             if "=" not in part:
                 raise L2ZOError(f"bad --sweep {value!r}: expected KEY=v1,v2,... (e.g. lr=1e-7,1e-6,1e-5)")
             key, values = part.split("=", 1)
-            axes[key.strip().replace("-", "_")] = [parse_scalar(v) for v in values.split(",") if v.strip()]
+            axes[key_name(key)] = [parse_scalar(v) for v in values.split(",") if v.strip()]
     for key, values in axes.items():
         if not values:
             raise L2ZOError(f"bad --sweep: no values for {key!r}")
@@ -173,21 +135,15 @@ def load_opt_config(value: str | dict[str, Any] | None) -> dict[str, dict[str, A
     """The ``--opt-config`` mapping (a file name, or the mapping itself from ``--config``)."""
     if value is None:
         return {}
-    if isinstance(value, dict):
-        data: Any = value
-    else:
-        path = Path(value)
-        if not path.is_file():
-            raise L2ZOError(f"--opt-config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise L2ZOError(f"--opt-config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
+    data = value if isinstance(value, dict) else read_yaml_mapping(value, "--opt-config file")
+    if not all(isinstance(v, dict) or v is None for v in data.values()):
         raise L2ZOError("--opt-config must map optimizer names to {key: value} mappings, e.g. 'mezo: {lr: 1e-4}'")
-    # YAML 1.1 reads 1e-4 as a string; re-read scalars the way the command line does.
-    return {str(k): {str(kk).replace("-", "_"): parse_scalar(vv) if isinstance(vv, str) else vv
-                     for kk, vv in (v or {}).items()} for k, v in data.items()}  # fmt: skip
+    return {str(k): _hparams(v or {}) for k, v in data.items()}
+
+
+def _hparams(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Keys with underscores; text values read as on the command line (quoted YAML numbers included)."""
+    return {key_name(k): parse_scalar(v) if isinstance(v, str) else v for k, v in mapping.items()}
 
 
 def _parse_item(item: str) -> tuple[str, dict[str, Any]]:
@@ -200,23 +156,43 @@ def _parse_item(item: str) -> tuple[str, dict[str, Any]]:
     for pair in pairs:
         if "=" not in pair:
             raise L2ZOError(f"bad --optimizers item {item!r}: expected NAME:key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        hp[key.strip().replace("-", "_")] = parse_scalar(value)
+        hp.update([parse_pair(pair, "--optimizers")])
     return name.strip(), hp
 
 
-def parse_optimizers(text: str, known: list[str], opt_config: dict[str, dict[str, Any]]) -> list[RunSpec]:
-    """Split the ``--optimizers`` list into labelled ``RunSpec`` (hyperparameters not yet validated)."""
+def _entry_item(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A YAML entry {name: mezo, lr: 1e-4} -> ('mezo', {'lr': 1e-4})."""
+    hp = _hparams(entry)
+    name = hp.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise L2ZOError(f"--optimizers entry {entry!r} needs a name, e.g. {{name: mezo, lr: 1e-4}}")
+    if "artifact" in hp:
+        hp["artifact"] = str(hp["artifact"])
+    return name, hp
+
+
+def optimizer_items(value: list[OptimizerEntry] | str, known: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, hyperparameters) of each ``--optimizers`` item: compact strings and YAML mappings alike."""
     items: list[tuple[str, dict[str, Any]]] = []
-    for raw in filter(None, (s.strip() for s in text.split(","))):
-        head = raw.split(":")[0].split("=")[0].strip()
-        if "=" in raw and ":" not in raw and head not in known:
-            if not items:  # a continuation with nothing to continue
-                raise L2ZOError(f"bad --optimizers item {raw!r}: expected an optimizer name first")
-            key, value = raw.split("=", 1)
-            items[-1][1][key.strip().replace("-", "_")] = parse_scalar(value)
+    for entry in value if isinstance(value, list) else [value]:
+        if isinstance(entry, dict):
+            items.append(_entry_item(entry))
             continue
-        items.append(_parse_item(raw))
+        for raw in filter(None, (s.strip() for s in str(entry).split(","))):
+            head = raw.split(":")[0].split("=")[0].strip()
+            if "=" in raw and ":" not in raw and head not in known:
+                if not items:  # a continuation with nothing to continue
+                    raise L2ZOError(f"bad --optimizers item {raw!r}: expected an optimizer name first")
+                items[-1][1].update([parse_pair(raw, "--optimizers")])
+                continue
+            items.append(_parse_item(raw))
+    return items
+
+
+def parse_optimizers(value: list[OptimizerEntry] | str, known: list[str],
+                     opt_config: dict[str, dict[str, Any]]) -> list[RunSpec]:  # fmt: skip
+    """Split the ``--optimizers`` list into labelled ``RunSpec`` (hyperparameters not yet validated)."""
+    items = optimizer_items(value, known)
     if not items:
         raise L2ZOError("--optimizers is empty: name at least one, e.g. --optimizers mezo,zo-adam")
     for name, _ in items:

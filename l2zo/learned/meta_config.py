@@ -1,4 +1,4 @@
-"""``MetaTrainConfig``: every knob of ``l2zo meta-train``, read from YAML and flags by ``l2zo.config.build_config``.
+"""``MetaTrainConfig``: every knob of ``l2zo meta-train`` (flags and YAML keys via ``l2zo.config.parser``).
 
 Defaults reproduce the paper's objective (greedy one-step look-ahead on the inner batch, states from a
 first-order teacher with periodic reset) with hyperparameters that actually move the variance network on
@@ -10,96 +10,118 @@ order 1e-6 and leaves the net where it started (its released nets are barely tra
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Literal
 
-from l2zo.config import PRECISIONS, check_choice
+from l2zo.config import DataArgs, check_fields, parse_scalar, split_list
 from l2zo.errors import L2ZOError
 from l2zo.tasks.synthetic import SYNTH_META_TRAIN
 
-OBJECTIVES = ("greedy", "unrolled")
-OUTER_BATCHES = ("inner", "heldout")
-META_OPTIMIZERS = ("adam", "sgd")
-NORMALIZATIONS = ("numel", "paper", "none")
+
+def _meta_data() -> DataArgs:
+    # Meta-training reads train and dev splits only (one test example keeps the loader's checks happy).
+    return DataArgs(num_train=500, num_dev=100, num_test=1, max_length=128, device="cpu")
 
 
 @dataclasses.dataclass
 class MetaTrainConfig:
+    """Meta-training run"""
+
+    # Meta-training draws its own tasks (--tasks) and never evaluates on test.
+    cli_skip: ClassVar[tuple[str, ...]] = ("data.task", "data.num_test", "data.eval_batch_size")
+
     # -- what to meta-train on
-    model: str = "tiny"
-    tasks: list[str] = dataclasses.field(default_factory=lambda: list(SYNTH_META_TRAIN))
-    task_weights: list[float] | None = None
-    data_dir: str | None = None
-    num_train: int = 500
-    num_dev: int = 100
-    data_seed: int = 0
-    max_length: int = 128
-    batch_size: int = 16
+    data: DataArgs = dataclasses.field(default_factory=_meta_data)
+    """the base model (the artifact is keyed to its blocks) and each task's data"""
+    tasks: list[str] | str = dataclasses.field(default_factory=lambda: list(SYNTH_META_TRAIN))
+    """task family: comma-separated task names or a YAML list (default: the synth-* meta-training tasks)"""
+    task_weights: list[float] | str | None = None
+    """sampling weight per task (default: uniform)"""
     # -- the meta-objective
-    objective: str = "greedy"
+    objective: Literal["greedy", "unrolled"] = "greedy"
+    """greedy: the paper's one-step look-ahead L(theta - eta*c*g*sigma*z); unrolled: K differentiable ZO steps"""
     unroll_steps: int = 1
+    """K, the unrolled objective's number of inner ZO steps (each on its own inner batch)"""
     differentiable_g: bool = False
-    outer_batch: str = "inner"
+    """unrolled only: let the meta-gradient flow through g = (L+ - L-)/(2 eps) too (paper: detached)"""
+    outer_batch: Literal["inner", "heldout"] = "inner"
+    """inner: the outer loss on the (last) inner batch, as the paper; heldout: on a dev batch"""
     inner_lr: float = 1e-3
+    """eta_meta: the look-ahead / unrolled ZO step size, also the on-policy trajectory's ZO lr"""
     eps: float = 1e-3
-    normalization: str = "numel"
+    """ZO perturbation radius"""
+    normalization: Literal["numel", "paper", "none"] = "numel"
+    """sigma normalization: numel, paper (embedding rule; its batch size is --batch-size) or none (raw sigma, c = 1)"""
     # -- the trajectory the states come from
     p_teacher: float = 1.0
+    """probability that a trajectory step is the first-order teacher's (1: paper; 0: on-policy LearnedZO)"""
     teacher_lr: float = 0.01
+    """teacher SGD learning rate, decayed linearly to 0 within each restart period"""
     teacher_momentum: float = 0.8
+    """teacher SGD momentum (paper: 0.8)"""
     teacher_clip: float = 1.0
+    """teacher gradient-norm clip (paper: 1.0, the HF default)"""
     reset_every: int = 100
+    """meta-steps per restart period: theta goes back to the pretrained weights after each"""
     # -- the variance network and its optimizer
     hidden: int = 64
+    """variance net hidden width (paper: 64)"""
     activation: str = "tanh"
+    """variance net activation (paper: tanh)"""
     positive: str = "abs"
+    """how the net's output is made positive: abs (paper) or softplus"""
     log_scale: bool = False
+    """beyond paper: signed log1p of weight_var and the losses"""
     normalize_features: bool = False
+    """beyond paper: losses relative to the first loss, var relative to the initial var"""
     role_embedding_dim: int = 0
+    """beyond paper: >0 adds a learned embedding per block kind"""
     depth_feature: bool = False
+    """beyond paper: adds layer_index/num_layers as an input"""
     shared: bool = False
+    """beyond paper: one MLP for all blocks (use with role/depth inputs)"""
     net_seed: int = 0
-    meta_optimizer: str = "adam"
+    """seed of the variance net's initialisation"""
+    meta_optimizer: Literal["adam", "sgd"] = "adam"
+    """optimizer of the net's parameters: adam or sgd (paper: sgd, no momentum)"""
     meta_lr: float = 1e-3
+    """learning rate of the net's optimizer"""
     meta_grad_clip: float | None = None
+    """clip the meta-gradient's norm (default: no clipping)"""
     # -- the run
     steps: int = 600
+    """meta-steps"""
     seed: int = 0
+    """seed of task sampling, batches, z and the teacher/on-policy coin"""
     attn_implementation: str | None = "eager"
-    precision: str = "32"
+    """attention kernel for meta-training (eager: supports every autograd path on CPU)"""
     output: str = "checkpoints/tiny/zo-finetuner"
+    """artifact folder written at the end (e.g. checkpoints/tiny/<name>)"""
     logdir: str = "runs/meta-train/tiny"
+    """run folder: TensorBoard events, Lightning checkpoints (last.ckpt), config.yaml, summary.json"""
     checkpoint_every: int = 100
+    """save a resumable Lightning checkpoint every N meta-steps"""
     histogram_every: int = 25
-    device: str = "cpu"
+    """log sigma histograms every N meta-steps"""
     progress: bool = True
+    """show a progress bar"""
 
     def __post_init__(self) -> None:
-        check_choice("objective", self.objective, OBJECTIVES)
-        check_choice("outer_batch", self.outer_batch, OUTER_BATCHES)
-        check_choice("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
-        check_choice("normalization", self.normalization, NORMALIZATIONS)
-        check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("precision", self.precision, PRECISIONS)
+        self.tasks = split_list(self.tasks)
         if not self.tasks:
             raise L2ZOError("--tasks must name at least one task")
         if self.task_weights is not None:
-            # build_config reads lists as strings; weights are numbers.
-            try:
-                self.task_weights = [float(w) for w in self.task_weights]
-            except ValueError:
-                raise L2ZOError(f"--task-weights must be numbers, got {self.task_weights}") from None
+            weights = [parse_scalar(w) if isinstance(w, str) else w for w in split_list(self.task_weights)]
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+                raise L2ZOError(f"--task-weights must be numbers, got {self.task_weights}")
+            self.task_weights = [float(w) for w in weights]
             if len(self.task_weights) != len(self.tasks) or min(self.task_weights) < 0 or sum(self.task_weights) <= 0:
                 raise L2ZOError("--task-weights needs one non-negative weight per task, not all zero")
-        for key in ("steps", "batch_size", "num_train", "num_dev", "max_length", "unroll_steps", "reset_every",
-                    "checkpoint_every", "histogram_every", "hidden"):  # fmt: skip
-            if getattr(self, key) <= 0:
-                raise L2ZOError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        check_fields(self, positive=("steps", "unroll_steps", "reset_every", "checkpoint_every", "histogram_every",
+                                     "hidden", "inner_lr", "eps", "meta_lr", "teacher_lr"))  # fmt: skip
         if not 0.0 <= self.p_teacher <= 1.0:
             raise L2ZOError(f"--p-teacher must be in [0, 1], got {self.p_teacher}")
         if self.objective == "greedy" and (self.unroll_steps != 1 or self.differentiable_g):
             raise L2ZOError("--unroll-steps and --differentiable-g belong to --objective unrolled")
-        for key in ("inner_lr", "eps", "meta_lr", "teacher_lr"):
-            if not getattr(self, key) > 0:
-                raise L2ZOError(f"--{key.replace('_', '-')} must be > 0, got {getattr(self, key)}")
 
     @property
     def objective_name(self) -> str:
@@ -109,50 +131,3 @@ class MetaTrainConfig:
         else:
             label = f"unrolled-K{self.unroll_steps}" + ("-dg" if self.differentiable_g else "")
         return label + ("-heldout" if self.outer_batch == "heldout" else "")
-
-
-META_FIELD_HELP: dict[str, str] = {
-    "model": "base model (alias, folder, .gguf or hub id); the artifact is keyed to its blocks",
-    "tasks": "task family: comma-separated task names (default: the synth-* meta-training tasks)",
-    "task_weights": "sampling weight per task (default: uniform)",
-    "data_dir": "local data root for GLUE-style tasks (see `l2zo finetune --help`)",
-    "num_train": "training examples sampled per task (inner batches, teacher steps)",
-    "num_dev": "dev examples per task (the held-out outer batches)",
-    "data_seed": "seed of the per-task train/dev sampling",
-    "max_length": "max tokens per (prompt, candidate) sequence",
-    "batch_size": "examples per inner/outer batch; also the 'paper' normalization's batch size",
-    "objective": "greedy: the paper's one-step look-ahead L(theta - eta*c*g*sigma*z); unrolled: K differentiable ZO steps",
-    "unroll_steps": "K, the unrolled objective's number of inner ZO steps (each on its own inner batch)",
-    "differentiable_g": "unrolled only: let the meta-gradient flow through g = (L+ - L-)/(2 eps) too (paper: detached)",
-    "outer_batch": "inner: the outer loss on the (last) inner batch, as the paper; heldout: on a dev batch",
-    "inner_lr": "eta_meta: the look-ahead / unrolled ZO step size, also the on-policy trajectory's ZO lr",
-    "eps": "ZO perturbation radius",
-    "normalization": "sigma normalization: numel, paper (embedding rule) or none (raw sigma, c = 1)",
-    "p_teacher": "probability that a trajectory step is the first-order teacher's (1: paper; 0: on-policy LearnedZO)",
-    "teacher_lr": "teacher SGD learning rate, decayed linearly to 0 within each restart period",
-    "teacher_momentum": "teacher SGD momentum (paper: 0.8)",
-    "teacher_clip": "teacher gradient-norm clip (paper: 1.0, the HF default)",
-    "reset_every": "meta-steps per restart period: theta goes back to the pretrained weights after each",
-    "hidden": "variance net hidden width (paper: 64)",
-    "activation": "variance net activation (paper: tanh)",
-    "positive": "how the net's output is made positive: abs (paper) or softplus",
-    "log_scale": "beyond paper: signed log1p of weight_var and the losses",
-    "normalize_features": "beyond paper: losses relative to the first loss, var relative to the initial var",
-    "role_embedding_dim": "beyond paper: >0 adds a learned embedding per block kind",
-    "depth_feature": "beyond paper: adds layer_index/num_layers as an input",
-    "shared": "beyond paper: one MLP for all blocks (use with role/depth inputs)",
-    "net_seed": "seed of the variance net's initialisation",
-    "meta_optimizer": "optimizer of the net's parameters: adam or sgd (paper: sgd, no momentum)",
-    "meta_lr": "learning rate of the net's optimizer",
-    "meta_grad_clip": "clip the meta-gradient's norm (default: no clipping)",
-    "steps": "meta-steps",
-    "seed": "seed of task sampling, batches, z and the teacher/on-policy coin",
-    "attn_implementation": "attention kernel for meta-training (eager: supports every autograd path on CPU)",
-    "output": "artifact folder written at the end (e.g. checkpoints/tiny/<name>)",
-    "logdir": "run folder: TensorBoard events, Lightning checkpoints (last.ckpt), config.yaml, summary.json",
-    "checkpoint_every": "save a resumable Lightning checkpoint every N meta-steps",
-    "histogram_every": "log sigma histograms every N meta-steps",
-    "precision": "32 (the paper) or bf16-mixed: bf16 autocast over fp32 weights and net, losses in fp32 (~3x faster on CPU)",
-    "device": "auto, cpu or cuda",
-    "progress": "show a progress bar",
-}

@@ -20,8 +20,9 @@ from l2zo.config import FinetuneConfig, config_to_dict
 from l2zo.errors import L2ZOError
 from l2zo.models import load_model
 from l2zo.optim.base import ZOOptimizer
-from l2zo.optim.registry import OptimizerSpec, build_optimizer, get_optimizer_spec
-from l2zo.tasks.base import SplitSizes, TaskData, get_task
+from l2zo.optim.hparams import optimizer_hparams
+from l2zo.optim.registry import build_optimizer, get_optimizer_spec
+from l2zo.tasks.loading import load_task_data
 from l2zo.tasks.scoring import CandidateScorer
 from l2zo.train.data import TaskDataModule
 from l2zo.train.logs import quiet_libraries
@@ -34,38 +35,6 @@ log = logging.getLogger("l2zo")
 _RUN_FILES = ("summary.json", "config.yaml", "hparams.yaml")
 
 
-def optimizer_hparams(cfg: FinetuneConfig, spec: OptimizerSpec) -> dict[str, Any]:
-    """The hyperparameters to pass to the optimizer: explicit flags, opt_args, seed and block patterns."""
-    hp: dict[str, Any] = {k: getattr(cfg, k) for k in ("lr", "eps", "weight_decay") if getattr(cfg, k) is not None}
-    hp.update(cfg.opt_args)
-    allowed = spec.hyperparameters()
-    for key, value in (("seed", cfg.seed), ("include", cfg.include), ("exclude", cfg.exclude), ("artifact", cfg.artifact)):
-        if value is not None and key in allowed and key not in hp:
-            hp[key] = value
-    if cfg.artifact is not None and "artifact" not in allowed:
-        raise L2ZOError(f"--artifact is only for learned optimizers; {spec.name!r} takes none")
-    bad = sorted(set(hp) - set(allowed))
-    if bad:
-        raise L2ZOError(
-            f"optimizer {spec.name!r} has no hyperparameter {', '.join(map(repr, bad))}; valid: {', '.join(allowed)}"
-        )
-    return hp
-
-
-def load_task_data(cfg: FinetuneConfig) -> tuple[Any, TaskData]:
-    task = get_task(cfg.task)
-    # Task defaults (MeZO's 1000/500/1000, or a YAML task's own sizes), overridden by the flags.
-    default = task.default_sizes
-    sizes = SplitSizes(
-        train=cfg.num_train or default.train, dev=cfg.num_dev or default.dev, test=cfg.num_test or default.test
-    )
-    data = task.load(Path(cfg.data_dir) if cfg.data_dir else None, sizes, cfg.data_seed)
-    for split in ("train", "dev", "test"):
-        if not getattr(data, split):
-            raise L2ZOError(f"task {task.name!r} has an empty {split} split; check the data files or the split sizes")
-    return task, data
-
-
 def _prepare_logdir(logdir: Path, overwrite: bool) -> None:
     old = list(logdir.glob("events.out.tfevents.*")) + [logdir / f for f in _RUN_FILES if (logdir / f).exists()]
     if old and not overwrite:
@@ -76,11 +45,11 @@ def _prepare_logdir(logdir: Path, overwrite: bool) -> None:
 
 
 def make_trainer(cfg: FinetuneConfig, logger: TensorBoardLogger | bool) -> L.Trainer:
-    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.device]
+    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.data.device]
     return L.Trainer(
         accelerator=accelerator,
         devices=1,
-        precision=cfg.precision,
+        precision=cfg.data.precision,
         max_steps=cfg.steps,
         max_epochs=-1,
         val_check_interval=min(cfg.eval_every, cfg.steps),
@@ -114,12 +83,12 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
     quiet_libraries()
     spec = get_optimizer_spec(cfg.optimizer)
     hp = optimizer_hparams(cfg, spec)
-    task, data = load_task_data(cfg)
+    task, data = load_task_data(cfg.data)
     logdir = Path(cfg.logdir)
     _prepare_logdir(logdir, overwrite)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.data.model)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
-    scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.max_length)
+    scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.data.max_length)
     module = FinetuneModule(
         model=loaded.model,
         scorer=scorer,
@@ -130,13 +99,13 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         lr_schedule=cfg.lr_schedule,
         total_steps=cfg.steps,
     )
-    dm = TaskDataModule(data, scorer, cfg.batch_size, cfg.eval_batch_size, cfg.seed)
+    dm = TaskDataModule(data, scorer, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
     write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
     trainer = make_trainer(cfg, logger)
     summary: dict[str, Any] = {
         "status": "running",
-        "model": cfg.model,
+        "model": cfg.data.model,
         "model_name_or_path": loaded.name_or_path,
         "model_revision": loaded.revision,
         "task": task.name,
@@ -146,9 +115,9 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         "optimizer": cfg.optimizer,
         "hparams": {k: v for k, v in {**spec.defaults, **hp}.items()},
         "steps": cfg.steps,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
-        "precision": cfg.precision,
+        "precision": cfg.data.precision,
         "forwards_per_step": spec.forwards_per_step,
     }
     t_start = time.perf_counter()

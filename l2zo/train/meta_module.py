@@ -81,7 +81,7 @@ class MetaTrainModule(L.LightningModule):
         if net.block_names != [b.name for b in self.blocks]:
             raise L2ZOError("the variance net was built for other blocks than the model's trainable parameters")
         self.pretrained = PretrainedCopy(self.blocks)  # taken before any checkpoint is restored
-        n = block_weights(self.blocks, cfg.normalization, model=model, batch_size=cfg.batch_size)
+        n = block_weights(self.blocks, cfg.normalization, model=model, batch_size=cfg.data.batch_size)
         self.norm = SigmaNorm(n, cfg.normalization)
         self.states: dict[str, TaskState] = {t.name: TaskState() for t in self.tasks}
         self.teacher = make_teacher(self.blocks, cfg.teacher_lr, cfg.teacher_momentum)
@@ -113,7 +113,7 @@ class MetaTrainModule(L.LightningModule):
         t0 = time.perf_counter()
         cfg, step = self.cfg, int(self.global_step)
         plan = plan_step(cfg.seed, step, sizes=[(len(t.train), len(t.dev)) for t in self.tasks],
-                         weights=cfg.task_weights, batch_size=cfg.batch_size, unroll=cfg.unroll_steps,
+                         weights=cfg.task_weights, batch_size=cfg.data.batch_size, unroll=cfg.unroll_steps,
                          heldout=cfg.outer_batch == "heldout", p_teacher=cfg.p_teacher)  # fmt: skip
         task = self.tasks[plan.task]
         state = self.states[task.name]
@@ -170,8 +170,8 @@ class MetaTrainModule(L.LightningModule):
         }
         if self.cfg.objective == "greedy" and self.cfg.outer_batch == "inner":
             metrics["meta/lookahead_gain"] = float(res.probe.loss) - meta_loss
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.cfg.batch_size)
-        self.log("meta_loss", meta_loss, prog_bar=True, logger=False, batch_size=self.cfg.batch_size)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
+        self.log("meta_loss", meta_loss, prog_bar=True, logger=False, batch_size=self.cfg.data.batch_size)
         if step % self.cfg.histogram_every == 0 and isinstance(self.logger, TensorBoardLogger):
             exp = self.logger.experiment
             exp.add_histogram("meta/sigma", eff.float().cpu(), step)

@@ -7,6 +7,7 @@ resumable Lightning checkpoints (checkpoints/last.ckpt) and summary.json. The ar
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import warnings
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, IterableDataset
 
-from l2zo.config import FinetuneConfig, config_to_dict
+from l2zo.config import config_to_dict
 from l2zo.engine import Block, partition
 from l2zo.errors import L2ZOError
 from l2zo.learned.artifact import save_artifact
@@ -28,8 +29,8 @@ from l2zo.learned.meta_config import MetaTrainConfig
 from l2zo.learned.net import NetSpec, VarianceNet
 from l2zo.models import load_model
 from l2zo.models.tiny import SHIPPED_ROOT
+from l2zo.tasks.loading import load_task_data
 from l2zo.tasks.scoring import CandidateScorer
-from l2zo.train.finetune import load_task_data
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.meta_module import MetaTask, MetaTrainModule
 from l2zo.utils.io import write_json_atomic, write_yaml_atomic
@@ -51,9 +52,7 @@ def load_meta_tasks(cfg: MetaTrainConfig) -> list[MetaTask]:
     """Every task of the family with ``num_train`` train and ``num_dev`` dev examples (the finetune loader)."""
     tasks = []
     for name in cfg.tasks:
-        fcfg = FinetuneConfig(task=name, data_dir=cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
-                              num_test=1, data_seed=cfg.data_seed)  # fmt: skip
-        task, data = load_task_data(fcfg)
+        task, data = load_task_data(dataclasses.replace(cfg.data, task=name))
         tasks.append(MetaTask(task.name, task.loss_kind, data.train, data.dev))
     if len({t.name for t in tasks}) != len(tasks):
         raise L2ZOError(f"--tasks names a task twice: {cfg.tasks}")
@@ -98,9 +97,9 @@ def make_meta_trainer(cfg: MetaTrainConfig, logdir: Path, logger: TensorBoardLog
     ckpt = ModelCheckpoint(dirpath=logdir / CHECKPOINT_DIR, filename="{step}", every_n_train_steps=cfg.checkpoint_every,
                            save_top_k=1, save_last=True, save_on_train_epoch_end=False)  # fmt: skip
     return L.Trainer(
-        accelerator={"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.device],
+        accelerator={"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.data.device],
         devices=1,
-        precision=cfg.precision,  # "32" as the paper; bf16-mixed keeps fp32 master weights, net and losses
+        precision=cfg.data.precision,  # "32" as the paper; bf16-mixed keeps fp32 master weights, net and losses
         max_steps=cfg.steps,
         max_epochs=-1,
         limit_val_batches=0,
@@ -118,10 +117,10 @@ def run_meta_train(cfg: MetaTrainConfig, *, resume: str | None = None, overwrite
     quiet_libraries()
     logdir = _prepare_run(cfg, resume, overwrite)
     tasks = load_meta_tasks(cfg)
-    loaded = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    loaded = load_model(cfg.data.model, attn_implementation=cfg.attn_implementation)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     blocks = partition(loaded.model)
-    module = MetaTrainModule(loaded.model, build_net(cfg, blocks), CandidateScorer(loaded.tokenizer, cfg.max_length), tasks, cfg)
+    module = MetaTrainModule(loaded.model, build_net(cfg, blocks), CandidateScorer(loaded.tokenizer, cfg.data.max_length), tasks, cfg)
     write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
     trainer = make_meta_trainer(cfg, logdir, logger)
@@ -146,9 +145,9 @@ def run_meta_train(cfg: MetaTrainConfig, *, resume: str | None = None, overwrite
     }
     path = save_artifact(
         cfg.output, module.net, module.blocks,
-        base_model={"name": cfg.model, "revision": loaded.revision, "name_or_path": loaded.name_or_path},
+        base_model={"name": cfg.data.model, "revision": loaded.revision, "name_or_path": loaded.name_or_path},
         meta_config=config_to_dict(cfg), meta_record=record,
-        normalization={"rule": cfg.normalization, "batch_size": cfg.batch_size},
+        normalization={"rule": cfg.normalization, "batch_size": cfg.data.batch_size},
         sigma=sigma, model=loaded.model, overwrite=overwrite,
     )  # fmt: skip
     write_json_atomic(logdir / "summary.json", {**record, "artifact": str(path), "meta_loss_history": module.history})

@@ -1,0 +1,58 @@
+"""``FinetuneConfig``: every knob of ``l2zo finetune`` (and of each run of ``l2zo compare``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from l2zo.config.checks import Schedule, check_fields
+from l2zo.config.data import DataArgs
+from l2zo.config.values import parse_kv, split_list
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Fine-tuning run"""
+
+    data: DataArgs = dataclasses.field(default_factory=DataArgs)
+    """the model and the data"""
+    optimizer: str = "mezo"
+    """optimizer name (see `l2zo optimizers`)"""
+    lr: float | None = None
+    """learning rate (default: the optimizer's published default)"""
+    eps: float | None = None
+    """ZO perturbation radius (default: the optimizer's)"""
+    weight_decay: float | None = None
+    """weight decay on matrices (not biases or norm gains)"""
+    opt_args: dict[str, Any] | str = dataclasses.field(default_factory=dict)
+    """other optimizer hyperparameters: key=value[,key=value] or a YAML mapping"""
+    artifact: str | None = None
+    """learned-optimizer artifact folder (for --optimizer learned)"""
+    steps: int = 200
+    """optimizer steps"""
+    eval_every: int = 100
+    """evaluate on dev every N steps"""
+    seed: int = 0
+    """training seed: z seeds and batch order"""
+    lr_schedule: Schedule = "constant"
+    """constant, or linear (decay to 0)"""
+    cache_z: bool = False
+    """ZO optimizers draw z once per step and keep it (one parameter-sized copy): same parameters, fewer
+    regenerations (see BENCHMARKS.md)"""
+    logdir: str = "runs/finetune"
+    """run folder: TensorBoard events, config.yaml, summary.json"""
+    save_model: bool = False
+    """save the fine-tuned model into LOGDIR/model"""
+    include: list[str] | str | None = None
+    """regexes (comma-separated or a YAML list): train only parameters whose names match"""
+    exclude: list[str] | str | None = None
+    """regexes (comma-separated or a YAML list): freeze parameters whose names match"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.opt_args, str):
+            self.opt_args = parse_kv(self.opt_args, "--opt-args")
+        self.include = None if self.include is None else split_list(self.include)
+        self.exclude = None if self.exclude is None else split_list(self.exclude)
+        check_fields(self, positive=("steps", "eval_every"))
