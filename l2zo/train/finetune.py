@@ -129,6 +129,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         forwards_per_step=spec.forwards_per_step,
         lr_schedule=cfg.lr_schedule,
         total_steps=cfg.steps,
+        needs_anchor_batch=spec.needs_anchor_batch,
     )
     dm = TaskDataModule(data, scorer, cfg.batch_size, cfg.eval_batch_size, cfg.seed)
     write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
