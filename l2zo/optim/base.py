@@ -34,6 +34,7 @@ from l2zo.engine import Block, Probe, ZSource, axpby_z_, eval_mode, mix_seed, pa
 from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
 from l2zo.optim.hparams import HParams, ZOHParams, make_hparams
+from l2zo.optim.state import restore_state_dtypes
 
 LossFn = Callable[[], Tensor]
 
@@ -194,6 +195,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)  # fp32 state (moments, H, M) stays fp32 next to bf16 weights
         if zo is not None:
             self.step_count = int(zo["step_count"])
             self.seed = int(zo["seed"])

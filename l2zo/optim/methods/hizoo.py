@@ -17,7 +17,7 @@ from l2zo.errors import L2ZOError
 from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
 from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import lr_and_decay, restore_state_dtypes, state_buffer
+from l2zo.optim.state import lr_and_decay, state_buffer
 
 
 @dataclass(kw_only=True)
@@ -106,10 +106,6 @@ class HiZOO(ZOOptimizer):
             theta.add_(u, alpha=-lrs[b.index] * g)
 
         for_each_z(self.blocks, probe.seed, self.zsrc, visit)
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
 
 
 register_optimizer(

@@ -15,7 +15,7 @@ Extra cost over MeZO: one read of the weights per step (mean/var) and one tiny b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,80 +205,81 @@ class PerBlockConstHParams(ZOHParams):
     batch_size: int | None = None  # for normalization "paper"; None: the artifact's, else 16
 
 
-def build_learned(
-    model: nn.Module,
-    *,
-    artifact: str | None = None,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    **hparams: Any,
-) -> LearnedZO:
+Build = Callable[[nn.Module, Any, str | None, dict[str, Any]], ZOOptimizer]
+_NORM_DEFAULT: Mapping[str, Any] = {"rule": "numel", "batch_size": 16}  # without an artifact to say otherwise
+
+
+def learned_factory(hparams_cls: type[ZOHParams], build: Build) -> Callable[..., ZOOptimizer]:
+    """A registry factory ``(model, *, artifact, seed, include, exclude, **hparams)``: reads the hyperparameters
+    into ``hparams_cls``, then ``build(model, hp, artifact, run)``, ``run`` being the optimizer's own keyword
+    arguments (seed, include, exclude and the ZO hyperparameters lr, eps, weight_decay)."""
+
+    def factory(
+        model: nn.Module,
+        *,
+        artifact: str | None = None,
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        **hparams: Any,
+    ) -> ZOOptimizer:
+        hp = make_hparams(hparams_cls, hparams, hparams_cls.__name__)
+        run = {"seed": seed, "include": include, "exclude": exclude, **pick(hp, ZOHParams)}
+        return build(model, hp, artifact, run)
+
+    return factory
+
+
+def _normalization(rule: str | None, batch_size: int | None, recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """LearnedZO's normalization and batch_size: the ones given, else the recorded ones."""
+    return {"normalization": rule or recorded["rule"], "batch_size": int(batch_size or recorded.get("batch_size", 16))}
+
+
+def _build_learned(model: nn.Module, hp: LearnedHParams, artifact: str | None, run: dict[str, Any]) -> LearnedZO:
     """LearnedZO from an artifact folder, checked against ``model`` (normalisation from the manifest)."""
-    hp = make_hparams(LearnedHParams, hparams, "optimizer 'learned'")
     if artifact is None:
         raise L2ZOError("optimizer 'learned' needs an artifact folder: pass --artifact DIR (see `l2zo inspect DIR`)")
-    blocks = partition(model, include, exclude)
+    blocks = partition(model, run["include"], run["exclude"])
     loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(hp.partial))
-    norm = loaded.manifest["normalization"]
-    return LearnedZO(
-        model, loaded.net, normalization=norm["rule"], batch_size=int(hp.batch_size or norm.get("batch_size", 16)),
-        sigma_fallback=loaded.sigma_fallback, seed=seed, include=include, exclude=exclude, **pick(hp, ZOHParams),
-    )  # fmt: skip
+    norm = _normalization(None, hp.batch_size, loaded.manifest["normalization"])
+    return LearnedZO(model, loaded.net, sigma_fallback=loaded.sigma_fallback, **norm, **run)
 
 
-def build_learned_random(
-    model: nn.Module,
-    *,
-    artifact: str | None = None,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    **hparams: Any,
+def _build_learned_random(
+    model: nn.Module, hp: LearnedRandomHParams, artifact: str | None, run: dict[str, Any]
 ) -> LearnedZO:
     """LearnedZO with a fresh ``VarianceNet(spec, blocks, net_seed)``; spec and normalisation from ``artifact``."""
-    hp = make_hparams(LearnedRandomHParams, hparams, "optimizer 'learned-random'")
-    spec, norm = NetSpec(), {"rule": "numel", "batch_size": 16}
+    spec, recorded = NetSpec(), _NORM_DEFAULT
     if artifact is not None:
         manifest = read_manifest(artifact)
         net_d = {k: v for k, v in manifest["net"].items() if k not in ("feature_names", "num_inputs")}
-        spec, norm = NetSpec.from_dict(net_d), manifest["normalization"]
-    net = VarianceNet(spec, [b.name for b in partition(model, include, exclude)], seed=hp.net_seed)
-    return LearnedZO(
-        model, net, normalization=hp.normalization or norm["rule"],
-        batch_size=int(hp.batch_size or norm.get("batch_size", 16)),
-        seed=seed, include=include, exclude=exclude, **pick(hp, ZOHParams),
-    )  # fmt: skip
+        spec, recorded = NetSpec.from_dict(net_d), manifest["normalization"]
+    net = VarianceNet(spec, [b.name for b in partition(model, run["include"], run["exclude"])], seed=hp.net_seed)
+    return LearnedZO(model, net, **_normalization(hp.normalization, hp.batch_size, recorded), **run)
 
 
-def build_per_block_const(
-    model: nn.Module,
-    *,
-    artifact: str | None = None,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    **hparams: Any,
+def _build_per_block_const(
+    model: nn.Module, hp: PerBlockConstHParams, artifact: str | None, run: dict[str, Any]
 ) -> PerBlockConstZO:
     """PerBlockConstZO from ``sigma_by_kind``, or from an artifact's recorded ``sigma_by_kind``; default all 1."""
-    hp = make_hparams(PerBlockConstHParams, hparams, "optimizer 'per-block-const'")
-    norm: Mapping[str, Any] = {"rule": "numel", "batch_size": 16}
+    recorded = _NORM_DEFAULT
     mapping = dict(hp.sigma_by_kind or {})
     if artifact is not None:
         manifest = read_manifest(artifact)
-        norm = manifest["normalization"]
+        recorded = manifest["normalization"]
         mapping = {**manifest.get("sigma_by_kind", {}), **mapping}
     elif mapping:
-        kinds = {block_kind(b.name) for b in partition(model, include, exclude)}
+        kinds = {block_kind(b.name) for b in partition(model, run["include"], run["exclude"])}
         unknown = sorted(set(mapping) - kinds)
         if unknown:
             raise L2ZOError(f"sigma_by_kind names unknown block kinds {unknown}; this model has {sorted(kinds)}")
-    return PerBlockConstZO(
-        model, sigma_by_kind=mapping, default_sigma=hp.default_sigma, normalization=hp.normalization or norm["rule"],
-        batch_size=int(hp.batch_size or norm.get("batch_size", 16)),
-        seed=seed, include=include, exclude=exclude, **pick(hp, ZOHParams),
-    )  # fmt: skip
+    norm = _normalization(hp.normalization, hp.batch_size, recorded)
+    return PerBlockConstZO(model, sigma_by_kind=mapping, default_sigma=hp.default_sigma, **norm, **run)
 
+
+build_learned = learned_factory(LearnedHParams, _build_learned)
+build_learned_random = learned_factory(LearnedRandomHParams, _build_learned_random)
+build_per_block_const = learned_factory(PerBlockConstHParams, _build_per_block_const)
 
 _RUN_ARGS = ("artifact", "seed", "include", "exclude")
 register_optimizer(OptimizerSpec(

@@ -46,7 +46,6 @@ from l2zo.errors import L2ZOError
 from l2zo.optim.base import Measurement, ZOOptimizer
 from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import restore_state_dtypes
 
 _U_STREAM = (1 << 62) + 0x55  # never a chunk index, so U's seeds never meet z's
 _V_STREAM = (1 << 62) + 0x56
@@ -146,10 +145,6 @@ class LOZO(ZOOptimizer):
         self._apply(meas.probe.seed, self._vs, self._fresh, meas.probe.projected_grad)
         for b in self._mats:
             self.state[b.param]["V"] = self._vs[b.index]
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)  # fp32 M and m stay fp32 next to bf16 weights
 
     def _apply(self, seed: int, vs: dict[int, torch.Tensor], fresh: bool, g: float) -> None:
         """Restore theta from theta - eps u and step: d (theta_minus + eps u) - lr g u, one pass."""

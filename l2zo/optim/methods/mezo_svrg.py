@@ -47,7 +47,6 @@ from l2zo.errors import L2ZOError
 from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
 from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import restore_state_dtypes
 
 
 @dataclass(kw_only=True)
@@ -224,8 +223,7 @@ class MeZOSVRG(ZOOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         svrg = state_dict.pop("svrg", None)
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)  # a private anchor copy: it is updated in place
+        super().load_state_dict(state_dict)  # the anchor comes back as a private copy: it is updated in place
         if svrg is not None:
             self._full = None if svrg["full"] is None else (int(svrg["full"][0]), float(svrg["full"][1]))
             self.forward_counts = dict(svrg["forward_counts"])

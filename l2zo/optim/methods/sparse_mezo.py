@@ -20,7 +20,7 @@ from l2zo.errors import L2ZOError
 from l2zo.optim.base import Measurement, ZOOptimizer
 from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import lr_and_decay, restore_state_dtypes
+from l2zo.optim.state import lr_and_decay
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -136,10 +136,6 @@ class SparseMeZO(ZOOptimizer):
             theta.add_(z, alpha=-lrs[b.index] * g)
 
         for_each_z(self.blocks, meas.probe.seed, self.zsrc, visit)
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
 
 
 register_optimizer(

@@ -23,7 +23,7 @@ from l2zo.errors import L2ZOError
 from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
 from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import lr_and_decay, restore_state_dtypes, state_buffer
+from l2zo.optim.state import lr_and_decay, state_buffer
 
 
 @dataclass(kw_only=True)
@@ -63,10 +63,6 @@ class ZOSGDMomentum(ZOOptimizer):
             theta.add_(mom, alpha=-lrs[b.index])
 
         for_each_z(self.blocks, meas.probe.seed, self.zsrc, visit)
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
 
 
 @dataclass(kw_only=True)
