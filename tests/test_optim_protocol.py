@@ -27,6 +27,7 @@ from l2zo.errors import L2ZOError
 from l2zo.optim import Measurement, MeZO, NonFiniteLossError, ZOOptimizer
 from l2zo.optim.registry import build_optimizer, optimizer_specs
 from tests.helpers import Quadratic
+from tests.test_optimizer_table import BUILD_KWARGS
 
 LR, EPS, SEED = 0.05, 1e-3, 5
 
@@ -267,23 +268,9 @@ def test_unfused_update_matches_the_formula():
 
 
 # -- the registered methods ---------------------------------------------------------------------------
-def _artifact_kwargs(model: nn.Module, tmp_path: Path) -> dict:
-    from l2zo.engine import partition
-    from l2zo.learned.artifact import save_artifact
-    from l2zo.learned.net import NetSpec, VarianceNet
-
-    blocks = partition(model)
-    net = VarianceNet(NetSpec(), [b.name for b in blocks], seed=0)
-    path = save_artifact(
-        tmp_path / "artifact", net, blocks, base_model={"name": "protocol-test"}, meta_config={},
-        meta_record={}, normalization={"rule": "numel", "batch_size": 16}, overwrite=True,
-    )  # fmt: skip
-    return {"artifact": str(path)}
-
-
 def _build_registered(name: str, tmp_path: Path, **hp) -> torch.optim.Optimizer:
     model = Quadratic()
-    kwargs = _artifact_kwargs(model, tmp_path) if "artifact" in optimizer_specs()[name].run_args else {}
+    kwargs = BUILD_KWARGS[name](model, tmp_path) if name in BUILD_KWARGS else {}  # the learned artifact
     return build_optimizer(name, model, **kwargs, **hp)
 
 
