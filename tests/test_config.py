@@ -16,7 +16,7 @@ from l2zo.config.checks import field_types
 from l2zo.config.parser import build_config, from_namespace
 from l2zo.errors import L2ZOError
 from l2zo.learned.meta_config import MetaTrainConfig
-from l2zo.optim.hparams import coerce_hparams, optimizer_hparams
+from l2zo.optim.run_hparams import coerce_hparams, optimizer_hparams
 from l2zo.optim.registry import get_optimizer_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ Per-optimizer knobs (add a row when a new optimizer needs one; the fallback cove
                          with lr scaled down to keep bf16 finite).
     MIN_PROGRESS[name]   fraction of the gap L(theta_0) - L* the Quadratic run must close (default 0.5).
     BUILD_KWARGS[name]   callable(model, tmp_path) -> extra factory kwargs (e.g. an artifact folder).
-Hooks the table calls when an optimizer has them (documented methods, duck-typed):
-    ``set_anchor_loss_fn(fn)`` (mezo-svrg): given the full-batch loss of the problem.
+Capabilities the table honours (declared on the spec, as the training loop reads them):
+    ``needs_anchor_batch`` (mezo-svrg): ``set_anchor_loss_fn(fn)`` gets the full-batch loss of the problem.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def _closure(spec: OptimizerSpec, opt: torch.optim.Optimizer, loss_fn: Callable[
     return closure
 
 
-def _prepare(opt: torch.optim.Optimizer, full_loss: Callable[[], torch.Tensor]) -> None:
-    if hasattr(opt, "set_anchor_loss_fn"):
+def _prepare(spec: OptimizerSpec, opt: torch.optim.Optimizer, full_loss: Callable[[], torch.Tensor]) -> None:
+    if spec.needs_anchor_batch:
         opt.set_anchor_loss_fn(full_loss)
 
 
@@ -160,7 +160,7 @@ def test_smoke_on_tiny_llama_bf16(name: str, tmp_path: Path):
     before = {n: (p.shape, p.dtype) for n, p in model.named_parameters()}
     opt = _build(name, model, tmp_path, _lm_hparams(spec))
     ids = _ids()
-    _prepare(opt, lambda: lm_loss(model, _ids(1)))
+    _prepare(spec, opt, lambda: lm_loss(model, _ids(1)))
     for _ in range(2):
         loss = _step(spec, opt, lambda: lm_loss(model, ids))
         assert isinstance(loss, torch.Tensor) and loss.numel() == 1 and math.isfinite(float(loss.detach()))
@@ -185,7 +185,7 @@ def test_state_dict_round_trip_is_bit_exact(name: str, tmp_path: Path):
     a, b = _bf16_quadratic(), _bf16_quadratic()
     hp = _hparams(spec, TEST_HPARAMS.get(name, FALLBACK_HPARAMS))
     opt_a = _build(name, a, tmp_path, hp, seed=3)
-    _prepare(opt_a, a.loss)
+    _prepare(spec, opt_a, a.loss)
     for _ in range(3):
         _step(spec, opt_a, a.loss)
     buf = io.BytesIO()
@@ -195,7 +195,7 @@ def test_state_dict_round_trip_is_bit_exact(name: str, tmp_path: Path):
         for pa, pb in zip(a.parameters(), b.parameters()):
             pb.copy_(pa)
     opt_b = _build(name, b, tmp_path, hp, seed=11)  # another seed: the state must carry it
-    _prepare(opt_b, b.loss)
+    _prepare(spec, opt_b, b.loss)
     opt_b.load_state_dict(torch.load(buf, weights_only=False))
     for pa, pb in zip(a.parameters(), b.parameters()):  # loaded state keeps its own dtype (fp32 moments)
         for key, va in opt_a.state.get(pa, {}).items():
@@ -216,7 +216,7 @@ def test_loss_falls_on_quadratic(name: str, tmp_path: Path):
     q = Quadratic(seed=1)
     hp = _hparams(spec, TEST_HPARAMS.get(name, FALLBACK_HPARAMS))
     opt = _build(name, q, tmp_path, hp)
-    _prepare(opt, q.loss)
+    _prepare(spec, opt, q.loss)
     with torch.no_grad():
         start = q.loss().item()
         best = -0.5 * ((q.b_w**2 / q.a_w).sum() + (q.b_v**2 / q.a_v).sum()).item()  # L* at theta* = -b/a

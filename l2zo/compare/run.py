@@ -31,7 +31,7 @@ from l2zo.compare.spec import (
 )
 from l2zo.config import FinetuneConfig
 from l2zo.errors import L2ZOError
-from l2zo.optim.hparams import optimizer_hparams
+from l2zo.optim.run_hparams import optimizer_hparams
 from l2zo.optim.registry import get_optimizer_spec, optimizer_specs
 from l2zo.tasks.loading import load_task_data
 from l2zo.train.logs import quiet_libraries

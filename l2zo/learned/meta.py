@@ -32,12 +32,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from l2zo.engine import Block, Probe, ZSource, block_kind, mix_seed, two_point_estimate
+from l2zo.engine import Block, Probe, ZSource, block_kind, eval_mode, mix_seed, two_point_estimate
 from l2zo.errors import L2ZOError
 from l2zo.learned.features import FeatureRef, build_features, weight_stats
 from l2zo.learned.net import VarianceNet
 from l2zo.learned.normalization import normalize_sigma
-from l2zo.optim.base import eval_mode
 
 ModelLike = Callable[..., Any]
 LossFn = Callable[[ModelLike], Tensor]  # loss_fn(model_like) -> fp32 scalar; model_like(**inputs) is a forward

@@ -1,83 +1,106 @@
-"""``ZOOptimizer``: the one optimizer interface shared by MeZO, the ZO baselines and the learned optimizer.
+"""``ZOOptimizer``: the one optimizer interface, and the one step, of MeZO, the ZO baselines and the learned optimizer.
 
 It is a ``torch.optim.Optimizer`` with one param group per block (``group["name"]``), so LR schedulers,
-``state_dict`` and Lightning work unchanged. ``step(closure)`` runs two forward passes (under
-``no_grad``, dropout off when the optimizer was built from a module) and then the subclass's update.
-Subclasses override ``sigma()`` (per-block perturbation scale) and ``_update()`` (the update rule).
+``state_dict`` and Lightning work unchanged. ``step(closure)`` is the only step there is. It checks the
+closure, draws the step seed, switches dropout off, runs the method's queries, checks that what they
+measured is finite (else restores theta and raises ``NonFiniteLossError``), applies the update, counts the
+step and keeps ``last_probe``. A method says only what is different, through these hooks:
+
+* ``hparams_cls``: its hyperparameter dataclass (defaults, types, range checks), read into ``self.hp``.
+* ``sigma()``: per-block scale of z (learned optimizers).
+* ``_perturb(seed, scale, sigma)``: theta += scale * u(seed) in place, u the method's direction
+  (LOZO's low-rank U V^T, Sparse MeZO's masked z, HiZOO's z / sqrt(H)).
+* ``_probe(closure, seed, sigma) -> Measurement``: the step's queries. Default: the two-point probe along
+  ``_perturb``, leaving theta at theta - eps*u. Methods with other queries (an extra L(theta), N one-sided
+  directions, candidate points, a second probe at an anchor, a JVP) override it; when a first measurement
+  is already non-finite they skip the rest and return it, and ``step`` restores and raises.
+* ``_restore(meas, sigma)``: take theta back from where ``_probe`` left it (default: ``_perturb(+eps)``).
+* ``_update(meas, sigma)``: the update, with the restore fused in (default: MeZO's SGD).
+* ``_step_scope(seed)``: scratch that lives for one step (LOZO's V, Sparse MeZO's mask).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from l2zo.engine import Block, Probe, ZSource, axpby_z_, mix_seed, partition, perturb_, zo_probe
+from l2zo.engine import Block, Probe, ZSource, axpby_z_, eval_mode, mix_seed, partition, perturb_, probe_with
 from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
+from l2zo.optim.hparams import HParams, ZOHParams, make_hparams
+from l2zo.optim.state import restore_state_dtypes
+
+LossFn = Callable[[], Tensor]
 
 
 class NonFiniteLossError(L2ZOError):
     """A ZO forward returned NaN or inf; the parameters were restored before raising."""
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module | None) -> Iterator[None]:
-    """Dropout off for the ZO forwards (both must see the same function), then each submodule's mode back."""
-    if module is None:
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+@dataclass(frozen=True)
+class Measurement:
+    """What one step's queries measured: ``_probe`` returns it, ``step`` checks it, ``_update`` consumes it.
+
+    Methods that measure more subclass it (HiZOO's L(theta), FZOO's N losses, SVRG's anchor probe).
+
+    Attributes:
+        probe: the two-point summary (seed, L+, L-, g), kept as ``last_probe`` for logging.
+    """
+
+    probe: Probe
+
+    @property
+    def loss(self) -> Tensor:
+        """What ``step`` returns: (L+ + L-)/2 by default, L(theta) where the method measures it."""
+        return self.probe.loss
+
+    def finite(self) -> bool:
+        """Whether every measured loss is finite, from values already on the host (no extra sync)."""
+        return math.isfinite(self.probe.projected_grad)
+
+    def describe(self) -> str:
+        """The measured losses, for the error message (called only when ``finite()`` is False)."""
+        return f"L+={self.probe.loss_plus.item():.4g}, L-={self.probe.loss_minus.item():.4g}"
 
 
 class ZOOptimizer(torch.optim.Optimizer):
-    """Base class: seeded two-point probe plus an update rule.
+    """Base class: seeded queries plus an update rule (see the module doc for the hooks).
 
     Args:
         params: the model (preferred: names, tied-weight de-duplication, dropout control), its
             ``named_parameters()``, or bare tensors.
-        lr: learning rate eta.
-        eps: perturbation radius.
-        weight_decay: decoupled-from-nothing L2 decay as MeZO applies it (theta -= lr*wd*theta),
-            on matrices only: biases and norm gains (1-D blocks) get none.
         seed: base seed; step t uses ``mix_seed(seed, t)``, so a run replays from (seed, g) pairs.
         include, exclude: regexes on parameter names selecting the blocks to train.
+        **hparams: the fields of ``hparams_cls`` (for MeZO: lr, eps, weight_decay), each in every param group.
+            Weight decay is MeZO's (theta -= lr*wd*theta) on matrices only: biases and norm gains
+            (1-D blocks) get none.
     """
+
+    hparams_cls: ClassVar[type[HParams]] = ZOHParams
 
     def __init__(
         self,
         params: ParamsLike,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
+        *,
         seed: int = 0,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
-        **defaults: Any,
+        **hparams: Any,
     ) -> None:
-        if not lr >= 0.0:
-            raise L2ZOError(f"lr must be >= 0, got {lr}")
-        if not eps > 0.0:
-            raise L2ZOError(f"eps must be > 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise L2ZOError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.hp = make_hparams(self.hparams_cls, hparams, type(self).__name__)
         self.module = params if isinstance(params, nn.Module) else None
         self.blocks: list[Block] = partition(params, include, exclude)
+        wd = self.hp.weight_decay
         groups = [
-            {"params": [b.param], "name": b.name, "weight_decay": weight_decay if b.is_matrix else 0.0}
-            for b in self.blocks
+            {"params": [b.param], "name": b.name, "weight_decay": wd if b.is_matrix else 0.0} for b in self.blocks
         ]
-        super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay, **defaults))
+        super().__init__(groups, self.hp.as_dict())
         self.seed = int(seed)
         self.step_count = 0
         self.zsrc = ZSource()
@@ -90,14 +113,68 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         self.zsrc = ZSource(workers=workers, cache=cache)
 
+    @property
+    def eps(self) -> float:
+        return float(self.param_groups[0]["eps"])
+
+    def step_seed(self, step: int) -> int:
+        return mix_seed(self.seed, step)
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: LossFn | None = None) -> Tensor:  # type: ignore[override]
+        """One step. ``closure`` runs a forward pass and returns the loss; the method evaluates it one or more
+        times (``OptimizerSpec.forwards_per_step``). Returns the step's loss as an fp32 scalar tensor.
+        """
+        if closure is None:
+            raise L2ZOError(
+                f"{type(self).__name__}.step needs a closure that returns the loss, e.g. "
+                "opt.step(lambda: loss_fn(model, batch)); ZO optimizers evaluate it several times a step"
+            )
+        seed = self.step_seed(self.step_count)
+        with self._step_scope(seed):
+            sigma = self.sigma()
+            with eval_mode(self.module):
+                meas = self._probe(closure, seed, sigma)
+            if not meas.finite():
+                self._restore(meas, sigma)
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step_count} ({meas.describe()}); parameters were restored. "
+                    "Lower the learning rate or eps, or use --precision 32"
+                )
+            self._update(meas, sigma)
+        self.step_count += 1
+        self.last_probe = meas.probe
+        return meas.loss
+
     # -- hooks for subclasses -------------------------------------------------------------------
     def sigma(self) -> Sequence[float] | None:
-        """Per-block perturbation scale [B]; None means 1 everywhere (MeZO)."""
+        """Per-block perturbation scale [B]; None means 1 everywhere (MeZO). Called once a step, before the probe."""
         return None
 
-    def _update(self, probe: Probe, sigma: Sequence[float] | None) -> None:
+    def _step_scope(self, seed: int) -> contextlib.AbstractContextManager[Any]:
+        """A context around the whole step, for scratch that lives one step. Default: none."""
+        return contextlib.nullcontext()
+
+    def _perturb(self, seed: int, scale: float, sigma: Sequence[float] | None) -> None:
+        """theta += scale * u(seed) in place. Default: u_b = sigma_b * z_b(seed), Gaussian z."""
+        perturb_(self.blocks, seed, self.zsrc, scale, sigma)
+
+    def _two_point(self, loss_fn: LossFn, seed: int, sigma: Sequence[float] | None) -> Probe:
+        """L(theta + eps*u) and L(theta - eps*u) along ``_perturb``; theta is left at theta - eps*u."""
+        return probe_with(loss_fn, lambda scale: self._perturb(seed, scale, sigma), self.eps, seed)
+
+    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None) -> Measurement:
+        """The step's queries (run in eval mode). Default: one two-point probe."""
+        return Measurement(self._two_point(closure, seed, sigma))
+
+    def _restore(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """Undo what ``_probe`` left on theta, for a non-finite ``meas``. Default: theta - eps*u -> theta."""
+        self._perturb(meas.probe.seed, +self.eps, sigma)
+
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
         """Restore theta from theta - eps*u and apply the update. Default: MeZO's SGD, fused."""
-        g = probe.projected_grad
+        g = meas.probe.projected_grad
         eps = self.eps
         coef, decay = [], []
         for b, group in zip(self.blocks, self.param_groups):
@@ -106,42 +183,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             # d * (theta_minus + eps*s*z) - lr*g*s*z, i.e. restore, decay and step in one pass.
             coef.append(s * (eps * d - group["lr"] * g))
             decay.append(d)
-        axpby_z_(self.blocks, probe.seed, self.zsrc, coef, decay)
-
-    # -- the step -------------------------------------------------------------------------------
-    @property
-    def eps(self) -> float:
-        return float(self.param_groups[0]["eps"])
-
-    def step_seed(self, step: int) -> int:
-        return mix_seed(self.seed, step)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One ZO step. ``closure`` runs a forward pass and returns the loss; it is called twice.
-
-        Returns (L+ + L-)/2 as an fp32 scalar tensor.
-        """
-        if closure is None:
-            raise L2ZOError(
-                f"{type(self).__name__}.step needs a closure that returns the loss, e.g. "
-                "opt.step(lambda: loss_fn(model, batch)); ZO optimizers evaluate it twice"
-            )
-        seed = self.step_seed(self.step_count)
-        sigma = self.sigma()
-        with eval_mode(self.module):
-            probe = zo_probe(closure, self.blocks, seed, self.eps, self.zsrc, sigma)
-        if not math.isfinite(probe.projected_grad):
-            perturb_(self.blocks, seed, self.zsrc, +self.eps, sigma)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step_count} (L+={probe.loss_plus.item():.4g}, "
-                f"L-={probe.loss_minus.item():.4g}); parameters were restored. Lower the learning rate or eps, "
-                "or use --precision 32"
-            )
-        self._update(probe, sigma)
-        self.step_count += 1
-        self.last_probe = probe
-        return probe.loss
+        axpby_z_(self.blocks, meas.probe.seed, self.zsrc, coef, decay)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -153,6 +195,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)  # fp32 state (moments, H, M) stays fp32 next to bf16 weights
         if zo is not None:
             self.step_count = int(zo["step_count"])
             self.seed = int(zo["seed"])

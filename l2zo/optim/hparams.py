@@ -1,73 +1,68 @@
-"""The hyperparameters a run hands its optimizer: flags, ``--opt-args``, seed and block patterns, typed and checked.
+"""Hyperparameter dataclasses: the one place each method writes its defaults.
 
-Values typed as text (``--opt-args eps=1e-4``, ``--optimizers mezo:eps=1e-4``, quoted YAML) are read the
-same way wherever they come from: by the optimizer's hyperparameter dataclass when it declares one (each
-field's type, one-line errors naming the key, the type and the optimizer), else by ``parse_scalar``.
+Every optimizer declares one dataclass (``MeZO.hparams_cls``, ``OptimizerSpec.hparams``); its field defaults are
+the method's published defaults (``OptimizerSpec.defaults`` is derived from them), its field types tell a
+config layer how to read a value given as text, and ``__post_init__`` checks the ranges. The run's seed and
+block selection (``seed``, ``include``, ``exclude``) are not hyperparameters of the method: they are keyword
+arguments of the optimizer itself (``ZOOptimizer.__init__``), listed in ``OptimizerSpec.run_args``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from l2zo.config import parse_scalar
 from l2zo.errors import L2ZOError
-from l2zo.optim.registry import OptimizerSpec
 
-if TYPE_CHECKING:
-    from jsonargparse import ArgumentParser
-
-    from l2zo.config import FinetuneConfig
+H = TypeVar("H", bound="HParams")
 
 
-@functools.cache
-def _schema_parser(schema: type) -> ArgumentParser:
-    from jsonargparse import ArgumentParser
+@dataclass(kw_only=True)
+class HParams:
+    """Shared by every method: learning rate and MeZO-style weight decay (theta -= lr*wd*theta, matrices only)."""
 
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(schema)
-    return parser
+    lr: float = 1e-6
+    weight_decay: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.lr >= 0.0:
+            raise L2ZOError(f"lr must be >= 0, got {self.lr}")
+        if not self.weight_decay >= 0.0:
+            raise L2ZOError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
-def coerce_hparams(optimizer: str, schema: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` typed by the dataclass ``schema`` (a class or an instance; None: ``parse_scalar`` for text)."""
-    loose = {k: parse_scalar(v) if isinstance(v, str) else v for k, v in values.items()}
-    if schema is None:
-        return loose
-    schema = schema if isinstance(schema, type) else type(schema)
-    typed = {f.name for f in dataclasses.fields(schema)} & set(values)
-    if not typed:
-        return loose
-    from l2zo.config.checks import field_types
-    from l2zo.config.parser import explain
-
-    try:
-        ns = _schema_parser(schema).parse_object({k: values[k] for k in typed})
-    except argparse.ArgumentError as exc:
-        raise L2ZOError(explain(str(exc), field_types(schema), f" of optimizer {optimizer!r}")) from None
-    return {**loose, **{k: ns[k] for k in typed}}
+    def as_dict(self) -> dict[str, Any]:
+        """Field name -> value, in declaration order (shallow: tuples and mappings are kept as they are)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def optimizer_hparams(cfg: FinetuneConfig, spec: OptimizerSpec) -> dict[str, Any]:
-    """The hyperparameters to pass to the optimizer: explicit flags, opt_args, seed and block patterns."""
-    hp: dict[str, Any] = {k: getattr(cfg, k) for k in ("lr", "eps", "weight_decay") if getattr(cfg, k) is not None}
-    hp.update(cfg.opt_args)
-    allowed = spec.hyperparameters()
-    for key, value in (
-        ("seed", cfg.seed),
-        ("include", cfg.include),
-        ("exclude", cfg.exclude),
-        ("artifact", cfg.artifact),
-    ):
-        if value is not None and key in allowed and key not in hp:
-            hp[key] = value
-    if cfg.artifact is not None and "artifact" not in allowed:
-        raise L2ZOError(f"--artifact is only for learned optimizers; {spec.name!r} takes none")
-    bad = sorted(set(hp) - set(allowed))
+@dataclass(kw_only=True)
+class ZOHParams(HParams):
+    """A two-point ZO method: adds the perturbation radius eps."""
+
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.eps > 0.0:
+            raise L2ZOError(f"eps must be > 0, got {self.eps}")
+
+
+def field_defaults(cls: type[HParams]) -> dict[str, Any]:
+    """The defaults of every field of ``cls`` (all fields have one)."""
+    return cls().as_dict()
+
+
+def make_hparams(cls: type[H], values: Mapping[str, Any], owner: str) -> H:
+    """``cls(**values)`` with an unknown name reported as a one-line ``L2ZOError`` naming the valid ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    bad = sorted(set(values) - set(names))
     if bad:
-        raise L2ZOError(
-            f"optimizer {spec.name!r} has no hyperparameter {', '.join(map(repr, bad))}; valid: {', '.join(allowed)}"
-        )
-    return coerce_hparams(spec.name, getattr(spec, "hparams", None), hp)
+        raise L2ZOError(f"{owner} has no hyperparameter {', '.join(map(repr, bad))}; valid: {', '.join(names)}")
+    return cls(**values)
+
+
+def pick(hp: HParams, cls: type[HParams]) -> dict[str, Any]:
+    """The values in ``hp`` of ``cls``'s fields (e.g. the ``ZOHParams`` part of a builder's hyperparameters)."""
+    return {f.name: getattr(hp, f.name) for f in dataclasses.fields(cls)}

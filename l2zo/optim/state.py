@@ -1,11 +1,10 @@
-"""Helpers shared by the ZO baselines: per-block state buffers, exact state reloads, element-wise probes.
+"""Helpers shared by the ZO baselines: per-block state buffers, exact state reloads, per-block lr and decay.
 
 * ``state_buffer`` allocates an optimizer state tensor for one block lazily, flat ([numel]) and fp32 by
   default (momentum, Adam moments and HiZOO's Hessian accumulate in fp32 even for bf16/fp16 weights).
 * ``restore_state_dtypes`` undoes ``torch.optim.Optimizer.load_state_dict``'s cast of every floating
   state tensor to the parameter's dtype (it would turn fp32 moments of a bf16 model into bf16).
-* ``probe_with`` / ``evaluate`` re-export the engine's two-point probe and forward, for perturbations that
-  are not ``sigma_b * z_b`` (HiZOO's ``z / sqrt(H)``, Sparse MeZO's ``mask * z``).
+* ``lr_and_decay`` reads the per-block lr and MeZO-style decay factor from the param groups.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any
 import torch
 
 from l2zo.engine import Block
-from l2zo.engine.estimator import Perturb, evaluate_loss, probe_with  # noqa: F401  (re-exported)
 
 
 def state_buffer(
@@ -53,7 +51,3 @@ def lr_and_decay(opt: torch.optim.Optimizer, blocks: Sequence[Block]) -> tuple[l
         lrs.append(float(group["lr"]))
         decays.append(1.0 - float(group["lr"]) * float(group["weight_decay"]))
     return lrs, decays
-
-
-# The engine's forward and probe, re-exported for the methods that bring their own perturbation.
-evaluate = evaluate_loss

@@ -20,7 +20,7 @@ from l2zo.config import FinetuneConfig, config_to_dict
 from l2zo.errors import L2ZOError
 from l2zo.models import load_model
 from l2zo.optim.base import ZOOptimizer
-from l2zo.optim.hparams import optimizer_hparams
+from l2zo.optim.run_hparams import optimizer_hparams
 from l2zo.optim.registry import build_optimizer, get_optimizer_spec
 from l2zo.tasks.loading import load_task_data
 from l2zo.tasks.scoring import CandidateScorer
@@ -98,6 +98,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         forwards_per_step=spec.forwards_per_step,
         lr_schedule=cfg.lr_schedule,
         total_steps=cfg.steps,
+        needs_anchor_batch=spec.needs_anchor_batch,
     )
     dm = TaskDataModule(data, scorer, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
     write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))

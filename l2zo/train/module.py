@@ -40,6 +40,7 @@ class FinetuneModule(L.LightningModule):
         forwards_per_step: int,
         lr_schedule: str = "constant",
         total_steps: int = 1,
+        needs_anchor_batch: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -48,6 +49,7 @@ class FinetuneModule(L.LightningModule):
         self._build_optimizer = build_optimizer
         self.zeroth_order = zeroth_order
         self.forwards_per_step = forwards_per_step
+        self.needs_anchor_batch = needs_anchor_batch  # OptimizerSpec.needs_anchor_batch (mezo-svrg)
         self.lr_schedule = lr_schedule
         self.total_steps = total_steps
         self.automatic_optimization = False
@@ -76,7 +78,7 @@ class FinetuneModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # The model is already on its device here, so optimizer state is allocated there.
         opt = self._build_optimizer(self.model)
-        if hasattr(opt, "set_anchor_loss_fn"):  # variance-reduced methods (mezo-svrg) need a fixed large batch
+        if self.needs_anchor_batch:  # variance-reduced methods (mezo-svrg) need a fixed large batch
             opt.set_anchor_loss_fn(self._large_batch_loss_fn())
         if self.lr_schedule == "linear":
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / self.total_steps))

@@ -8,6 +8,7 @@ blocks as the ZO optimizers (``include``/``exclude``, tied weights once) and dec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,7 +16,11 @@ from torch import nn
 
 from l2zo.engine import partition
 from l2zo.engine.blocks import ParamsLike
+from l2zo.errors import L2ZOError
+from l2zo.optim.hparams import HParams, make_hparams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
+
+FO_RUN_ARGS = ("include", "exclude")
 
 
 def _groups(params: ParamsLike, weight_decay: float, include: Any, exclude: Any) -> list[dict[str, Any]]:
@@ -24,6 +29,24 @@ def _groups(params: ParamsLike, weight_decay: float, include: Any, exclude: Any)
     no_decay = [b.param for b in blocks if not b.is_matrix]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+@dataclass(kw_only=True)
+class FOSGDHParams(HParams):
+    lr: float = 1e-4  # the middle of ZO-Bench's FO-SGD grid
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.momentum >= 0.0:
+            raise L2ZOError(f"momentum must be >= 0, got {self.momentum}")
+
+
+@dataclass(kw_only=True)
+class FOAdamHParams(HParams):
+    lr: float = 1e-5  # MeZO's FT baseline
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8  # Adam's epsilon (``eps`` is the ZO radius elsewhere in l2zo)
 
 
 class FOSGD(torch.optim.SGD):
@@ -36,15 +59,10 @@ class FOSGD(torch.optim.SGD):
     """
 
     def __init__(
-        self,
-        params: nn.Module | ParamsLike,
-        lr: float = 1e-4,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        include=None,
-        exclude=None,
+        self, params: nn.Module | ParamsLike, *, include: Any = None, exclude: Any = None, **hparams: Any
     ) -> None:
-        super().__init__(_groups(params, weight_decay, include, exclude), lr=lr, momentum=momentum)
+        hp = make_hparams(FOSGDHParams, hparams, "FOSGD")
+        super().__init__(_groups(params, hp.weight_decay, include, exclude), lr=hp.lr, momentum=hp.momentum)
 
 
 class FOAdam(torch.optim.AdamW):
@@ -58,17 +76,11 @@ class FOAdam(torch.optim.AdamW):
     """
 
     def __init__(
-        self,
-        params: nn.Module | ParamsLike,
-        lr: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        include=None,
-        exclude=None,
+        self, params: nn.Module | ParamsLike, *, include: Any = None, exclude: Any = None, **hparams: Any
     ) -> None:
-        groups = _groups(params, weight_decay, include, exclude)
-        super().__init__(groups, lr=lr, betas=tuple(betas), eps=adam_eps, weight_decay=0.0)
+        hp = make_hparams(FOAdamHParams, hparams, "FOAdam")
+        groups = _groups(params, hp.weight_decay, include, exclude)
+        super().__init__(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps, weight_decay=0.0)
 
 
 register_optimizer(
@@ -76,7 +88,8 @@ register_optimizer(
         name="fo-sgd",
         factory=FOSGD,
         description="First-order SGD (backprop reference; gradients stored, 1 fwd + 1 bwd per step)",
-        defaults=dict(lr=1e-4, momentum=0.0),
+        hparams=FOSGDHParams,
+        run_args=FO_RUN_ARGS,
         zeroth_order=False,
         forwards_per_step=1,
     )
@@ -86,7 +99,8 @@ register_optimizer(
         name="fo-adam",
         factory=FOAdam,
         description="First-order AdamW (backprop reference, decay on matrices only; grads + 2 moment buffers)",
-        defaults=dict(lr=1e-5, betas=(0.9, 0.999), adam_eps=1e-8),
+        hparams=FOAdamHParams,
+        run_args=FO_RUN_ARGS,
         zeroth_order=False,
         forwards_per_step=1,
     )

@@ -30,7 +30,9 @@ forwards), and there is no ``eps`` hyperparameter.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +41,8 @@ from torch.func import functional_call, jvp
 from l2zo.engine import Probe
 from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import NonFiniteLossError, ZOOptimizer, eval_mode
+from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
+from l2zo.optim.hparams import HParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
 
 _FWD_AD_HINTS = ("forward ad", "forward-mode", "forward mode", "jvp", "dual")
@@ -64,27 +67,49 @@ class _CallClosure(nn.Module):
         return loss.float()
 
 
+@dataclass(kw_only=True)
+class ForwardGradHParams(HParams):
+    """No eps: the directional derivative is exact."""
+
+    lr: float = 5e-7
+
+
+@dataclass(frozen=True)
+class JVPMeasurement(Measurement):
+    """L(theta) and g = grad L . z from one JVP (``probe`` holds L as both L+ and L-); theta never moved.
+
+    ``tangents`` are the step's z, one per block, kept for the update (the method's one extra buffer).
+    """
+
+    lossf: float
+    tangents: tuple[torch.Tensor, ...]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.probe.loss_plus
+
+    def finite(self) -> bool:
+        return math.isfinite(self.probe.projected_grad) and math.isfinite(self.lossf)
+
+    def describe(self) -> str:
+        return f"L={self.lossf:.4g}, JVP g={self.probe.projected_grad:.4g}"
+
+
 class ForwardGrad(ZOOptimizer):
     """Forward gradient: theta <- theta - lr * ((grad L . z) z + wd * theta), exact JVP, one per step.
 
     Use it like MeZO (``opt.step(lambda: loss_fn(model, batch))``), but build it from the model.
     """
 
-    def __init__(
-        self,
-        params: ParamsLike,
-        lr: float = 5e-7,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-    ) -> None:
+    hparams_cls = ForwardGradHParams
+
+    def __init__(self, params: ParamsLike, **kwargs: Any) -> None:
         if not isinstance(params, nn.Module):
             raise L2ZOError(
                 "forward-grad needs the model itself (an nn.Module), not a parameter list: the JVP runs "
                 "torch.func.functional_call over it"
             )
-        super().__init__(params, lr=lr, eps=1.0, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude)
+        super().__init__(params, **kwargs)
         # Every name under which a block is reachable (tied weights, storage-sharing aliases), so the
         # functional call replaces all of them with the same primal.
         index = {id(b.param): b.index for b in self.blocks}
@@ -95,15 +120,9 @@ class ForwardGrad(ZOOptimizer):
             if i is not None:
                 self._names[i].append("m." + name)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One forward-gradient step: a single JVP of ``closure`` along z, then the update. Returns L(theta)."""
-        if closure is None:
-            raise L2ZOError(
-                "ForwardGrad.step needs a closure that returns the loss, e.g. opt.step(lambda: loss_fn(model, batch))"
-            )
+    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None) -> Measurement:
+        """One JVP of ``closure`` along z (theta untouched): L(theta) and g = grad L . z."""
         assert self.module is not None
-        seed = self.step_seed(self.step_count)
         tangents = tuple(self.zsrc.full(b.param, seed, b.index) for b in self.blocks)
         primals = tuple(b.param.detach() for b in self.blocks)
         wrapper = _CallClosure(self.module, closure)
@@ -114,8 +133,7 @@ class ForwardGrad(ZOOptimizer):
 
         torch.clear_autocast_cache()
         try:
-            with eval_mode(self.module):
-                loss, dloss = jvp(loss_of, primals, tangents)
+            loss, dloss = jvp(loss_of, primals, tangents)
         except (NotImplementedError, RuntimeError) as exc:
             if any(h in str(exc).lower() for h in _FWD_AD_HINTS):
                 raise L2ZOError(
@@ -127,21 +145,23 @@ class ForwardGrad(ZOOptimizer):
             torch.clear_autocast_cache()
         loss = loss.detach()
         g = float(dloss)  # the step's one host sync
-        if not (math.isfinite(g) and math.isfinite(float(loss))):
-            raise NonFiniteLossError(
-                f"non-finite loss or JVP at step {self.step_count} (L={float(loss):.4g}, g={g:.4g}); "
-                "parameters are unchanged. Lower the learning rate or use --precision 32"
-            )
-        for b, group, z in zip(self.blocks, self.param_groups, tangents):
+        return JVPMeasurement(
+            Probe(seed=seed, loss_plus=loss, loss_minus=loss, projected_grad=g), float(loss), tangents
+        )
+
+    def _restore(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """Nothing to undo: the JVP never moves theta."""
+
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """theta <- d theta - lr g z, with the tangents z of the probe."""
+        assert isinstance(meas, JVPMeasurement)
+        g = meas.probe.projected_grad
+        for b, group, z in zip(self.blocks, self.param_groups, meas.tangents):
             lr = group["lr"]
             d = 1.0 - lr * group["weight_decay"]
             if d != 1.0:
                 b.param.mul_(d)
             b.param.add_(z, alpha=-lr * g)
-        del tangents
-        self.step_count += 1
-        self.last_probe = Probe(seed=seed, loss_plus=loss, loss_minus=loss, projected_grad=g)
-        return loss
 
 
 register_optimizer(
@@ -150,7 +170,7 @@ register_optimizer(
         factory=ForwardGrad,
         description="Forward gradient: exact JVP along a seeded Gaussian z (torch.func.jvp; eager attention; "
         "1 buffer + JVP activations)",
-        defaults=dict(lr=5e-7, weight_decay=0.0),
+        hparams=ForwardGradHParams,
         forwards_per_step=1,
     )
 )

@@ -24,40 +24,67 @@ N forwards run sequentially (no batched ``ParallelOPTForCausalLM``); the lr foll
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from l2zo.engine import Z_CHUNK, Probe, mix_seed
+from l2zo.engine import Z_CHUNK, Probe, evaluate_loss, mix_seed
 from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import NonFiniteLossError, ZOOptimizer, eval_mode
+from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import evaluate
+
+
+@dataclass(kw_only=True)
+class FZOOHParams(ZOHParams):
+    lr: float = 1e-5
+    num_directions: int = 8  # N one-sided Rademacher directions a step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.num_directions) < 2:
+            raise L2ZOError(
+                f"num_directions must be >= 2 (FZOO normalises by the std of the N losses), got {self.num_directions}"
+            )
+        self.num_directions = int(self.num_directions)
+
+
+@dataclass(frozen=True)
+class FZOOMeasurement(Measurement):
+    """l0 = L(theta) and the N one-sided losses l_i = L(theta + eps z_i); theta is left at theta + eps z_N.
+
+    ``values`` holds [l_1 - l0 .. l_N - l0, std(l), l0] on the host (the step's one sync).
+    """
+
+    l0: torch.Tensor
+    losses: torch.Tensor  # [N]
+    seeds: tuple[int, ...]  # [N] direction seeds
+    values: tuple[float, ...]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.l0
+
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.values)
+
+    def describe(self) -> str:
+        return f"L0={self.values[-1]:.4g}, l_i - L0={list(self.values[:-2])}"
 
 
 class FZOO(ZOOptimizer):
     """FZOO: theta <- theta - lr * sum_i (l_i - l0) / (N std(l)) z_i, z_i Rademacher (see module doc)."""
 
-    def __init__(
-        self,
-        params: ParamsLike,
-        lr: float = 1e-5,
-        eps: float = 1e-3,
-        num_directions: int = 8,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-    ) -> None:
-        if int(num_directions) < 2:
-            raise L2ZOError(
-                f"num_directions must be >= 2 (FZOO normalises by the std of the N losses), got {num_directions}"
-            )
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude)
-        self.num_directions = int(num_directions)
+    hparams_cls = FZOOHParams
+    last_losses: torch.Tensor | None = None  # [N] the last step's l_i
+
+    def __init__(self, params: ParamsLike, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.num_directions = self.hp.num_directions
         self._bufs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self.last_losses: torch.Tensor | None = None
 
     # -- directions -------------------------------------------------------------------------------
     def direction_seed(self, step_seed: int, i: int) -> int:
@@ -94,56 +121,54 @@ class FZOO(ZOOptimizer):
                 for s, coef in live:
                     flat[start:end].add_(self._z(b.param, s, b.index, c, end - start), alpha=coef)
 
-    # -- the step ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One FZOO step: N + 1 forwards, then the fused restore and update. Returns L(theta)."""
-        if closure is None:
-            raise L2ZOError(
-                "FZOO.step needs a closure that returns the loss, e.g. opt.step(lambda: loss_fn(model, batch)); "
-                f"it is evaluated N + 1 = {self.num_directions + 1} times"
-            )
-        step_seed = self.step_seed(self.step_count)
-        seeds = [self.direction_seed(step_seed, i) for i in range(self.num_directions)]
+    # -- the step hooks ---------------------------------------------------------------------------
+    def _perturb(self, seed: int, scale: float, sigma: Sequence[float] | None) -> None:
+        """theta += scale * z(seed), z Rademacher (``seed`` is a direction seed)."""
+        self._axpy([(seed, [scale] * len(self.blocks))])
+
+    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None) -> Measurement:
+        """l0, then theta + eps z_i for i = 1..N, moving from one direction to the next in one pass."""
+        seeds = [self.direction_seed(seed, i) for i in range(self.num_directions)]
         nb, eps = len(self.blocks), self.eps
-        const = lambda v: [v] * nb  # noqa: E731
+        const = lambda v: [v] * nb
         losses = []
-        with eval_mode(self.module):
-            l0 = evaluate(closure)
-            for i, s in enumerate(seeds):
-                self._axpy([(s, const(eps))] + ([(seeds[i - 1], const(-eps))] if i else []))
-                try:
-                    losses.append(evaluate(closure))
-                except BaseException:
-                    self._axpy([(s, const(-eps))])
-                    raise
+        l0 = evaluate_loss(closure)
+        for i, s in enumerate(seeds):
+            self._axpy([(s, const(eps))] + ([(seeds[i - 1], const(-eps))] if i else []))
+            try:
+                losses.append(evaluate_loss(closure))
+            except BaseException:
+                self._perturb(s, -eps, sigma)
+                raise
         torch.clear_autocast_cache()
         ls = torch.stack(losses)
         diffs = ls - l0
-        sigma = ls.std(correction=0)
-        vals = torch.cat([diffs, sigma.view(1), l0.view(1)]).tolist()  # the step's one host sync
-        diffs_f, sigma_f = vals[: self.num_directions], vals[-2]
-        if not all(math.isfinite(v) for v in vals):
-            self._axpy([(seeds[-1], const(-eps))])
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step_count} (L0={vals[-1]:.4g}, l_i - L0={diffs_f}); parameters were "
-                "restored. Lower the learning rate or eps, or use --precision 32"
-            )
-        n = self.num_directions
+        spread = ls.std(correction=0)
+        vals = torch.cat([diffs, spread.view(1), l0.view(1)]).tolist()  # the step's one host sync
+        g = sum(vals[: self.num_directions]) / (self.num_directions * eps)  # logged: mean_i (l_i - l0) / eps
+        return FZOOMeasurement(Probe(seed, l0, l0, g), l0, ls, tuple(seeds), tuple(vals))
+
+    def _restore(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """theta + eps z_N -> theta."""
+        assert isinstance(meas, FZOOMeasurement)
+        self._perturb(meas.seeds[-1], -self.eps, sigma)
+
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """theta + eps z_N -> d theta - lr sum_i c_i z_i, c_i = (l_i - l0) / (N std), in one pass."""
+        assert isinstance(meas, FZOOMeasurement)
+        n, nb, eps = self.num_directions, len(self.blocks), self.eps
+        diffs_f, sigma_f = meas.values[:n], meas.values[-2]
         cs = [dv / (n * sigma_f) for dv in diffs_f] if sigma_f > 0.0 else [0.0] * n
         terms, decay = [], []
         for group in self.param_groups:
             decay.append(1.0 - group["lr"] * group["weight_decay"])
         lrs = [group["lr"] for group in self.param_groups]
-        for i, (s, c) in enumerate(zip(seeds, cs)):
+        for i, (s, c) in enumerate(zip(meas.seeds, cs)):
             # The last direction also carries the restore: d (theta + eps z_N - eps z_N) - lr sum c_i z_i.
             restore = [-eps * d for d in decay] if i == n - 1 else [0.0] * nb
             terms.append((s, [r - lr * c for r, lr in zip(restore, lrs)]))
         self._axpy(terms, decay)
-        self.step_count += 1
-        self.last_losses = ls
-        self.last_probe = Probe(seed=step_seed, loss_plus=l0, loss_minus=l0, projected_grad=sum(diffs_f) / (n * eps))
-        return l0
+        self.last_losses = meas.losses
 
 
 register_optimizer(
@@ -152,7 +177,7 @@ register_optimizer(
         factory=FZOO,
         description="FZOO: one-sided differences along N=8 Rademacher directions, normalised by the loss std "
         "(N+1 forwards, 0 buffers)",
-        defaults=dict(lr=1e-5, eps=1e-3, num_directions=8),
+        hparams=FZOOHParams,
         forwards_per_step=9,
     )
 )

@@ -7,15 +7,45 @@ understanding, not copied.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from l2zo.engine import Block, Probe, for_each_z
+from l2zo.engine import Block, evaluate_loss, for_each_z
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import NonFiniteLossError, ZOOptimizer, eval_mode
+from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import evaluate, lr_and_decay, probe_with, restore_state_dtypes, state_buffer
+from l2zo.optim.state import lr_and_decay, state_buffer
+
+
+@dataclass(kw_only=True)
+class HiZOOHParams(ZOHParams):
+    hessian_smooth: float = 1e-8  # alpha, the EMA weight of each new Hessian estimate
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.hessian_smooth < 1.0:
+            raise L2ZOError(f"hessian_smooth must be in [0, 1), got {self.hessian_smooth}")
+
+
+@dataclass(frozen=True)
+class HiZOOMeasurement(Measurement):
+    """The two-point probe plus l0 = L(theta) (``l0f``: the same on the host, for the curvature)."""
+
+    l0: torch.Tensor
+    l0f: float
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.l0
+
+    def finite(self) -> bool:
+        return super().finite() and math.isfinite(self.l0f)
+
+    def describe(self) -> str:
+        return f"L0={self.l0f:.4g}, {super().describe()}"
 
 
 class HiZOO(ZOOptimizer):
@@ -37,34 +67,29 @@ class HiZOO(ZOOptimizer):
     every parameter); lr schedules act per step (the code re-reads them once per epoch).
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        hessian_smooth: float = 1e-8,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include=None,
-        exclude=None,
-    ) -> None:
-        if not 0.0 <= hessian_smooth < 1.0:
-            raise L2ZOError(f"hessian_smooth must be in [0, 1), got {hessian_smooth}")
-        super().__init__(params, lr, eps, weight_decay, seed, include, exclude, hessian_smooth=hessian_smooth)
+    hparams_cls = HiZOOHParams
 
     def _hessian(self, b: Block) -> torch.Tensor:
         return state_buffer(self, b, "hessian", fill=1.0)
 
-    def _perturb(self, seed: int, scale: float) -> None:
+    def _perturb(self, seed: int, scale: float, sigma: Sequence[float] | None) -> None:
         def visit(b: Block, start: int, end: int, theta: torch.Tensor, z: torch.Tensor) -> None:
             u = torch.rsqrt(self._hessian(b)[start:end]).mul_(z)  # the same arithmetic in every pass
             theta.add_(u, alpha=scale)
 
         for_each_z(self.blocks, seed, self.zsrc, visit)
 
-    def _update_fused(self, probe: Probe, l0: float) -> None:
-        g, eps = probe.projected_grad, self.eps
-        curv = abs(float(probe.loss_plus) + float(probe.loss_minus) - 2.0 * l0) / (2.0 * eps * eps)
+    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None) -> Measurement:
+        """l0 = L(theta) first, then the two-point probe along z / sqrt(H)."""
+        l0 = evaluate_loss(closure)
+        return HiZOOMeasurement(self._two_point(closure, seed, sigma), l0, float(l0))
+
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """Restore (old H), update H, step along z / sqrt(new H): one fused pass."""
+        assert isinstance(meas, HiZOOMeasurement)
+        probe, eps = meas.probe, self.eps
+        g = probe.projected_grad
+        curv = abs(float(probe.loss_plus) + float(probe.loss_minus) - 2.0 * meas.l0f) / (2.0 * eps * eps)
         lrs, decays = lr_and_decay(self, self.blocks)
 
         def visit(b: Block, start: int, end: int, theta: torch.Tensor, z: torch.Tensor) -> None:
@@ -82,37 +107,13 @@ class HiZOO(ZOOptimizer):
 
         for_each_z(self.blocks, probe.seed, self.zsrc, visit)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        if closure is None:
-            raise L2ZOError("HiZOO.step needs a closure that returns the loss; it is called 3 times")
-        seed, eps = self.step_seed(self.step_count), self.eps
-        with eval_mode(self.module):
-            l0 = evaluate(closure)
-            probe = probe_with(closure, lambda s: self._perturb(seed, s), eps, seed)
-        l0f = float(l0)
-        if not (math.isfinite(probe.projected_grad) and math.isfinite(l0f)):
-            self._perturb(seed, +eps)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step_count} (L0={l0f:.4g}, L+={probe.loss_plus.item():.4g}, "
-                f"L-={probe.loss_minus.item():.4g}); parameters were restored. Lower the learning rate or eps"
-            )
-        self._update_fused(probe, l0f)
-        self.step_count += 1
-        self.last_probe = probe
-        return l0
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
-
 
 register_optimizer(
     OptimizerSpec(
         name="hizoo",
         factory=HiZOO,
         description="HiZOO: ZO-SGD with a diagonal-Hessian-scaled perturbation z/sqrt(H) (3 fwd, 1 fp32 buffer)",
-        defaults=dict(lr=1e-6, eps=1e-3, hessian_smooth=1e-8),
+        hparams=HiZOOHParams,
         forwards_per_step=3,
     )
 )

@@ -16,6 +16,7 @@ Extra cost over MeZO: one read of the weights per step (mean/var) and one tiny b
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ from l2zo.learned.artifact import load_artifact, read_manifest
 from l2zo.learned.features import FeatureRef, build_features, weight_stats
 from l2zo.learned.net import NetSpec, VarianceNet
 from l2zo.learned.normalization import block_weights, normalize_sigma
-from l2zo.optim.base import ZOOptimizer
+from l2zo.optim.base import Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams, make_hparams, pick
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
 
 
@@ -44,7 +46,7 @@ class LearnedZO(ZOOptimizer):
     Args:
         params: the model (needed by normalization "paper"), or its named parameters.
         net: the variance net; its ``block_names`` must be this optimizer's blocks, in order.
-        lr, eps, weight_decay, seed, include, exclude: as ``MeZO``.
+        **kwargs: as ``MeZO`` (lr, eps, weight_decay, seed, include, exclude).
         normalization: "numel", "paper" or "none" (``l2zo.learned.normalization``).
         batch_size: the global batch size, for the "paper" embedding weight.
         sigma_fallback: [B] True where the block gets raw sigma 1 instead of the net's (partial loads).
@@ -58,17 +60,13 @@ class LearnedZO(ZOOptimizer):
         self,
         params: ParamsLike,
         net: VarianceNet,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
+        *,
         normalization: str = "numel",
         batch_size: int = 16,
         sigma_fallback: Sequence[bool] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude)
+        super().__init__(params, **kwargs)
         names = [b.name for b in self.blocks]
         if net.block_names != names:
             pairs = enumerate(zip(net.block_names, names))
@@ -114,17 +112,14 @@ class LearnedZO(ZOOptimizer):
         self._raw, self.last_c, self.last_sigma = raw, c, eff
         return eff.tolist()
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
-        loss = super().step(closure)
-        # Only after a successful step: a non-finite loss raises above and leaves the state untouched.
-        probe = self.last_probe
-        assert probe is not None and self._raw is not None
-        self.loss_prev = (float(probe.loss_plus), float(probe.loss_minus))
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        super()._update(meas, sigma)
+        # Only after a finite probe (the step raises before updating otherwise): the recurrent state moves on.
+        assert self._raw is not None
+        self.loss_prev = (float(meas.probe.loss_plus), float(meas.probe.loss_minus))
         self.sigma_prev = self._raw
         if self.net.spec.features.normalize:
             self.ref.observe_loss(*self.loss_prev)
-        return loss
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -189,103 +184,113 @@ def _model_name(model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
-def build_learned(
-    model: nn.Module,
-    *,
-    artifact: str | None = None,
-    partial: bool = False,
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    batch_size: int | None = None,
-) -> LearnedZO:
+@dataclass(kw_only=True)
+class LearnedHParams(ZOHParams):
+    partial: bool = False  # load an artifact trained on other blocks: unmatched blocks get raw sigma 1
+    batch_size: int | None = None  # for normalization "paper"; None: the manifest's
+
+
+@dataclass(kw_only=True)
+class LearnedRandomHParams(ZOHParams):
+    net_seed: int = 0  # initialisation seed of the fresh net
+    normalization: str | None = None  # None: the artifact's rule, else "numel"
+    batch_size: int | None = None  # for normalization "paper"; None: the artifact's, else 16
+
+
+@dataclass(kw_only=True)
+class PerBlockConstHParams(ZOHParams):
+    sigma_by_kind: dict[str, float] | None = None  # block kind -> raw sigma (over an artifact's record)
+    default_sigma: float = 1.0  # for kinds not listed
+    normalization: str | None = None  # None: the artifact's rule, else "numel"
+    batch_size: int | None = None  # for normalization "paper"; None: the artifact's, else 16
+
+
+Build = Callable[[nn.Module, Any, str | None, dict[str, Any]], ZOOptimizer]
+_NORM_DEFAULT: Mapping[str, Any] = {"rule": "numel", "batch_size": 16}  # without an artifact to say otherwise
+
+
+def learned_factory(hparams_cls: type[ZOHParams], build: Build) -> Callable[..., ZOOptimizer]:
+    """A registry factory ``(model, *, artifact, seed, include, exclude, **hparams)``: reads the hyperparameters
+    into ``hparams_cls``, then ``build(model, hp, artifact, run)``, ``run`` being the optimizer's own keyword
+    arguments (seed, include, exclude and the ZO hyperparameters lr, eps, weight_decay)."""
+
+    def factory(
+        model: nn.Module,
+        *,
+        artifact: str | None = None,
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        **hparams: Any,
+    ) -> ZOOptimizer:
+        hp = make_hparams(hparams_cls, hparams, hparams_cls.__name__)
+        run = {"seed": seed, "include": include, "exclude": exclude, **pick(hp, ZOHParams)}
+        return build(model, hp, artifact, run)
+
+    return factory
+
+
+def _normalization(rule: str | None, batch_size: int | None, recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """LearnedZO's normalization and batch_size: the ones given, else the recorded ones."""
+    return {"normalization": rule or recorded["rule"], "batch_size": int(batch_size or recorded.get("batch_size", 16))}
+
+
+def _build_learned(model: nn.Module, hp: LearnedHParams, artifact: str | None, run: dict[str, Any]) -> LearnedZO:
     """LearnedZO from an artifact folder, checked against ``model`` (normalisation from the manifest)."""
     if artifact is None:
         raise L2ZOError("optimizer 'learned' needs an artifact folder: pass --artifact DIR (see `l2zo inspect DIR`)")
-    blocks = partition(model, include, exclude)
-    loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(partial))
-    norm = loaded.manifest["normalization"]
-    return LearnedZO(
-        model, loaded.net, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude,
-        normalization=norm["rule"], batch_size=int(batch_size or norm.get("batch_size", 16)),
-        sigma_fallback=loaded.sigma_fallback,
-    )  # fmt: skip
+    blocks = partition(model, run["include"], run["exclude"])
+    loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(hp.partial))
+    norm = _normalization(None, hp.batch_size, loaded.manifest["normalization"])
+    return LearnedZO(model, loaded.net, sigma_fallback=loaded.sigma_fallback, **norm, **run)
 
 
-def build_learned_random(
-    model: nn.Module,
-    *,
-    artifact: str | None = None,
-    net_seed: int = 0,
-    normalization: str | None = None,
-    batch_size: int | None = None,
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+def _build_learned_random(
+    model: nn.Module, hp: LearnedRandomHParams, artifact: str | None, run: dict[str, Any]
 ) -> LearnedZO:
     """LearnedZO with a fresh ``VarianceNet(spec, blocks, net_seed)``; spec and normalisation from ``artifact``."""
-    spec, norm = NetSpec(), {"rule": "numel", "batch_size": 16}
+    spec, recorded = NetSpec(), _NORM_DEFAULT
     if artifact is not None:
         manifest = read_manifest(artifact)
         net_d = {k: v for k, v in manifest["net"].items() if k not in ("feature_names", "num_inputs")}
-        spec, norm = NetSpec.from_dict(net_d), manifest["normalization"]
-    net = VarianceNet(spec, [b.name for b in partition(model, include, exclude)], seed=net_seed)
-    return LearnedZO(
-        model, net, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude,
-        normalization=normalization or norm["rule"], batch_size=int(batch_size or norm.get("batch_size", 16)),
-    )  # fmt: skip
+        spec, recorded = NetSpec.from_dict(net_d), manifest["normalization"]
+    net = VarianceNet(spec, [b.name for b in partition(model, run["include"], run["exclude"])], seed=hp.net_seed)
+    return LearnedZO(model, net, **_normalization(hp.normalization, hp.batch_size, recorded), **run)
 
 
-def build_per_block_const(
-    model: nn.Module,
-    *,
-    sigma_by_kind: Mapping[str, float] | None = None,
-    artifact: str | None = None,
-    default_sigma: float = 1.0,
-    normalization: str | None = None,
-    batch_size: int | None = None,
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+def _build_per_block_const(
+    model: nn.Module, hp: PerBlockConstHParams, artifact: str | None, run: dict[str, Any]
 ) -> PerBlockConstZO:
     """PerBlockConstZO from ``sigma_by_kind``, or from an artifact's recorded ``sigma_by_kind``; default all 1."""
-    norm: Mapping[str, Any] = {"rule": "numel", "batch_size": 16}
-    mapping = dict(sigma_by_kind or {})
+    recorded = _NORM_DEFAULT
+    mapping = dict(hp.sigma_by_kind or {})
     if artifact is not None:
         manifest = read_manifest(artifact)
-        norm = manifest["normalization"]
+        recorded = manifest["normalization"]
         mapping = {**manifest.get("sigma_by_kind", {}), **mapping}
     elif mapping:
-        kinds = {block_kind(b.name) for b in partition(model, include, exclude)}
+        kinds = {block_kind(b.name) for b in partition(model, run["include"], run["exclude"])}
         unknown = sorted(set(mapping) - kinds)
         if unknown:
             raise L2ZOError(f"sigma_by_kind names unknown block kinds {unknown}; this model has {sorted(kinds)}")
-    return PerBlockConstZO(
-        model, sigma_by_kind=mapping, default_sigma=default_sigma, normalization=normalization or norm["rule"],
-        batch_size=int(batch_size or norm.get("batch_size", 16)),
-        lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude,
-    )  # fmt: skip
+    norm = _normalization(hp.normalization, hp.batch_size, recorded)
+    return PerBlockConstZO(model, sigma_by_kind=mapping, default_sigma=hp.default_sigma, **norm, **run)
 
 
-_DEFAULTS = dict(lr=1e-6, eps=1e-3)
+build_learned = learned_factory(LearnedHParams, _build_learned)
+build_learned_random = learned_factory(LearnedRandomHParams, _build_learned_random)
+build_per_block_const = learned_factory(PerBlockConstHParams, _build_per_block_const)
+
+_RUN_ARGS = ("artifact", "seed", "include", "exclude")
 register_optimizer(OptimizerSpec(
-    name="learned", factory=build_learned, defaults=_DEFAULTS,
+    name="learned", factory=build_learned, hparams=LearnedHParams, run_args=_RUN_ARGS,
     description="ZO Fine-tuner: MeZO with a meta-trained per-block sigma net from an artifact (--artifact DIR)",
 ))  # fmt: skip
 register_optimizer(OptimizerSpec(
-    name="learned-random", factory=build_learned_random, defaults=_DEFAULTS,
+    name="learned-random", factory=build_learned_random, hparams=LearnedRandomHParams, run_args=_RUN_ARGS,
     description="ablation: LearnedZO with a freshly initialised net (net_seed), same normalisation",
 ))  # fmt: skip
 register_optimizer(OptimizerSpec(
-    name="per-block-const", factory=build_per_block_const, defaults=_DEFAULTS,
+    name="per-block-const", factory=build_per_block_const, hparams=PerBlockConstHParams, run_args=_RUN_ARGS,
     description="ablation: a fixed normalised sigma per block kind (sigma_by_kind or an artifact's); default = MeZO",
 ))  # fmt: skip

@@ -33,8 +33,9 @@ Deliberate differences from optsuite/LOZO:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,37 +43,52 @@ import torch
 from l2zo.engine import axpby_z_, for_each_z, mix_seed
 from l2zo.engine.blocks import Block, ParamsLike
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import NonFiniteLossError, ZOOptimizer, eval_mode
+from l2zo.optim.base import Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import probe_with, restore_state_dtypes
 
 _U_STREAM = (1 << 62) + 0x55  # never a chunk index, so U's seeds never meet z's
 _V_STREAM = (1 << 62) + 0x56
 
 
+@dataclass(kw_only=True)
+class LOZOHParams(ZOHParams):
+    rank: int = 2  # r, the rank of each matrix perturbation U V^T
+    nu: int = 50  # V is resampled every nu steps
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.rank) < 1:
+            raise L2ZOError(f"rank must be >= 1, got {self.rank}")
+        if int(self.nu) < 1:
+            raise L2ZOError(f"nu (the V resampling interval) must be >= 1, got {self.nu}")
+        self.rank, self.nu = int(self.rank), int(self.nu)
+
+
+@dataclass(kw_only=True)
+class LOZOMHParams(LOZOHParams):
+    rank: int = 4
+    beta: float = 0.9  # momentum of the factor-space M
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.beta < 1.0:
+            raise L2ZOError(f"beta must be in [0, 1), got {self.beta}")
+        self.beta = float(self.beta)
+
+
 class LOZO(ZOOptimizer):
     """Low-rank ZO-SGD: W <- W - lr (g U V^T + wd W), V resampled every ``nu`` steps (see module doc)."""
 
-    def __init__(
-        self,
-        params: ParamsLike,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        rank: int = 2,
-        nu: int = 50,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-    ) -> None:
-        if int(rank) < 1:
-            raise L2ZOError(f"rank must be >= 1, got {rank}")
-        if int(nu) < 1:
-            raise L2ZOError(f"nu (the V resampling interval) must be >= 1, got {nu}")
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude)
-        self.rank, self.nu = int(rank), int(nu)
+    hparams_cls = LOZOHParams
+
+    def __init__(self, params: ParamsLike, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.rank, self.nu = self.hp.rank, self.hp.nu
         self._mats = [b for b in self.blocks if b.is_matrix]
         self._vecs = [b for b in self.blocks if not b.is_matrix]
+        self._vs: dict[int, torch.Tensor] = {}  # V of every matrix for the current step
+        self._fresh = False  # whether this step resampled V
 
     # -- directions -------------------------------------------------------------------------------
     @staticmethod
@@ -110,42 +126,25 @@ class LOZO(ZOOptimizer):
                 self._mat(b).addmm_(self.factor_u(b, seed), vs[b.index].t(), beta=d, alpha=c)
         axpby_z_(self._vecs, seed, self.zsrc, coef, decay)
 
-    # -- the step ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One step: two forwards along U V^T (z on 1-D blocks), then the fused restore and update."""
-        if closure is None:
-            raise L2ZOError(
-                f"{type(self).__name__}.step needs a closure that returns the loss, e.g. "
-                "opt.step(lambda: loss_fn(model, batch)); it is evaluated twice"
-            )
-        seed = self.step_seed(self.step_count)
-        vs, fresh = self._step_vs()
-        eps, nb = self.eps, len(self.blocks)
+    # -- the step hooks ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _step_scope(self, seed: int) -> Iterator[None]:
+        """V for this step: resampled when step % nu == 0, else the stored one."""
+        self._vs, self._fresh = self._step_vs()
+        try:
+            yield
+        finally:
+            self._vs = {}
 
-        def move(scale: float) -> None:
-            self._axpby(seed, vs, [scale] * nb)
+    def _perturb(self, seed: int, scale: float, sigma: Sequence[float] | None) -> None:
+        """theta += scale * u: U V^T on matrices, z on 1-D blocks."""
+        self._axpby(seed, self._vs, [scale] * len(self.blocks))
 
-        with eval_mode(self.module):
-            probe = probe_with(closure, move, eps, seed)  # ends at theta - eps u
-        g = probe.projected_grad
-        if not math.isfinite(g):
-            move(+eps)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step_count} (L+={probe.loss_plus.item():.4g}, "
-                f"L-={probe.loss_minus.item():.4g}); parameters were restored. Lower the learning rate or eps, "
-                "or use --precision 32"
-            )
-        self._apply(seed, vs, fresh, g)
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """The fused restore and update, then this step's V is kept (in the state)."""
+        self._apply(meas.probe.seed, self._vs, self._fresh, meas.probe.projected_grad)
         for b in self._mats:
-            self.state[b.param]["V"] = vs[b.index]
-        self.step_count += 1
-        self.last_probe = probe
-        return probe.loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)  # fp32 M and m stay fp32 next to bf16 weights
+            self.state[b.param]["V"] = self._vs[b.index]
 
     def _apply(self, seed: int, vs: dict[int, torch.Tensor], fresh: bool, g: float) -> None:
         """Restore theta from theta - eps u and step: d (theta_minus + eps u) - lr g u, one pass."""
@@ -160,25 +159,7 @@ class LOZO(ZOOptimizer):
 class LOZOM(LOZO):
     """LOZO-M: momentum in the low-rank factor space, M <- beta M + (1 - beta) g U (see module doc)."""
 
-    def __init__(
-        self,
-        params: ParamsLike,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        rank: int = 4,
-        nu: int = 50,
-        beta: float = 0.9,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-    ) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise L2ZOError(f"beta must be in [0, 1), got {beta}")
-        super().__init__(params, lr, eps, rank, nu, weight_decay, seed, include, exclude)
-        self.defaults["beta"] = float(beta)
-        for group in self.param_groups:
-            group["beta"] = float(beta)
+    hparams_cls = LOZOMHParams
 
     def _apply(self, seed: int, vs: dict[int, torch.Tensor], fresh: bool, g: float) -> None:
         for b, group in zip(self.blocks, self.param_groups):
@@ -200,15 +181,18 @@ class LOZOM(LOZO):
             else:
                 if "m" not in st:
                     st["m"] = torch.zeros_like(b.param, dtype=torch.float32)
-                mom = st["m"].view(-1)
+                self._vector_step(b, seed, st["m"].view(-1), g, lr, beta, d)
 
-                def visit(blk: Block, s: int, e: int, theta: torch.Tensor, z: torch.Tensor) -> None:
-                    mom[s:e].mul_(beta).add_(z, alpha=(1.0 - beta) * g)
-                    if d != 1.0:
-                        theta.mul_(d)
-                    theta.add_(z, alpha=d * self.eps).sub_(mom[s:e], alpha=lr)
+    def _vector_step(self, b: Block, seed: int, mom: torch.Tensor, g: float, lr: float, beta: float, d: float) -> None:
+        """A 1-D block: m <- beta m + (1 - beta) g z;  theta <- d (theta_minus + eps z) - lr m, one pass."""
 
-                for_each_z([b], seed, self.zsrc, visit)
+        def visit(blk: Block, s: int, e: int, theta: torch.Tensor, z: torch.Tensor) -> None:
+            mom[s:e].mul_(beta).add_(z, alpha=(1.0 - beta) * g)
+            if d != 1.0:
+                theta.mul_(d)
+            theta.add_(z, alpha=d * self.eps).sub_(mom[s:e], alpha=lr)
+
+        for_each_z([b], seed, self.zsrc, visit)
 
 
 register_optimizer(
@@ -216,7 +200,7 @@ register_optimizer(
         name="lozo",
         factory=LOZO,
         description="LOZO: ZO-SGD along low-rank U V^T per matrix (V resampled every nu steps; ~0 extra buffers)",
-        defaults=dict(lr=1e-6, eps=1e-3, rank=2, nu=50),
+        hparams=LOZOHParams,
     )
 )
 register_optimizer(
@@ -224,6 +208,6 @@ register_optimizer(
         name="lozo-m",
         factory=LOZOM,
         description="LOZO-M: LOZO with momentum kept in the m x r factor space (~0 extra buffers)",
-        defaults=dict(lr=1e-6, eps=1e-3, rank=4, nu=50, beta=0.9),
+        hparams=LOZOMHParams,
     )
 )

@@ -11,8 +11,16 @@ Extra memory: 0 parameter-sized buffers (one 4 MB z chunk buffer per device and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from l2zo.optim.base import ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
+
+
+@dataclass(kw_only=True)
+class MeZOHParams(ZOHParams):
+    """MeZO's hyperparameters: exactly the shared ZO ones, whose defaults are MeZO's published values."""
 
 
 class MeZO(ZOOptimizer):
@@ -25,12 +33,14 @@ class MeZO(ZOOptimizer):
             loss = opt.step(lambda: loss_fn(model, batch))
     """
 
+    hparams_cls = MeZOHParams
+
 
 register_optimizer(
     OptimizerSpec(
         name="mezo",
         factory=MeZO,
         description="MeZO / ZO-SGD: two-point SPSA with seed replay, in-place and fused (0 extra buffers)",
-        defaults=dict(lr=1e-6, eps=1e-3),
+        hparams=MeZOHParams,
     )
 )

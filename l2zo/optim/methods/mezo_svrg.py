@@ -35,43 +35,63 @@ wd on matrices only, as MeZO.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from l2zo.engine import Z_CHUNK, Probe, ZSource, perturb_, zo_probe
+from l2zo.engine import Z_CHUNK, Probe, ZSource
 from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import NonFiniteLossError, ZOOptimizer, eval_mode
+from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import restore_state_dtypes
+
+
+@dataclass(kw_only=True)
+class MeZOSVRGHParams(ZOHParams):
+    lr: float = 1e-5  # eta2, the minibatch-step lr
+    lr_full: float = 1e-4  # eta1, the full-batch-step lr
+    q: int = 2  # a full-batch step every q steps
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.q) < 1:
+            raise L2ZOError(f"q (the full-batch period) must be >= 1, got {self.q}")
+        if not self.lr_full >= 0.0:
+            raise L2ZOError(f"lr_full must be >= 0, got {self.lr_full}")
+        self.q = int(self.q)
+
+
+@dataclass(frozen=True)
+class SVRGMeasurement(Measurement):
+    """A full-batch probe (``anchor`` None, ``full``), or a minibatch probe at theta plus, unless that one is
+    already non-finite, the same probe at the anchor theta~ (``anchor``; theta and theta~ are then swapped).
+    """
+
+    full: bool
+    anchor: Probe | None = None
+
+    def finite(self) -> bool:
+        return super().finite() and (self.anchor is None or math.isfinite(self.anchor.projected_grad))
+
+    def describe(self) -> str:
+        if self.full:
+            return f"full batch: {super().describe()}"
+        if not super().finite() or self.anchor is None:
+            return f"minibatch: {super().describe()}"
+        return f"minibatch at the anchor: L+={self.anchor.loss_plus.item():.4g}, L-={self.anchor.loss_minus.item():.4g}"
 
 
 class MeZOSVRG(ZOOptimizer):
     """MeZO-SVRG with a real anchor copy; call ``set_anchor_loss_fn`` before stepping (see module doc)."""
 
-    def __init__(
-        self,
-        params: ParamsLike,
-        lr: float = 1e-5,
-        eps: float = 1e-3,
-        lr_full: float = 1e-4,
-        q: int = 2,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-    ) -> None:
-        if int(q) < 1:
-            raise L2ZOError(f"q (the full-batch period) must be >= 1, got {q}")
-        if not lr_full >= 0.0:
-            raise L2ZOError(f"lr_full must be >= 0, got {lr_full}")
-        super().__init__(
-            params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude,
-            lr_full=lr_full,
-        )  # fmt: skip
-        self.q = int(q)
+    hparams_cls = MeZOSVRGHParams
+
+    def __init__(self, params: ParamsLike, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.q = self.hp.q
         self._anchor_loss_fn: Callable[[], torch.Tensor] | None = None
         self._full: tuple[int, float] | None = None  # (seed_D, g_D): the full-batch estimate g_D z_D
         self._zsrc_full = ZSource()  # its own chunk buffer, so z and z_D can be regenerated side by side
@@ -116,43 +136,52 @@ class MeZOSVRG(ZOOptimizer):
         init = group.get("initial_lr")
         return group["lr_full"] * (group["lr"] / init if init else 1.0)
 
-    def _nonfinite(self, probe: Probe, where: str) -> NonFiniteLossError:
-        return NonFiniteLossError(
-            f"non-finite {where} loss at step {self.step_count} (L+={probe.loss_plus.item():.4g}, "
-            f"L-={probe.loss_minus.item():.4g}); parameters were restored. Lower the learning rate or eps, "
-            "or use --precision 32"
-        )
-
-    # -- the step ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One step: a full-batch step every q steps (uses the anchor loss fn), else an SVRG minibatch step."""
-        if closure is None:
-            raise L2ZOError(
-                "MeZOSVRG.step needs a closure that returns the minibatch loss, e.g. "
-                "opt.step(lambda: loss_fn(model, batch)); it is evaluated 4 times on minibatch steps"
-            )
+    # -- the step hooks ---------------------------------------------------------------------------
+    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None) -> Measurement:
+        """Every q-th step: a probe of the anchor loss fn (the fixed large batch). Otherwise a probe of the
+        minibatch at theta, then (theta, theta~ swapped in place) the same probe, same z, at theta~."""
         if self.step_count % self.q == 0 or self._full is None:
-            loss = self._full_step()
-        else:
-            loss = self._minibatch_step(closure)
-        self.step_count += 1
-        return loss
+            fn = self._anchor_loss_fn
+            if fn is None:
+                raise L2ZOError(
+                    "mezo-svrg needs the loss over a fixed large training batch: call "
+                    "opt.set_anchor_loss_fn(fn) before stepping, where fn() returns that loss at the current weights"
+                )
+            return SVRGMeasurement(self._two_point(fn, seed, sigma), full=True)
+        p1 = self._two_point(closure, seed, sigma)  # theta -> theta - eps z
+        if not math.isfinite(p1.projected_grad):
+            return SVRGMeasurement(p1, full=False)
+        self._swap()  # parameters = theta~, anchor = theta - eps z
+        try:
+            p2 = self._two_point(closure, seed, sigma)  # theta~ -> theta~ - eps z
+        except BaseException:  # the probe put theta~ back
+            self._swap()
+            self._perturb(seed, +self.eps, sigma)
+            raise
+        return SVRGMeasurement(p1, full=False, anchor=p2)
 
-    def _full_step(self) -> torch.Tensor:
-        fn = self._anchor_loss_fn
-        if fn is None:
-            raise L2ZOError(
-                "mezo-svrg needs the loss over a fixed large training batch: call "
-                "opt.set_anchor_loss_fn(fn) before stepping, where fn() returns that loss at the current weights"
-            )
-        seed, eps = self.step_seed(self.step_count), self.eps
-        with eval_mode(self.module):
-            probe = zo_probe(fn, self.blocks, seed, eps, self.zsrc)
-        if not math.isfinite(probe.projected_grad):
-            perturb_(self.blocks, seed, self.zsrc, +eps)
-            raise self._nonfinite(probe, "full-batch")
-        g = probe.projected_grad
+    def _restore(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        assert isinstance(meas, SVRGMeasurement)
+        seed, eps = meas.probe.seed, self.eps
+        self._perturb(seed, +eps, sigma)
+        if meas.anchor is not None:  # theta~ restored above; now theta, swapped back first
+            self._swap()
+            self._perturb(seed, +eps, sigma)
+
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        assert isinstance(meas, SVRGMeasurement)
+        if meas.full:
+            self._full_update(meas.probe)
+            self.forward_counts["full_batch"] += 2
+        else:
+            assert meas.anchor is not None
+            self._svrg_update(meas.probe.seed, meas.probe.projected_grad - meas.anchor.projected_grad)
+            self.forward_counts["minibatch"] += 4
+        self.last_anchor_probe = meas.anchor
+
+    def _full_update(self, probe: Probe) -> None:
+        """Restore theta, copy it to theta~, and take the full-batch step, in one pass."""
+        seed, eps, g = probe.seed, self.eps, probe.projected_grad
         for b, group in zip(self.blocks, self.param_groups):
             lr1 = self._lr_full(group)
             d = 1.0 - lr1 * group["weight_decay"]
@@ -164,34 +193,6 @@ class MeZOSVRG(ZOOptimizer):
                     flat[s:e].mul_(d)
                 flat[s:e].add_(z, alpha=-lr1 * g)
         self._full = (seed, g)
-        self.forward_counts["full_batch"] += 2
-        self.last_probe, self.last_anchor_probe = probe, None
-        return probe.loss
-
-    def _minibatch_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        assert self._full is not None
-        seed, eps = self.step_seed(self.step_count), self.eps
-        with eval_mode(self.module):
-            p1 = zo_probe(closure, self.blocks, seed, eps, self.zsrc)  # theta -> theta - eps z
-            if not math.isfinite(p1.projected_grad):
-                perturb_(self.blocks, seed, self.zsrc, +eps)
-                raise self._nonfinite(p1, "minibatch")
-            self._swap()  # parameters = theta~, anchor = theta - eps z
-            try:
-                p2 = zo_probe(closure, self.blocks, seed, eps, self.zsrc)  # theta~ -> theta~ - eps z
-            except BaseException:  # zo_probe put theta~ back
-                self._swap()
-                perturb_(self.blocks, seed, self.zsrc, +eps)
-                raise
-            if not math.isfinite(p2.projected_grad):
-                perturb_(self.blocks, seed, self.zsrc, +eps)
-                self._swap()
-                perturb_(self.blocks, seed, self.zsrc, +eps)
-                raise self._nonfinite(p2, "anchor")
-        self._svrg_update(seed, p1.projected_grad - p2.projected_grad)
-        self.forward_counts["minibatch"] += 4
-        self.last_probe, self.last_anchor_probe = p1, p2
-        return p1.loss
 
     def _svrg_update(self, seed: int, dg: float) -> None:
         """Swap back, restoring both points, and step, in one pass:
@@ -222,8 +223,7 @@ class MeZOSVRG(ZOOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         svrg = state_dict.pop("svrg", None)
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)  # a private anchor copy: it is updated in place
+        super().load_state_dict(state_dict)  # the anchor comes back as a private copy: it is updated in place
         if svrg is not None:
             self._full = None if svrg["full"] is None else (int(svrg["full"][0]), float(svrg["full"][1]))
             self.forward_counts = dict(svrg["forward_counts"])
@@ -235,7 +235,8 @@ register_optimizer(
         factory=MeZOSVRG,
         description="MeZO-SVRG: SPSA with an SVRG control variate at a stored anchor, full-batch refresh every q steps "
         "(1 buffer; needs opt.set_anchor_loss_fn)",
-        defaults=dict(lr=1e-5, eps=1e-3, lr_full=1e-4, q=2),
+        hparams=MeZOSVRGHParams,
         forwards_per_step=4,
+        needs_anchor_batch=True,
     )
 )

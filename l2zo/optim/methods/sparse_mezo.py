@@ -7,16 +7,20 @@ m = 1[|theta| <= h_b] from the current weights every step ("GetMask").
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from l2zo.engine import Block, Probe, for_each_z
+from l2zo.engine import Block, for_each_z
+from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import NonFiniteLossError, ZOOptimizer, eval_mode
+from l2zo.optim.base import Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import lr_and_decay, probe_with, restore_state_dtypes
+from l2zo.optim.state import lr_and_decay
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -32,6 +36,16 @@ def _pack(mask: torch.Tensor, out: torch.Tensor) -> None:
 def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     bits = _BITS.to(packed.device)
     return (packed.unsqueeze(1) & bits).ne(0).view(-1)[:n]
+
+
+@dataclass(kw_only=True)
+class SparseMeZOHParams(ZOHParams):
+    sparsity: float = 0.8  # the fraction of each block left untouched (0.8: the 20% smallest |theta| are tuned)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.sparsity < 1.0:
+            raise L2ZOError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
 
 class SparseMeZO(ZOOptimizer):
@@ -56,20 +70,10 @@ class SparseMeZO(ZOOptimizer):
     acts on masked matrix entries only, so masked-out weights stay bit-identical.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        sparsity: float = 0.8,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include=None,
-        exclude=None,
-    ) -> None:
-        if not 0.0 <= sparsity < 1.0:
-            raise L2ZOError(f"sparsity must be in [0, 1), got {sparsity}")
-        super().__init__(params, lr, eps, weight_decay, seed, include, exclude, sparsity=sparsity)
+    hparams_cls = SparseMeZOHParams
+
+    def __init__(self, params: ParamsLike, **kwargs) -> None:
+        super().__init__(params, **kwargs)
         self._mask: list[torch.Tensor] | None = None  # packed masks, alive during one step only
 
     # -- thresholds and masks -------------------------------------------------------------------
@@ -88,7 +92,16 @@ class SparseMeZO(ZOOptimizer):
         """The dense bool mask of block b for the current weights (tests, analysis)."""
         return b.param.detach().abs() <= self.threshold(b)
 
-    def _perturb(self, seed: int, scale: float) -> None:
+    @contextlib.contextmanager
+    def _step_scope(self, seed: int) -> Iterator[None]:
+        """The mask is computed by the step's first pass and dropped when the step ends, however it ends."""
+        self._mask = None
+        try:
+            yield
+        finally:
+            self._mask = None
+
+    def _perturb(self, seed: int, scale: float, sigma: Sequence[float] | None) -> None:
         first = self._mask is None
         if first:
             self._mask = [
@@ -108,8 +121,10 @@ class SparseMeZO(ZOOptimizer):
 
         for_each_z(self.blocks, seed, self.zsrc, visit)
 
-    def _update_fused(self, probe: Probe) -> None:
-        g, eps, masks = probe.projected_grad, self.eps, self._mask
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """Restore and step on the masked entries, one fused pass with the step's mask."""
+        g, eps, masks = meas.probe.projected_grad, self.eps, self._mask
+        assert masks is not None
         lrs, decays = lr_and_decay(self, self.blocks)
 
         def visit(b: Block, start: int, end: int, theta: torch.Tensor, z: torch.Tensor) -> None:
@@ -120,33 +135,7 @@ class SparseMeZO(ZOOptimizer):
                 theta.sub_(theta * m, alpha=1.0 - decays[b.index])  # decay masked entries only
             theta.add_(z, alpha=-lrs[b.index] * g)
 
-        for_each_z(self.blocks, probe.seed, self.zsrc, visit)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        if closure is None:
-            raise L2ZOError("SparseMeZO.step needs a closure that returns the loss; it is called twice")
-        seed, eps = self.step_seed(self.step_count), self.eps
-        self._mask = None
-        try:
-            with eval_mode(self.module):
-                probe = probe_with(closure, lambda s: self._perturb(seed, s), eps, seed)
-            if not math.isfinite(probe.projected_grad):
-                self._perturb(seed, +eps)
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {self.step_count} (L+={probe.loss_plus.item():.4g}, "
-                    f"L-={probe.loss_minus.item():.4g}); parameters were restored. Lower the learning rate or eps"
-                )
-            self._update_fused(probe)
-        finally:
-            self._mask = None
-        self.step_count += 1
-        self.last_probe = probe
-        return probe.loss
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
+        for_each_z(self.blocks, meas.probe.seed, self.zsrc, visit)
 
 
 register_optimizer(
@@ -154,6 +143,6 @@ register_optimizer(
         name="sparse-mezo",
         factory=SparseMeZO,
         description="Sparse MeZO: MeZO on the smallest-|theta| entries per block (0 buffers; 1-bit mask per step)",
-        defaults=dict(lr=1e-6, eps=1e-3, sparsity=0.8),
+        hparams=SparseMeZOHParams,
     )
 )

@@ -8,14 +8,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from l2zo.engine import Block, Probe, for_each_z
+from l2zo.engine import Block, for_each_z
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import ZOOptimizer
+from l2zo.optim.base import Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import lr_and_decay, restore_state_dtypes, state_buffer
+from l2zo.optim.state import lr_and_decay, state_buffer
+
+
+@dataclass(kw_only=True)
+class ZOAdamHParams(ZOHParams):
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8  # Adam's epsilon (``eps`` is the perturbation radius)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        b1, b2 = (float(b) for b in self.betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise L2ZOError(f"betas must be in [0, 1), got {self.betas}")
+        if not self.adam_eps > 0.0:
+            raise L2ZOError(f"adam_eps must be > 0, got {self.adam_eps}")
+        self.betas = (b1, b2)
 
 
 class ZOAdam(ZOOptimizer):
@@ -36,27 +54,10 @@ class ZOAdam(ZOOptimizer):
     ``adam_eps`` because ``eps`` is the perturbation radius.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-5,
-        eps: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include=None,
-        exclude=None,
-    ) -> None:
-        b1, b2 = (float(b) for b in betas)
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise L2ZOError(f"betas must be in [0, 1), got {betas}")
-        if not adam_eps > 0.0:
-            raise L2ZOError(f"adam_eps must be > 0, got {adam_eps}")
-        super().__init__(params, lr, eps, weight_decay, seed, include, exclude, betas=(b1, b2), adam_eps=adam_eps)
+    hparams_cls = ZOAdamHParams
 
-    def _update(self, probe: Probe, sigma: Sequence[float] | None) -> None:
-        g, eps, t = probe.projected_grad, self.eps, self.step_count + 1
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        g, eps, t = meas.probe.projected_grad, self.eps, self.step_count + 1
         lrs, decays = lr_and_decay(self, self.blocks)
 
         def visit(b: Block, start: int, end: int, theta: torch.Tensor, z: torch.Tensor) -> None:
@@ -72,11 +73,7 @@ class ZOAdam(ZOOptimizer):
             denom = v.sqrt().div_(math.sqrt(1.0 - b2**t)).add_(group["adam_eps"])  # chunk-sized scratch
             theta.addcdiv_(m, denom, value=-lrs[b.index] / (1.0 - b1**t))
 
-        for_each_z(self.blocks, probe.seed, self.zsrc, visit)
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
+        for_each_z(self.blocks, meas.probe.seed, self.zsrc, visit)
 
 
 register_optimizer(
@@ -84,6 +81,6 @@ register_optimizer(
         name="zo-adam",
         factory=ZOAdam,
         description="ZO-Adam (ZO-Bench / MeZO-Adam): Adam moments on the SPSA estimate (2 fp32 buffers)",
-        defaults=dict(lr=1e-5, eps=1e-3, betas=(0.9, 0.999), adam_eps=1e-8),
+        hparams=ZOAdamHParams,
     )
 )

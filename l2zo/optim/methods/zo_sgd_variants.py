@@ -13,15 +13,27 @@ ZO-Bench sweep) follows ``ZOOptimizer`` (matrices only).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from l2zo.engine import Block, Probe, axpby_z_, for_each_z, zo_probe
+from l2zo.engine import Block, axpby_z_, evaluate_loss, for_each_z
 from l2zo.errors import L2ZOError
-from l2zo.optim.base import NonFiniteLossError, ZOOptimizer, eval_mode
+from l2zo.optim.base import LossFn, Measurement, ZOOptimizer
+from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import OptimizerSpec, register_optimizer
-from l2zo.optim.state import evaluate, lr_and_decay, restore_state_dtypes, state_buffer
+from l2zo.optim.state import lr_and_decay, state_buffer
+
+
+@dataclass(kw_only=True)
+class ZOSGDMomentumHParams(ZOHParams):
+    momentum: float = 0.9  # ZO-Bench's heavy-ball beta
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.momentum < 1.0:
+            raise L2ZOError(f"momentum must be in [0, 1), got {self.momentum}")
 
 
 class ZOSGDMomentum(ZOOptimizer):
@@ -35,39 +47,27 @@ class ZOSGDMomentum(ZOOptimizer):
     fp32 (ZO-Bench keeps it in the parameter dtype).
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include=None,
-        exclude=None,
-    ) -> None:
-        if not 0.0 <= momentum < 1.0:
-            raise L2ZOError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, lr, eps, weight_decay, seed, include, exclude, momentum=momentum)
+    hparams_cls = ZOSGDMomentumHParams
 
-    def _update(self, probe: Probe, sigma: Sequence[float] | None) -> None:
-        g, eps = probe.projected_grad, self.eps
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        g, eps = meas.probe.projected_grad, self.eps
         lrs, _ = lr_and_decay(self, self.blocks)
 
         def visit(b: Block, start: int, end: int, theta: torch.Tensor, z: torch.Tensor) -> None:
             group = self.param_groups[b.index]
-            m = state_buffer(self, b, "momentum")[start:end]
+            mom = state_buffer(self, b, "momentum")[start:end]
             theta.add_(z, alpha=eps)  # restore theta from theta - eps*z
-            m.mul_(group["momentum"]).add_(z, alpha=g)
+            mom.mul_(group["momentum"]).add_(z, alpha=g)
             if group["weight_decay"] != 0.0:
-                m.add_(theta, alpha=group["weight_decay"])
-            theta.add_(m, alpha=-lrs[b.index])
+                mom.add_(theta, alpha=group["weight_decay"])
+            theta.add_(mom, alpha=-lrs[b.index])
 
-        for_each_z(self.blocks, probe.seed, self.zsrc, visit)
+        for_each_z(self.blocks, meas.probe.seed, self.zsrc, visit)
 
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
+
+@dataclass(kw_only=True)
+class ZOSGDSignHParams(ZOHParams):
+    elementwise: bool = False  # True: the paper's sign(g * z); False: ZO-Bench's sign(g) * z
 
 
 class ZOSGDSign(ZOOptimizer):
@@ -81,28 +81,17 @@ class ZOSGDSign(ZOOptimizer):
     regenerations per step).
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        elementwise: bool = False,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include=None,
-        exclude=None,
-    ) -> None:
-        super().__init__(params, lr, eps, weight_decay, seed, include, exclude)
-        self.elementwise = bool(elementwise)
+    hparams_cls = ZOSGDSignHParams
 
-    def _update(self, probe: Probe, sigma: Sequence[float] | None) -> None:
-        s = math.copysign(1.0, probe.projected_grad) if probe.projected_grad != 0.0 else 0.0
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        g = meas.probe.projected_grad
+        s = math.copysign(1.0, g) if g != 0.0 else 0.0
         lrs, decays = lr_and_decay(self, self.blocks)
         eps = self.eps
-        if not self.elementwise:
+        if not self.hp.elementwise:
             # d * (theta_minus + eps*z) - lr*sign(g)*z in one pass.
             coef = [eps * d - lr * s for lr, d in zip(lrs, decays)]
-            axpby_z_(self.blocks, probe.seed, self.zsrc, coef, decays)
+            axpby_z_(self.blocks, meas.probe.seed, self.zsrc, coef, decays)
             return
 
         def visit(b: Block, start: int, end: int, theta: torch.Tensor, z: torch.Tensor) -> None:
@@ -111,7 +100,26 @@ class ZOSGDSign(ZOOptimizer):
                 theta.mul_(decays[b.index])
             theta.add_(z.sign_(), alpha=-lrs[b.index] * s)  # z is a scratch buffer: sign in place
 
-        for_each_z(self.blocks, probe.seed, self.zsrc, visit)
+        for_each_z(self.blocks, meas.probe.seed, self.zsrc, visit)
+
+
+@dataclass(frozen=True)
+class ConsMeasurement(Measurement):
+    """L(theta) = l0, the probe, and the candidate losses l1 = L(theta - lr*g*z), l2 = L(theta + lr*g*z)."""
+
+    l0: torch.Tensor
+    step: tuple[float, ...] = ()  # lr_b * g per block
+    l1: torch.Tensor | None = None  # None when the probe was non-finite (no candidates evaluated)
+    l2: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.l0
+
+
+@dataclass(kw_only=True)
+class ZOSGDConservativeHParams(ZOHParams):
+    """ZO-SGD-Cons has no hyperparameter of its own."""
 
 
 class ZOSGDConservative(ZOOptimizer):
@@ -132,19 +140,9 @@ class ZOSGDConservative(ZOOptimizer):
     1: theta - lr*g*z, 2: theta + lr*g*z).
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include=None,
-        exclude=None,
-    ) -> None:
-        super().__init__(params, lr, eps, weight_decay, seed, include, exclude)
-        self.last_losses: tuple[float, float, float] | None = None
-        self.last_choice: int | None = None
+    hparams_cls = ZOSGDConservativeHParams
+    last_losses: tuple[float, float, float] | None = None
+    last_choice: int | None = None
 
     @staticmethod
     def choose(l0: float, l1: float, l2: float) -> int:
@@ -156,45 +154,39 @@ class ZOSGDConservative(ZOOptimizer):
     def _move(self, seed: int, coef: list[float], decay: list[float] | None = None) -> None:
         axpby_z_(self.blocks, seed, self.zsrc, coef, decay)
 
-    def _eval_at(self, closure: Callable[[], torch.Tensor], seed: int, back: list[float]) -> torch.Tensor:
+    def _eval_at(self, closure: LossFn, seed: int, back: list[float]) -> torch.Tensor:
         try:
-            return evaluate(closure)
+            return evaluate_loss(closure)
         except BaseException:
             self._move(seed, back)  # back to theta before re-raising
             raise
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        if closure is None:
-            raise L2ZOError("ZOSGDConservative.step needs a closure that returns the loss; it is called 5 times")
-        seed, eps = self.step_seed(self.step_count), self.eps
-        lrs, decays = lr_and_decay(self, self.blocks)
-        with eval_mode(self.module):
-            l0 = evaluate(closure)
-            probe = zo_probe(closure, self.blocks, seed, eps, self.zsrc)
-            g = probe.projected_grad
-            if not math.isfinite(g):
-                self._move(seed, [eps] * len(self.blocks))
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {self.step_count} (L+={probe.loss_plus.item():.4g}, "
-                    f"L-={probe.loss_minus.item():.4g}); parameters were restored. Lower the learning rate or eps"
-                )
-            step = [lr * g for lr in lrs]  # lr_b * g per block
-            self._move(seed, [eps - s for s in step])  # theta - eps*z -> theta - lr*g*z (restore fused)
-            l1 = self._eval_at(closure, seed, step)
-            self._move(seed, [2 * s for s in step])  # -> theta + lr*g*z
-            l2 = self._eval_at(closure, seed, [-s for s in step])
+    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None) -> Measurement:
+        """l0, the probe, then the two candidates (skipped when the probe is non-finite: the step restores)."""
+        l0 = evaluate_loss(closure)
+        probe = self._two_point(closure, seed, sigma)
+        if not math.isfinite(probe.projected_grad):
+            return ConsMeasurement(probe, l0)
+        lrs, _ = lr_and_decay(self, self.blocks)
+        step = [lr * probe.projected_grad for lr in lrs]
+        self._move(seed, [self.eps - s for s in step])  # theta - eps*z -> theta - lr*g*z (restore fused)
+        l1 = self._eval_at(closure, seed, step)
+        self._move(seed, [2 * s for s in step])  # -> theta + lr*g*z
+        l2 = self._eval_at(closure, seed, [-s for s in step])
         torch.clear_autocast_cache()
-        choice = self.choose(float(l0), float(l1), float(l2))
+        return ConsMeasurement(probe, l0, tuple(step), l1, l2)
+
+    def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        assert isinstance(meas, ConsMeasurement) and meas.l1 is not None and meas.l2 is not None
+        _, decays = lr_and_decay(self, self.blocks)
+        losses = (float(meas.l0), float(meas.l1), float(meas.l2))
+        choice = self.choose(*losses)
         back = {0: -1.0, 1: -2.0, 2: 0.0}[choice]
         if back != 0.0 or any(d != 1.0 for d in decays):
             # d * (theta_B + back*lr*g*z): one pass, no regeneration when only decaying.
-            self._move(seed, [d * back * s for d, s in zip(decays, step)], decays)
-        self.step_count += 1
-        self.last_probe = probe
-        self.last_losses = (float(l0), float(l1), float(l2))
+            self._move(meas.probe.seed, [d * back * s for d, s in zip(decays, meas.step)], decays)
+        self.last_losses = losses
         self.last_choice = choice
-        return l0
 
 
 register_optimizer(
@@ -202,7 +194,7 @@ register_optimizer(
         name="zo-sgd-mmt",
         factory=ZOSGDMomentum,
         description="ZO-SGD with momentum (ZO-Bench): SPSA estimate into heavy-ball SGD (1 fp32 buffer)",
-        defaults=dict(lr=1e-6, eps=1e-3, momentum=0.9),
+        hparams=ZOSGDMomentumHParams,
     )
 )
 register_optimizer(
@@ -210,7 +202,7 @@ register_optimizer(
         name="zo-sgd-cons",
         factory=ZOSGDConservative,
         description="ZO-SGD-Cons (ZO-Bench): greedy pick among theta, theta -/+ lr*g*z on the batch (5 fwd, 0 buffers)",
-        defaults=dict(lr=1e-6, eps=1e-3),
+        hparams=ZOSGDConservativeHParams,
         forwards_per_step=5,
     )
 )
@@ -219,6 +211,6 @@ register_optimizer(
         name="zo-sgd-sign",
         factory=ZOSGDSign,
         description="ZO-SGD-Sign (ZO-Bench): step along sign(g) * z (elementwise=True: sign(g*z)); 0 buffers",
-        defaults=dict(lr=1e-6, eps=1e-3),
+        hparams=ZOSGDSignHParams,
     )
 )
