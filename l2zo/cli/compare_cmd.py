@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from l2zo.compare.spec import COMPARE_HELP, CompareConfig
 from l2zo.config import add_config_arguments, build_config
 from l2zo.errors import L2ZOError
 
-_NOT_CONFIG = ("command", "func", "config", "overwrite")
+_NOT_CONFIG = ("command", "func", "config", "overwrite", "resume")
 
 _EXAMPLE = """example:
   l2zo compare --model tiny --task synth-sentiment --optimizers mezo,zo-adam:lr=1e-4,hizoo \\
@@ -24,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="run several optimizers on the same batches and seeds; tables and plots",
                        epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags win)")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier runs in --logdir")
+    p.add_argument("--overwrite", action="store_true", help="replace the experiment in --logdir (all of it)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment in --logdir: keep the finished runs")
     add_config_arguments(p, CompareConfig, COMPARE_HELP)
     p.set_defaults(func=run_compare_cmd)
 
@@ -40,12 +42,12 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     cfg = build_config(CompareConfig, args.config, overrides)
-    report = run_compare(cfg, overwrite=args.overwrite)
+    report = run_compare(cfg, overwrite=args.overwrite, resume=args.resume)
     print_report(report, Path(cfg.logdir))
     failed = sum(r["status"] != "ok" for r in report["records"])
     if failed:
-        print(f"{failed} of {len(report['records'])} runs failed; see the status column")
-    return 0
+        print(f"l2zo: {failed} of {len(report['records'])} runs failed; see the status column", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_report(args: argparse.Namespace) -> int:
