@@ -295,6 +295,8 @@ def test_compare_records_an_interrupted_run_refuses_other_experiments_and_resume
     from l2zo.compare.events import read_run
 
     assert read_run(root / "zo-sgd-sign" / "seed0", root).status == "interrupted"  # `l2zo report` sees it
+    assert main(["report", str(root)]) == 0
+    assert "| interrupted (1/1 seeds): seed0: interrupted by SIGTERM |" in capsys.readouterr().out
 
     # Another experiment (another task) in the same folder: refused, naming what differs.
     other = [a if a != "synth-color" else "synth-sentiment" for a in argv]
