@@ -37,6 +37,7 @@ from l2zo.utils.runstatus import RUNNING, RunInterrupted, SignalGuard, record_en
 
 log = logging.getLogger("l2zo")
 
+
 def optimizer_hparams(cfg: FinetuneConfig, spec: OptimizerSpec) -> dict[str, Any]:
     """The hyperparameters to pass to the optimizer: explicit flags, opt_args, seed and block patterns."""
     hp: dict[str, Any] = {k: getattr(cfg, k) for k in ("lr", "eps", "weight_decay") if getattr(cfg, k) is not None}
@@ -144,19 +145,6 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
 
 def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any, data: TaskData, loaded: Any,
          logdir: Path, guard: SignalGuard) -> dict[str, Any]:  # fmt: skip
-    L.seed_everything(cfg.seed, workers=False, verbose=False)
-    scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.max_length)
-    module = FinetuneModule(
-        model=loaded.model,
-        scorer=scorer,
-        loss_kind=task.loss_kind,
-        build_optimizer=lambda model: _with_z_source(build_optimizer(cfg.optimizer, model, **hp), cfg.cache_z),
-        zeroth_order=spec.zeroth_order,
-        forwards_per_step=spec.forwards_per_step,
-        lr_schedule=cfg.lr_schedule,
-        total_steps=cfg.steps,
-    )
-    dm = TaskDataModule(data, scorer, cfg.batch_size, cfg.eval_batch_size, cfg.seed)
     summary: dict[str, Any] = {
         "status": RUNNING,
         "model": cfg.model,
@@ -174,14 +162,30 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
         "precision": cfg.precision,
         "forwards_per_step": spec.forwards_per_step,
     }
-    write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
     write_json_atomic(logdir / "summary.json", summary)  # "running" until it ends: a SIGKILL leaves it so
-    logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
-    report = EvalReport(data.dev, data.test, dev_evals=evaluations_planned(cfg.steps, min(cfg.eval_every, cfg.steps)),
-                        max_length=cfg.max_length, batch_size=cfg.eval_batch_size)  # fmt: skip
-    trainer = make_trainer(cfg, logger, [StopOnSignal(guard), FailOnNonFiniteLoss(), report])
-    t_start = time.perf_counter()
+    module: FinetuneModule | None = None
+    trainer: L.Trainer | None = None
     try:
+        L.seed_everything(cfg.seed, workers=False, verbose=False)
+        scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.max_length)
+        module = FinetuneModule(
+            model=loaded.model,
+            scorer=scorer,
+            loss_kind=task.loss_kind,
+            build_optimizer=lambda model: _with_z_source(build_optimizer(cfg.optimizer, model, **hp), cfg.cache_z),
+            zeroth_order=spec.zeroth_order,
+            forwards_per_step=spec.forwards_per_step,
+            lr_schedule=cfg.lr_schedule,
+            total_steps=cfg.steps,
+        )
+        dm = TaskDataModule(data, scorer, cfg.batch_size, cfg.eval_batch_size, cfg.seed)
+        write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
+        logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
+        evals = evaluations_planned(cfg.steps, min(cfg.eval_every, cfg.steps))
+        report = EvalReport(data.dev, data.test, dev_evals=evals, max_length=cfg.max_length,
+                            batch_size=cfg.eval_batch_size)  # fmt: skip
+        trainer = make_trainer(cfg, logger, [StopOnSignal(guard), FailOnNonFiniteLoss(), report])
+        t_start = time.perf_counter()
         with trainer_call(guard):
             trainer.validate(module, datamodule=dm, verbose=False)
             trainer.fit(module, datamodule=dm)
@@ -198,8 +202,9 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
                 loaded.tokenizer.save_pretrained(tmp)
             summary["model_saved_to"] = str(logdir / "model")
     except BaseException as exc:
-        summary.setdefault("steps_done", int(trainer.global_step))
-        summary.update(_digests(module))
+        summary.setdefault("steps_done", int(trainer.global_step) if trainer is not None else 0)
+        if module is not None:
+            summary.update(_digests(module))
         record_end(summary, exc)
         write_json_atomic(logdir / "summary.json", summary)
         if isinstance(exc, RunInterrupted):

@@ -202,27 +202,28 @@ def run_meta_train(cfg: MetaTrainConfig, *, resume: str | None = None, overwrite
 
 def _run(cfg: MetaTrainConfig, tasks: list[MetaTask], loaded: Any, logdir: Path, guard: SignalGuard,
          resume: str | None, overwrite: bool) -> Path:  # fmt: skip
-    L.seed_everything(cfg.seed, workers=False, verbose=False)
-    blocks = partition(loaded.model)
-    scorer = CandidateScorer(loaded.tokenizer, cfg.max_length)
-    module = MetaTrainModule(loaded.model, build_net(cfg, blocks), scorer, tasks, cfg)
-    write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
     summary: dict[str, Any] = {"status": RUNNING, "tasks": [t.name for t in tasks], "steps": cfg.steps,
                                "resumed_from": resume, "output": cfg.output}  # fmt: skip
-    write_json_atomic(logdir / "summary.json", summary)
+    write_json_atomic(logdir / "summary.json", summary)  # "running" until it ends: a SIGKILL leaves it so
     last = logdir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
-    # On a signal: finish the meta-step, then save it (the same point in the step as the periodic checkpoints).
-    stop = StopOnSignal(guard, on_interrupt=lambda trainer: trainer.save_checkpoint(last))
-    trainer = make_meta_trainer(cfg, logdir, logger, callbacks=[stop])
+    trainer: L.Trainer | None = None
     try:
+        L.seed_everything(cfg.seed, workers=False, verbose=False)
+        blocks = partition(loaded.model)
+        scorer = CandidateScorer(loaded.tokenizer, cfg.max_length)
+        module = MetaTrainModule(loaded.model, build_net(cfg, blocks), scorer, tasks, cfg)
+        write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
+        logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
+        # On a signal: finish the meta-step, then save it (the same point in the step as the periodic checkpoints).
+        stop = StopOnSignal(guard, on_interrupt=lambda trainer: trainer.save_checkpoint(last))
+        trainer = make_meta_trainer(cfg, logdir, logger, callbacks=[stop])
         with trainer_call(guard):
             trainer.fit(module, train_dataloaders=DataLoader(_Ticker(), batch_size=None), ckpt_path=resume)
             trainer.save_checkpoint(last)  # the final state: a resume from it only writes the artifact
         path, record = _write_artifact(cfg, module, loaded, tasks, int(trainer.global_step), resume, overwrite)
     except BaseException as exc:
         record_end(summary, exc)
-        summary.update(steps_done=int(trainer.global_step), artifact=None,
+        summary.update(steps_done=int(trainer.global_step) if trainer is not None else 0, artifact=None,
                        checkpoint=str(last) if last.is_file() else None)  # fmt: skip
         if isinstance(exc, RunInterrupted):
             summary["resume_command"] = resume_command(cfg, last) if last.is_file() else None

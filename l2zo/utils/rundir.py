@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import tempfile
@@ -19,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from l2zo.errors import L2ZOError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): run folders are not locked
+    fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".l2zo.lock"
 # Subfolders a run writes (fine-tuned weights, Lightning checkpoints); --overwrite removes them with the files.
@@ -95,6 +99,8 @@ class RunFolder:
 
 def _take_lock(path: Path, flag: str) -> int:
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -135,6 +141,7 @@ def locked_run_folder(path: str | Path, flag: str = "--logdir") -> Iterator[RunF
             shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
