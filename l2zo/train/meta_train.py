@@ -52,11 +52,11 @@ log = logging.getLogger("l2zo")
 
 CHECKPOINT_DIR = "checkpoints"  # inside the run folder
 LAST_CHECKPOINT = "last.ckpt"
+# What torch.load raises for a truncated, foreign or unsafe file.
+_UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
 # Config keys a resumed run may change: the step budget, where the run folder and the artifact go, and how
 # often checkpoints and histograms are written. Anything else would make the artifact's record a history
 # that did not happen.
-# What torch.load raises for a truncated, foreign or unsafe file.
-_UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
 RESUME_MAY_CHANGE = ("steps", "logdir", "output", "checkpoint_every", "histogram_every", "progress")
 
 
