@@ -25,3 +25,9 @@ def unknown_choice(kind: str, value: str, choices: Iterable[str], hint: str = ""
     if hint:
         msg += f". {hint}"
     return L2ZOError(msg)
+
+
+def not_utf8(path: object, exc: UnicodeDecodeError, what: str = "file") -> L2ZOError:
+    """Build the error for a text file that is not UTF-8, naming the first bad byte's position."""
+    return L2ZOError(f"{what} {path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                     "save it as UTF-8")  # fmt: skip

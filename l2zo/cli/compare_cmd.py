@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -26,7 +27,8 @@ _EXAMPLE = """example:
 
 def register(cli: CommandParser) -> None:
     p = config_parser(CompareConfig, description=COMPARE_HELP, epilog=_EXAMPLE)
-    p.add_argument("--overwrite", action="store_true", help="replace earlier runs in --logdir")
+    p.add_argument("--overwrite", action="store_true", help="replace the experiment in --logdir (all of it)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment in --logdir: keep the finished runs")
     cli.add_command("compare", p, run_compare_cmd, help=COMPARE_HELP)
 
     r = command_parser(description=REPORT_HELP)
@@ -40,12 +42,12 @@ def run_compare_cmd(args: Namespace) -> int:
     from l2zo.compare.run import run_compare
 
     cfg = from_namespace(CompareConfig, args)
-    report = run_compare(cfg, overwrite=args.overwrite)
+    report = run_compare(cfg, overwrite=args.overwrite, resume=args.resume)
     print_report(report, Path(cfg.logdir))
     failed = sum(r["status"] != "ok" for r in report["records"])
     if failed:
-        print(f"{failed} of {len(report['records'])} runs failed; see the status column")
-    return 0
+        print(f"l2zo: {failed} of {len(report['records'])} runs failed; see the status column", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_report(args: Namespace) -> int:

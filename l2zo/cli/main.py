@@ -1,6 +1,8 @@
 """``l2zo``: one subcommand per module listed in ``COMMANDS``; each module has ``register(subparsers)``.
 
-User errors (``L2ZOError``) print one line and exit with status 2, without a traceback.
+Every ending is one line on stderr and an exit status (``l2zo.utils.runstatus``): a user error or a failed
+run (``L2ZOError``) exits 2, SIGTERM 143 and SIGINT 130 (``RunInterrupted``), an unexpected exception 1
+(its traceback only with ``L2ZO_TRACEBACK=1``); run folders record the same in summary.json.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 from l2zo.cli.parser import CommandParser
 from l2zo.errors import L2ZOError
+from l2zo.utils.runstatus import RunInterrupted, one_line
 
 # Each module defines register(cli): it adds its command(s) with CommandParser.add_command.
 COMMANDS = (
@@ -55,9 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except L2ZOError as exc:
         print(f"l2zo: error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"l2zo: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("l2zo: interrupted", file=sys.stderr)
+        print("l2zo: interrupted by SIGINT", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("L2ZO_TRACEBACK"):
+            raise
+        print(f"l2zo: internal error: {one_line(exc)} (L2ZO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

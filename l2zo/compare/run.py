@@ -2,9 +2,15 @@
 
 Fairness: one data seed for all runs (same train/dev/test sets), and run seed k for every optimizer at
 seed k (same batch order; it also seeds z). Each run's ``batch_digest`` is recorded so the claim can be
-checked. Everything the user typed is checked before the first run; after that a failing run (an
-``L2ZOError`` such as a non-finite loss, any other exception, or a diverged dev loss) is recorded as
-failed with its reason and the other runs go on.
+checked. Everything the user typed is checked before the first run (and before the folder is made);
+after that a failing run (an ``L2ZOError`` such as a non-finite loss, any other exception, or a diverged
+dev loss) is recorded as failed with its reason and the other runs go on. A SIGTERM or SIGINT records the
+current run as interrupted and stops the compare.
+
+The experiment folder is locked while the compare runs. ``compare.json`` names the experiment (model, task,
+data, steps, ...) and says how each run ended; a folder that holds another experiment is refused unless
+``--overwrite`` (which removes all of it), and a rerun of the same one is refused unless ``--resume`` (which
+skips the runs that finished) or ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +26,7 @@ from typing import Any
 
 import torch
 
-from l2zo.compare.events import RECORD_TAG, divergence_reason, find_run_folders
+from l2zo.compare.events import RECORD_TAG, divergence_reason, find_run_folders, load_experiment
 from l2zo.compare.spec import (
     CompareConfig,
     RunSpec,
@@ -31,14 +38,24 @@ from l2zo.compare.spec import (
 )
 from l2zo.config import FinetuneConfig
 from l2zo.errors import L2ZOError
+from l2zo.optim.registry import build_optimizer, get_optimizer_spec, optimizer_specs
 from l2zo.optim.run_hparams import optimizer_hparams
-from l2zo.optim.registry import get_optimizer_spec, optimizer_specs
 from l2zo.tasks.loading import load_task_data
 from l2zo.train.logs import quiet_libraries
+from l2zo.utils.io import dumps_strict, write_json_atomic
+from l2zo.utils.rundir import clear_run, locked_run_folder
+from l2zo.utils.runstatus import FAILED, INTERRUPTED, OK, RunInterrupted, one_line, record_end, signal_guard
 
 log = logging.getLogger("l2zo")
 
-_RUN_FILES = ("summary.json", "config.yaml", "hparams.yaml")
+EXPERIMENT_FILE = "compare.json"
+# What makes two compares the same experiment: runs that differ in these are not comparable in one table.
+EXPERIMENT_KEYS = ("model", "task", "data_dir", "data_seed", "num_train", "num_dev", "num_test", "steps",
+                   "batch_size", "eval_every", "max_length", "precision", "lr_schedule")  # fmt: skip
+# The compare's own files at the experiment root (plots included), removed by --overwrite.
+REPORT_FILES = ("summary.md", "summary.csv", "sweep.csv", EXPERIMENT_FILE, "dev_loss_vs_steps.png",
+                "dev_loss_vs_forwards.png", "dev_loss_vs_time.png", "test_acc.png")  # fmt: skip
+FINISHED = (OK, FAILED)  # a run that ended so is not redone by --resume
 
 
 @dataclass
@@ -70,8 +87,11 @@ def hparams_that_run(fcfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def make_plan(cfg: CompareConfig) -> Plan:
-    """Parse and check everything before any run: optimizers, hyperparameters, sweep, seeds, task, model."""
+    """Parse and check everything before any run: optimizers, hyperparameters, sweep, seeds, task, model,
+    device, batch size, folder; then build every optimizer once on the model (bad values, artifacts that do
+    not fit)."""
     from l2zo.models import load_model
+    from l2zo.train.finetune import check_inputs
 
     seeds = parse_seeds(cfg.seeds)
     points = parse_sweep(cfg.sweep)
@@ -91,23 +111,84 @@ def make_plan(cfg: CompareConfig) -> Plan:
             from l2zo.learned.artifact import read_manifest
 
             read_manifest(fcfg.artifact)
-    load_task_data(cfg.data)  # task name, data files, split sizes
-    load_model(cfg.data.model)  # a wrong model name fails here, not as N failed runs
+    first = plan.finetune_config(plan.specs[0], seeds[0])
+    _, data = load_task_data(cfg.data)  # task name, data files, split sizes
+    check_inputs(first, data)
+    model = load_model(cfg.data.model).model  # a wrong model name fails here, not as N failed runs
+    for spec in plan.specs:
+        fcfg = plan.finetune_config(spec, seeds[0])
+        try:
+            build_optimizer(spec.optimizer, model, **optimizer_hparams(fcfg, get_optimizer_spec(spec.optimizer)))
+        except L2ZOError as exc:
+            raise L2ZOError(f"--optimizers item {spec.label!r}: {exc}") from None
     return plan
 
 
-def prepare_logdir(plan: Plan, overwrite: bool) -> None:
-    """Refuse to mix with earlier runs unless ``overwrite``; then clear those runs' files (events, summaries)."""
+def experiment_key(cfg: CompareConfig) -> dict[str, Any]:
+    return {k: getattr(cfg.data if hasattr(cfg.data, k) else cfg, k) for k in EXPERIMENT_KEYS}
+
+
+def _recorded_experiment(root: Path) -> dict[str, Any] | None:
+    """The experiment a folder holds: from its compare.json, else from its runs' records (older compares)."""
+    try:
+        return dict(json.loads((root / EXPERIMENT_FILE).read_text(encoding="utf-8"))["experiment"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    configs = [r.config for r in load_experiment(root) if r.config]
+    return {k: v for k, v in configs[0].items() if k in EXPERIMENT_KEYS} if configs else None
+
+
+def _clear_experiment(root: Path, runs: list[Path]) -> None:
+    """--overwrite: remove every run folder under ``root`` and the compare's own files."""
+    for folder in runs:
+        if folder == root:
+            clear_run(root)
+            continue
+        shutil.rmtree(folder)
+        parent = folder.parent
+        while parent != root and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    for name in REPORT_FILES:
+        (root / name).unlink(missing_ok=True)
+
+
+def _run_status(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prepare_logdir(plan: Plan, overwrite: bool, resume: bool = False) -> set[Path]:
+    """Check the (locked) experiment folder against the plan; return the planned run folders to skip.
+
+    Refused, unless ``overwrite`` (then everything there is removed): runs of another experiment (a key of
+    ``EXPERIMENT_KEYS`` differs, or unknown); planned runs that exist already, unless ``resume``, which
+    skips those that finished (ok or failed) and redoes the others.
+    """
     root = Path(plan.cfg.logdir)
-    planned = {plan.run_dir(s, k).resolve() for s in plan.specs for k in plan.seeds}
     old = find_run_folders(root) if root.is_dir() else []
+    if overwrite:
+        _clear_experiment(root, old)
+        return set()
+    if not old:
+        return set()
+    fix = "pick another --logdir, or pass --overwrite to replace it"
+    theirs = _recorded_experiment(root)
+    if theirs is None:
+        raise L2ZOError(f"{root} holds runs that no l2zo compare recorded; {fix}")
+    mine = experiment_key(plan.cfg)
+    diff = [k for k in EXPERIMENT_KEYS if k in theirs and theirs[k] != mine[k]]
+    if diff:
+        shown = "; ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} now" for k in diff)
+        raise L2ZOError(f"{root} holds another experiment ({shown}); {fix}")
+    planned = {plan.run_dir(s, k).resolve() for s in plan.specs for k in plan.seeds}
     clash = [f for f in old if f.resolve() in planned]
-    if clash and not overwrite:
-        raise L2ZOError(f"{clash[0]} already holds a run; pick another --logdir or pass --overwrite")
-    if overwrite:  # stale runs of an earlier compare would otherwise show up in the tables
-        for folder in old:
-            for f in [*folder.glob("events.out.tfevents.*"), *(folder / n for n in _RUN_FILES)]:
-                f.unlink(missing_ok=True)
+    if clash and not resume:
+        raise L2ZOError(f"{clash[0]} already holds a run of this experiment; pass --resume to keep the finished runs "
+                        "and redo the others, --overwrite to start over, or pick another --logdir")  # fmt: skip
+    return {f.resolve() for f in clash if _run_status(f) in FINISHED}
 
 
 def _reset_peak_memory() -> None:
@@ -120,18 +201,13 @@ def _reset_peak_memory() -> None:
         pass
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if isinstance(exc, L2ZOError) else f"{type(exc).__name__}: {text}"
-
-
 def write_record(folder: Path, record: dict[str, Any]) -> None:
     """The run's events-only record (read back by ``l2zo report``): one JSON text summary."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(folder), filename_suffix=".compare")
     try:
-        writer.add_text(RECORD_TAG, json.dumps(record, sort_keys=True, default=str), global_step=0)
+        writer.add_text(RECORD_TAG, dumps_strict(record, sort_keys=True), global_step=0)
     finally:
         writer.close()
 
@@ -157,12 +233,17 @@ def run_one(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str, Any]:
         dev = [(h["step"], h["loss"]) for h in summary["dev_history"]]
         reason = divergence_reason(dev)
         record.update(status="failed" if reason else "ok", reason=reason or "")
-    except KeyboardInterrupt:
+    except RunInterrupted as exc:  # recorded (``l2zo report`` shows it), then the whole compare stops
+        if folder.is_dir():
+            summary = _read_summary(folder)
+            record.update(status=INTERRUPTED, reason=f"interrupted by {exc.signame}",
+                          batch_digest=summary.get("batch_digest"), steps_done=summary.get("steps_done"))  # fmt: skip
+            write_record(folder, record)
         raise
     except Exception as exc:  # a failing optimizer must never abort the compare
         log.debug("run %s seed %d failed", spec.label, seed, exc_info=True)
         summary = _read_summary(folder)
-        record.update(status="failed", reason=_one_line(exc))
+        record.update(status="failed", reason=one_line(exc))
     record["batch_digest"] = summary.get("batch_digest")
     record["steps_done"] = summary.get("steps_done")
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,28 +265,80 @@ def _fmt(x: Any, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def run_compare(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Check the plan, run every (spec, seed), then write summary.md, summary.csv and the plots.
+
+    The returned report's ``records`` say how each run ended (``status``). Raises ``RunInterrupted`` on a
+    signal, after recording the current run as interrupted and the compare's state in compare.json.
+    """
+    quiet_libraries()
+    with signal_guard():
+        plan = make_plan(cfg)
+        with locked_run_folder(cfg.logdir) as folder:
+            skip = prepare_logdir(plan, overwrite, resume)
+            folder.started = True
+            return _run_all(plan, skip)
 
 
-def run_compare(cfg: CompareConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Check the plan, run every (spec, seed), then write summary.md, summary.csv and the plots."""
+def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
     from l2zo.compare.summary import write_report
 
-    quiet_libraries()
-
-    plan = make_plan(cfg)
-    prepare_logdir(plan, overwrite)
+    cfg = plan.cfg
+    root = Path(cfg.logdir)
     total = len(plan.specs) * len(plan.seeds)
-    log.info("l2zo compare: %d runs (%d configurations x %d seeds) into %s", total, len(plan.specs),
-             len(plan.seeds), cfg.logdir)  # fmt: skip
+    state: dict[str, Any] = {"status": "running", "experiment": experiment_key(cfg), "runs": []}
+    log.info("l2zo compare: %d runs (%d configurations x %d seeds) into %s%s", total, len(plan.specs),
+             len(plan.seeds), cfg.logdir, f"; {len(skip)} finished before, kept" if skip else "")  # fmt: skip
+    write_json_atomic(root / EXPERIMENT_FILE, state)
     records = []
-    for i, spec in enumerate(plan.specs):
-        for seed in plan.seeds:
-            rec = run_one(plan, spec, seed, order=i)
-            records.append(rec)
-            status = "ok" if rec["status"] == "ok" else f"FAILED ({rec['reason']})"
-            log.info("[%d/%d] %s seed %d: %s; dev loss %s, test acc %s (%.0f s)", len(records), total,
-                     spec.label, seed, status, _fmt(rec["dev_loss_final"], ".4f"), _fmt(rec["test_acc"], ".3f"),
-                     rec["wall_s"])  # fmt: skip
-    report = write_report(Path(cfg.logdir))
+    try:
+        for i, spec in enumerate(plan.specs):
+            for seed in plan.seeds:
+                folder = plan.run_dir(spec, seed)
+                if folder.resolve() in skip:
+                    rec = _kept_record(folder, root)
+                else:
+                    rec = run_one(plan, spec, seed, order=i)
+                records.append(rec)
+                state["runs"].append(_run_entry(rec, folder))
+                write_json_atomic(root / EXPERIMENT_FILE, state)
+                status = "ok" if rec["status"] == "ok" else f"FAILED ({rec['reason']})"
+                log.info("[%d/%d] %s seed %d: %s; dev loss %s, test acc %s (%s)", len(records), total, spec.label,
+                         seed, status, _fmt(rec["dev_loss_final"], ".4f"), _fmt(rec["test_acc"], ".3f"),
+                         "kept" if rec.get("kept") else f"{rec['wall_s']:.0f} s")  # fmt: skip
+    except BaseException as exc:
+        if isinstance(exc, RunInterrupted):
+            spec_seed = [(s, k) for s in plan.specs for k in plan.seeds][len(records)]
+            state["runs"].append({"label": spec_seed[0].label, "seed": spec_seed[1], "status": INTERRUPTED,
+                                  "reason": f"interrupted by {exc.signame}",
+                                  "folder": str(plan.run_dir(*spec_seed))})  # fmt: skip
+            exc.detail = (f"run {spec_seed[0].label} seed {spec_seed[1]} recorded as interrupted, {len(records)} of "
+                          f"{total} runs done; {root / EXPERIMENT_FILE} says which. Continue with the same command "
+                          "and --resume")  # fmt: skip
+        record_end(state, exc)
+        write_json_atomic(root / EXPERIMENT_FILE, state)
+        raise
+    report = write_report(root)
     report["records"] = records
+    bad = [r for r in records if r["status"] != "ok"]
+    record_end(state, None)
+    if bad:
+        state.update(status=FAILED, exit_code=1, error=f"{len(bad)} of {len(records)} runs failed")
+    write_json_atomic(root / EXPERIMENT_FILE, state)
     return report
+
+
+def _run_entry(rec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    return {"label": rec["label"], "seed": rec["seed"], "status": rec["status"], "reason": rec.get("reason", ""),
+            "folder": str(folder)}  # fmt: skip
+
+
+def _kept_record(folder: Path, root: Path) -> dict[str, Any]:
+    """The record of a run that finished in an earlier compare (--resume keeps it)."""
+    from l2zo.compare.events import read_run
+
+    run = read_run(folder, root)
+    summary = _read_summary(folder)
+    return {"label": run.label, "seed": run.seed, "status": run.status, "reason": run.reason, "kept": True,
+            "test_acc": summary.get("test_acc"), "dev_loss_final": summary.get("dev_loss_final"), "wall_s": 0.0,
+            "batch_digest": summary.get("batch_digest"), "steps_done": summary.get("steps_done")}  # fmt: skip

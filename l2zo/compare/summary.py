@@ -86,14 +86,19 @@ def choose_sweeps(groups: dict[str, list[RunRecord]], select: str) -> tuple[list
 
 
 def status_text(runs: list[RunRecord]) -> str:
-    failed = [r for r in runs if not r.ok]
-    if not failed:
+    """"ok", or per way of ending (failed, interrupted, ...) its share of the seeds and their reasons."""
+    bad = [r for r in runs if not r.ok]
+    if not bad:
         return "ok"
-    reasons: dict[str, list[int]] = {}
-    for r in failed:
-        reasons.setdefault(r.reason or "unknown", []).append(r.seed)
-    detail = "; ".join(f"seed{','.join(map(str, s))}: {why}" for why, s in reasons.items())
-    return f"failed ({len(failed)}/{len(runs)} seeds): {detail}"
+    parts = []
+    for status in dict.fromkeys(r.status for r in bad):  # in order of appearance
+        reasons: dict[str, list[int]] = {}
+        these = [r for r in bad if r.status == status]
+        for r in these:
+            reasons.setdefault(r.reason or "unknown", []).append(r.seed)
+        detail = "; ".join(f"seed{','.join(map(str, s))}: {why}" for why, s in reasons.items())
+        parts.append(f"{status} ({len(these)}/{len(runs)} seeds): {detail}")
+    return "; ".join(parts)
 
 
 def first_reach(run: RunRecord, target: float) -> int | None:

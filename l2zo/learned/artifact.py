@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 import yaml
@@ -37,6 +38,7 @@ from l2zo.learned.features import FEATURE_NAMES, FeatureRef, build_features, wei
 from l2zo.learned.net import NetSpec, VarianceNet
 from l2zo.learned.normalization import block_weights, normalize_sigma
 from l2zo.utils.io import atomic_dir
+from l2zo.utils.runstatus import one_line
 
 log = logging.getLogger("l2zo")
 
@@ -45,6 +47,9 @@ KIND = "per_block_variance_net"
 WEIGHTS_FILE = "variance_net.safetensors"
 MANIFEST_FILE = "l2zo_artifact.json"
 CONFIG_FILE = "meta_config.yaml"
+# Manifest keys every reader relies on, and the type each must have.
+REQUIRED_KEYS: dict[str, type] = {"format_version": int, "kind": str, "base_model": dict, "net": dict,
+                                  "normalization": dict, "weights_sha256": str}  # fmt: skip
 
 
 class ArtifactWarning(UserWarning):
@@ -212,8 +217,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise L2ZOError(f"{path} is not an l2zo artifact: {MANIFEST_FILE} not found")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise L2ZOError(f"{file} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise L2ZOError(f"{file} is not valid JSON ({exc}); re-export the artifact") from None
+    if not isinstance(manifest, dict):
+        raise L2ZOError(f"{file} is not a JSON object but a {type(manifest).__name__}; re-export the artifact")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise L2ZOError(
@@ -222,6 +229,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         )
     if manifest.get("kind") != KIND:
         raise L2ZOError(f"{path}: artifact kind {manifest.get('kind')!r} is not {KIND!r}")
+    bad = [k for k, tp in REQUIRED_KEYS.items() if not isinstance(manifest.get(k), tp)]
+    base, norm = manifest.get("base_model"), manifest.get("normalization")
+    if isinstance(base, dict):
+        bad += [
+            f"base_model.{k}" for k, tp in (("blocks", list), ("fingerprint", str)) if not isinstance(base.get(k), tp)
+        ]
+    if isinstance(norm, dict) and not isinstance(norm.get("rule"), str):
+        bad.append("normalization.rule")
+    if bad:
+        raise L2ZOError(f"{file} lacks or mistypes the key(s) {', '.join(bad)}: it is incomplete or was edited by "
+                        "hand; re-export the artifact")  # fmt: skip
     return manifest
 
 
@@ -242,13 +260,19 @@ def read_artifact(path: str | Path) -> tuple[VarianceNet, dict[str, Any]]:
     net_d.pop("num_inputs", None)
     if list(names) != list(FEATURE_NAMES):
         raise L2ZOError(f"{path}: the net was trained on features {names}, this l2zo computes {list(FEATURE_NAMES)}")
-    spec = NetSpec.from_dict(net_d)
-    net = VarianceNet(spec, [n for n, _ in manifest["base_model"]["blocks"]])
+    try:
+        spec = NetSpec.from_dict(net_d)
+        net = VarianceNet(spec, [n for n, _ in manifest["base_model"]["blocks"]])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise L2ZOError(
+            f"{path}: the manifest's net spec is not valid ({one_line(exc)}); re-export the artifact"
+        ) from None
     try:
         tensors = safetensors.torch.load_file(str(weights))
         net.load_state_dict(tensors, strict=True)
-    except (RuntimeError, OSError, ValueError) as exc:  # safetensors errors are RuntimeError/SafetensorError
-        raise L2ZOError(f"{weights}: cannot load the variance net: {exc}") from exc
+    except (safetensors.SafetensorError, RuntimeError, OSError, ValueError) as exc:
+        # A sha256 that matches bad weights: the manifest was re-hashed over a broken file.
+        raise L2ZOError(f"{weights} is not a valid variance net ({one_line(exc)}); re-export the artifact") from None
     return net, manifest
 
 

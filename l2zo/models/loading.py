@@ -85,6 +85,13 @@ def smollm2_gguf() -> Path | None:
     return None
 
 
+def check_device(device: str) -> None:
+    """Refuse ``--device cuda`` where torch sees no CUDA GPU (Lightning would fail midway with a traceback)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise L2ZOError("--device cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                        "use --device cpu, or --device auto to take a GPU when there is one")  # fmt: skip
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 

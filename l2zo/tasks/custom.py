@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from l2zo.errors import L2ZOError
+from l2zo.errors import L2ZOError, not_utf8
 from l2zo.tasks.base import Example, SplitSizes, TaskData
 from l2zo.tasks.sampling import sample, sample_test, sample_train_dev
 
@@ -119,6 +119,13 @@ class YamlTask:
 
 def _read_file(path: Path, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     """(record number, record) pairs; the number is the 1-based line in the file."""
+    try:
+        return _read_records(path, fmt)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e, "data file") from None
+
+
+def _read_records(path: Path, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8", newline="" if fmt in ("csv", "tsv") else None) as f:
         if fmt in ("csv", "tsv"):
             reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
@@ -206,6 +213,8 @@ def load_yaml_task(path: Path) -> YamlTask:
         raise L2ZOError(f"task file {path} does not exist; give the path of a task YAML file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e, "task file") from None
     except yaml.YAMLError as e:
         raise L2ZOError(f"{path} is not valid YAML: {e}") from e
     where = str(path)

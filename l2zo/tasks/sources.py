@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l2zo.errors import L2ZOError
+from l2zo.errors import L2ZOError, not_utf8
 
 Record = dict[str, Any]
 Converter = Callable[[Record], list[Record]]
@@ -141,6 +141,13 @@ def _natural_key(path: Path) -> list[Any]:
 
 def _read_rows(path: Path) -> list[tuple[int, Record]]:
     """(line number, record) for a .jsonl file or a headered .tsv file."""
+    try:
+        return _read_lines(path)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e, "data file") from None
+
+
+def _read_lines(path: Path) -> list[tuple[int, Record]]:
     rows: list[tuple[int, Record]] = []
     with path.open(encoding="utf-8") as f:
         if path.suffix == ".tsv":

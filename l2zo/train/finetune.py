@@ -1,12 +1,13 @@
 """``run_finetune``: load a model and a task, fine-tune with any registered optimizer, evaluate, report.
 
 The run folder (``cfg.logdir``) receives the TensorBoard events, the resolved ``config.yaml`` and
-``summary.json`` (written atomically; also on failure, with the reason).
+``summary.json`` (strict JSON, written atomically: ``running`` at the start, then how the run ended).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
@@ -19,34 +20,32 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from l2zo.config import FinetuneConfig, config_to_dict
 from l2zo.errors import L2ZOError
 from l2zo.models import load_model
+from l2zo.models.loading import check_device
 from l2zo.optim.base import ZOOptimizer
+from l2zo.optim.registry import OptimizerSpec, build_optimizer, get_optimizer_spec
 from l2zo.optim.run_hparams import optimizer_hparams
-from l2zo.optim.registry import build_optimizer, get_optimizer_spec
+from l2zo.tasks.base import TaskData
 from l2zo.tasks.loading import load_task_data
 from l2zo.tasks.scoring import CandidateScorer
 from l2zo.train.data import TaskDataModule
+from l2zo.train.eval_report import EvalReport, evaluations_planned
+from l2zo.train.lifecycle import FailOnNonFiniteLoss, StopOnSignal, trainer_call
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
+from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
+from l2zo.utils.runstatus import RUNNING, RunInterrupted, SignalGuard, record_end, signal_guard
 
 log = logging.getLogger("l2zo")
 
-_RUN_FILES = ("summary.json", "config.yaml", "hparams.yaml")
 
-
-def _prepare_logdir(logdir: Path, overwrite: bool) -> None:
-    old = list(logdir.glob("events.out.tfevents.*")) + [logdir / f for f in _RUN_FILES if (logdir / f).exists()]
-    if old and not overwrite:
-        raise L2ZOError(f"{logdir} already holds a run; pick another --logdir or pass --overwrite")
-    for f in old:
-        f.unlink()
-    logdir.mkdir(parents=True, exist_ok=True)
-
-
-def make_trainer(cfg: FinetuneConfig, logger: TensorBoardLogger | bool) -> L.Trainer:
+def make_trainer(
+    cfg: FinetuneConfig, logger: TensorBoardLogger | bool, callbacks: list[L.Callback] | None = None
+) -> L.Trainer:
     accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.data.device]
     return L.Trainer(
+        callbacks=callbacks,
         accelerator=accelerator,
         devices=1,
         precision=cfg.data.precision,
@@ -78,34 +77,46 @@ def _with_z_source(opt: torch.optim.Optimizer, cache_z: bool) -> torch.optim.Opt
     return opt
 
 
+def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
+    """What can be refused before a model is loaded: the device, the batch size, the run folder."""
+    check_device(cfg.data.device)
+    if cfg.data.batch_size > len(data.train):
+        # Refused rather than capped: a capped batch would make summary.json report a batch size that never ran.
+        raise L2ZOError(f"--batch-size {cfg.data.batch_size} is larger than the {len(data.train)} training examples; "
+                        "lower --batch-size or raise --num-train")  # fmt: skip
+    check_writable_dir(cfg.logdir)
+
+
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Fine-tune, evaluate on dev during training and on test at the end; return the summary."""
+    """Fine-tune, evaluate on dev during training and on test at the end; return the summary.
+
+    Everything the user gave is checked before the run folder exists (a refusal leaves nothing behind);
+    from then on the folder is locked, and every ending is recorded in summary.json (``l2zo.utils.runstatus``):
+    a failed run raises ``L2ZOError``, a signal ``RunInterrupted``, after writing it.
+    """
     quiet_libraries()
-    spec = get_optimizer_spec(cfg.optimizer)
-    hp = optimizer_hparams(cfg, spec)
-    task, data = load_task_data(cfg.data)
-    logdir = Path(cfg.logdir)
-    _prepare_logdir(logdir, overwrite)
-    loaded = load_model(cfg.data.model)
-    L.seed_everything(cfg.seed, workers=False, verbose=False)
-    scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.data.max_length)
-    module = FinetuneModule(
-        model=loaded.model,
-        scorer=scorer,
-        loss_kind=task.loss_kind,
-        build_optimizer=lambda model: _with_z_source(build_optimizer(cfg.optimizer, model, **hp), cfg.cache_z),
-        zeroth_order=spec.zeroth_order,
-        forwards_per_step=spec.forwards_per_step,
-        lr_schedule=cfg.lr_schedule,
-        total_steps=cfg.steps,
-        needs_anchor_batch=spec.needs_anchor_batch,
-    )
-    dm = TaskDataModule(data, scorer, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
-    write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
-    logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
-    trainer = make_trainer(cfg, logger)
+    with signal_guard() as guard:
+        spec = get_optimizer_spec(cfg.optimizer)
+        hp = optimizer_hparams(cfg, spec)
+        task, data = load_task_data(cfg.data)
+        check_inputs(cfg, data)
+        loaded = load_model(cfg.data.model)
+        # Built once here, discarded: a bad hyperparameter value or an artifact that does not fit the model is
+        # refused before the run folder exists. Constructors draw no random numbers and allocate no state.
+        build_optimizer(cfg.optimizer, loaded.model, **hp)
+        with locked_run_folder(cfg.logdir) as folder:
+            if holds_run(folder.path):
+                if not overwrite:
+                    raise L2ZOError(f"{folder.path} already holds a run; pick another --logdir or pass --overwrite")
+                clear_run(folder.path)
+            folder.started = True
+            return _run(cfg, spec, hp, task, data, loaded, folder.path, guard)
+
+
+def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any, data: TaskData, loaded: Any,
+         logdir: Path, guard: SignalGuard) -> dict[str, Any]:  # fmt: skip
     summary: dict[str, Any] = {
-        "status": "running",
+        "status": RUNNING,
         "model": cfg.data.model,
         "model_name_or_path": loaded.name_or_path,
         "model_revision": loaded.revision,
@@ -121,21 +132,66 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         "precision": cfg.data.precision,
         "forwards_per_step": spec.forwards_per_step,
     }
-    t_start = time.perf_counter()
+    write_json_atomic(logdir / "summary.json", summary)  # "running" until it ends: a SIGKILL leaves it so
+    module: FinetuneModule | None = None
+    trainer: L.Trainer | None = None
     try:
-        trainer.validate(module, datamodule=dm, verbose=False)
-        trainer.fit(module, datamodule=dm)
-        if module.history["val/loss"][-1][0] != trainer.global_step:
+        L.seed_everything(cfg.seed, workers=False, verbose=False)
+        scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.data.max_length)
+        module = FinetuneModule(
+            model=loaded.model,
+            scorer=scorer,
+            loss_kind=task.loss_kind,
+            build_optimizer=lambda model: _with_z_source(build_optimizer(cfg.optimizer, model, **hp), cfg.cache_z),
+            zeroth_order=spec.zeroth_order,
+            forwards_per_step=spec.forwards_per_step,
+            lr_schedule=cfg.lr_schedule,
+            total_steps=cfg.steps,
+            needs_anchor_batch=spec.needs_anchor_batch,
+        )
+        dm = TaskDataModule(data, scorer, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
+        write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
+        logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
+        evals = evaluations_planned(cfg.steps, min(cfg.eval_every, cfg.steps))
+        report = EvalReport(data.dev, data.test, dev_evals=evals, max_length=cfg.data.max_length,
+                            batch_size=cfg.data.eval_batch_size)  # fmt: skip
+        trainer = make_trainer(cfg, logger, [StopOnSignal(guard), FailOnNonFiniteLoss(), report])
+        t_start = time.perf_counter()
+        with trainer_call(guard):
             trainer.validate(module, datamodule=dm, verbose=False)
-        trainer.test(module, datamodule=dm, verbose=False)
-    except L2ZOError as exc:
-        summary.update(status="failed", error=str(exc), steps_done=int(trainer.global_step), **_digests(module))
+            trainer.fit(module, datamodule=dm)
+            if module.history["val/loss"][-1][0] != trainer.global_step:
+                trainer.validate(module, datamodule=dm, verbose=False)
+            trainer.test(module, datamodule=dm, verbose=False)
+        summary.update(_results(module, trainer, loaded, t_start))
+        diverged = _non_finite(summary)
+        if diverged:
+            raise L2ZOError(f"the run diverged: {diverged}; lower --lr (or --eps)")
+        if cfg.save_model:
+            with atomic_dir(logdir / "model", overwrite=True) as tmp:
+                loaded.model.save_pretrained(tmp)
+                loaded.tokenizer.save_pretrained(tmp)
+            summary["model_saved_to"] = str(logdir / "model")
+    except BaseException as exc:
+        summary.setdefault("steps_done", int(trainer.global_step) if trainer is not None else 0)
+        if module is not None:
+            summary.update(_digests(module))
+        record_end(summary, exc)
         write_json_atomic(logdir / "summary.json", summary)
+        if isinstance(exc, RunInterrupted):
+            exc.detail = (f"stopped at step {summary['steps_done']} of {cfg.steps}; {logdir / 'summary.json'} "
+                          f"records status '{summary['status']}'")  # fmt: skip
         raise
+    record_end(summary, None)
+    write_json_atomic(logdir / "summary.json", summary)
+    return summary
+
+
+def _results(module: FinetuneModule, trainer: L.Trainer, loaded: Any, t_start: float) -> dict[str, Any]:
     dev = module.history["val/loss"]
-    best_step, best_loss = min(dev, key=lambda sv: sv[1])
-    summary.update(
-        status="ok",
+    finite = [sv for sv in dev if math.isfinite(sv[1])] or dev
+    best_step, best_loss = min(finite, key=lambda sv: sv[1])
+    return dict(
         steps_done=int(trainer.global_step),
         wall_time_s=time.perf_counter() - t_start,
         time_per_step_s=statistics.median(module.step_times) if module.step_times else None,
@@ -151,11 +207,17 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         test_acc=module.test_metrics.get("test/acc"),
         **_digests(module),
     )
-    if cfg.save_model:
-        with atomic_dir(logdir / "model", overwrite=True) as tmp:
-            loaded.model.save_pretrained(tmp)
-            loaded.tokenizer.save_pretrained(tmp)
-        summary["model_saved_to"] = str(logdir / "model")
-    write_json_atomic(logdir / "summary.json", summary)
-    return summary
 
+
+def _non_finite(summary: dict[str, Any]) -> str | None:
+    """Why the finished run counts as diverged (a non-finite dev or test loss), else None.
+
+    ZO optimizers stop at a non-finite training loss themselves; a first-order one steps on into NaN weights.
+    """
+    for h in summary["dev_history"]:
+        if not math.isfinite(h["loss"]):
+            return f"dev loss {h['loss']} at step {h['step']}"
+    test = summary.get("test_loss")
+    if test is not None and not math.isfinite(test):
+        return f"test loss {test}"
+    return None

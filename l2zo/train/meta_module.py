@@ -16,6 +16,7 @@ state_dict; the teacher, the per-task states and the meta-loss record go through
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ from l2zo.learned.trajectory import PretrainedCopy, make_teacher, on_policy_step
 from l2zo.tasks.base import Example
 from l2zo.tasks.scoring import CandidateScorer
 
-_STATE_KEY = "l2zo_meta"
+STATE_KEY = "l2zo_meta"
 
 
 @dataclass
@@ -192,16 +193,17 @@ class MetaTrainModule(L.LightningModule):
 
     # -- checkpoint state that is not a module parameter --------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_STATE_KEY] = {
+        checkpoint[STATE_KEY] = {
             "step": int(self.global_step),
             "teacher": self.teacher.state_dict(),
             "tasks": {name: s.state_dict() for name, s in self.states.items()},
             "history": [list(h) for h in self.history],
             "wall_time_s": self.wall_time_s,
+            "config": dataclasses.asdict(self.cfg),  # --resume refuses another config (meta_train.check_resume)
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        extra = checkpoint.get(_STATE_KEY)
+        extra = checkpoint.get(STATE_KEY)
         if extra is None:
             raise L2ZOError("this checkpoint was not written by `l2zo meta-train` (no meta-training state)")
         missing = sorted(set(self.states) - set(extra["tasks"]))
