@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-slow smollm2 venv clean
+.PHONY: demo test lint test-slow smollm2 venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The style CI enforces: ruff's lint rules (pyproject.toml) and its formatter.
+lint: $(STAMP)
+	$(BIN)/ruff check l2zo tests scripts
+	$(BIN)/ruff format --check l2zo tests scripts
 
 # Real-model tests: need the offline SmolLM2-135M-Instruct GGUF (`make smollm2`).
 test-slow: $(STAMP) smollm2

@@ -208,7 +208,7 @@ def render(data_dir: str | None) -> str:
              "## Scaling", "", "![step time, overhead and peak memory against parameter count](docs/bench/scaling.png)", "",
              "| model | precision | parameters | 2 forwards s | mezo step s | mezo x 2 fwd | learned x 2 fwd | mezo peak MiB | inference peak MiB |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, rec in sorted(recs.items(), key=lambda kv: (kv[1]["config"]["precision"], kv[1]["model_params"])):
+    for _name, rec in sorted(recs.items(), key=lambda kv: (kv[1]["config"]["precision"], kv[1]["model_params"])):
         r = rec["rows"]
         parts.append(f"| {rec['config']['model']} | {rec['config']['precision']} | {rec['model_params'] / 1e6:.1f}M | {2 * r['inference']['median_s']:.3f} | "
                      f"{r['mezo']['median_s']:.3f} | {r['mezo']['step_over_2fwd']:.2f} | {r['learned']['step_over_2fwd']:.2f} | "

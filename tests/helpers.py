@@ -44,7 +44,12 @@ class Quadratic(torch.nn.Module):
 
     def loss(self) -> torch.Tensor:
         w, v = self.w.reshape(-1), self.v
-        return 0.5 * (self.a_w * w * w).sum() + (self.b_w * w).sum() + 0.5 * (self.a_v * v * v).sum() + (self.b_v * v).sum()
+        return (
+            0.5 * (self.a_w * w * w).sum()
+            + (self.b_w * w).sum()
+            + 0.5 * (self.a_v * v * v).sum()
+            + (self.b_v * v).sum()
+        )
 
     def grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

@@ -31,7 +31,8 @@ from l2zo.optim.methods.learned import LearnedZO
 from tests.helpers import lm_loss, tiny_llama
 
 
-def _save(path: Path, model: torch.nn.Module, spec: NetSpec = NetSpec(), name: str = "tiny-a", **kw) -> VarianceNet:
+def _save(path: Path, model: torch.nn.Module, spec: NetSpec | None = None, name: str = "tiny-a", **kw) -> VarianceNet:
+    spec = spec or NetSpec()
     blocks = partition(model)
     net = VarianceNet(spec, [b.name for b in blocks], seed=11)
     save_artifact(

@@ -91,7 +91,7 @@ def _run_recording(opt, model, ids, steps: int):
         before = _snap(model)
         seen = []
 
-        def closure():
+        def closure(seen=seen):
             if not seen:
                 seen.append(_snap(model))
             return lm_loss(model, ids)

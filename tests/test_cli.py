@@ -19,8 +19,26 @@ def _events(folder: Path) -> list[Path]:
 
 def test_finetune_writes_events_and_summary(tmp_path, capsys):
     logdir = tmp_path / "x"
-    rc = main(["finetune", "--model", "tiny", "--task", "synth-sentiment", "--optimizer", "mezo", "--lr", "1e-3",
-               "--steps", "6", "--eval-every", "3", "--logdir", str(logdir), *SMALL])
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            "tiny",
+            "--task",
+            "synth-sentiment",
+            "--optimizer",
+            "mezo",
+            "--lr",
+            "1e-3",
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--logdir",
+            str(logdir),
+            *SMALL,
+        ]
+    )
     assert rc == 0
     assert _events(logdir)
     summary = json.loads((logdir / "summary.json").read_text())
@@ -37,19 +55,41 @@ def test_finetune_writes_events_and_summary(tmp_path, capsys):
     acc = EventAccumulator(str(logdir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/projected_grad", "train/step_time_s", "train/peak_mem_mb", "val/loss", "val/acc",
-                "test/acc"):
+    for tag in (
+        "train/loss",
+        "train/projected_grad",
+        "train/step_time_s",
+        "train/peak_mem_mb",
+        "val/loss",
+        "val/acc",
+        "test/acc",
+    ):
         assert tag in tags, tag
     # A second run into the same folder must be asked for.
-    rc = main(["finetune", "--model", "tiny", "--task", "synth-sentiment", "--steps", "1", "--logdir", str(logdir), *SMALL])
+    rc = main(
+        ["finetune", "--model", "tiny", "--task", "synth-sentiment", "--steps", "1", "--logdir", str(logdir), *SMALL]
+    )
     assert rc == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": "tiny", "task": "synth-sentiment", "steps": 100, "lr": 1e-4,
-                                   "num-train": 32, "num_dev": 16, "num_test": 16, "batch_size": 8, "progress": False}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny",
+                "task": "synth-sentiment",
+                "steps": 100,
+                "lr": 1e-4,
+                "num-train": 32,
+                "num_dev": 16,
+                "num_test": 16,
+                "batch_size": 8,
+                "progress": False,
+            }
+        )
+    )
     logdir = tmp_path / "run"
     assert main(["finetune", "--config", str(cfg), "--steps", "2", "--eval-every", "2", "--logdir", str(logdir)]) == 0
     summary = json.loads((logdir / "summary.json").read_text())
@@ -91,10 +131,12 @@ def test_unknown_config_key(tmp_path, capsys):
 
 def test_user_yaml_task_with_three_classes_trains_and_evaluates(tmp_path):
     """A 3-class task from files made here: it loads, trains and evaluates end to end."""
-    words = {"low": ["cold", "ice", "snow", "frost"], "mid": ["mild", "calm", "fair", "soft"],
-             "high": ["hot", "fire", "sun", "heat"]}
-    rows = [{"text": f"the day felt {w} and {w2}", "temp": lab}
-            for lab, ws in words.items() for w in ws for w2 in ws]
+    words = {
+        "low": ["cold", "ice", "snow", "frost"],
+        "mid": ["mild", "calm", "fair", "soft"],
+        "high": ["hot", "fire", "sun", "heat"],
+    }
+    rows = [{"text": f"the day felt {w} and {w2}", "temp": lab} for lab, ws in words.items() for w in ws for w2 in ws]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 2))
     (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[::2]))
     task = {
@@ -107,9 +149,32 @@ def test_user_yaml_task_with_three_classes_trains_and_evaluates(tmp_path):
     task_file = tmp_path / "weather3.yaml"
     task_file.write_text(yaml.safe_dump(task))
     logdir = tmp_path / "w"
-    rc = main(["finetune", "--model", "tiny", "--task", str(task_file), "--steps", "4", "--eval-every", "2",
-               "--lr", "1e-3", "--logdir", str(logdir), "--num-train", "60", "--num-dev", "20", "--num-test", "24",
-               "--batch-size", "8", "--no-progress"])
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            "tiny",
+            "--task",
+            str(task_file),
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--lr",
+            "1e-3",
+            "--logdir",
+            str(logdir),
+            "--num-train",
+            "60",
+            "--num-dev",
+            "20",
+            "--num-test",
+            "24",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["task"] == "weather3"
@@ -143,8 +208,24 @@ def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
 def test_nan_loss_is_one_clear_error_and_a_failed_summary(tmp_path, capsys):
     """An eps so large that the perturbed weights overflow: the loss is NaN, the run stops cleanly."""
     logdir = tmp_path / "nan"
-    rc = main(["finetune", "--model", "tiny", "--task", "synth-color", "--eps", "1e38", "--steps", "4",
-               "--eval-every", "2", "--logdir", str(logdir), *SMALL])
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            "tiny",
+            "--task",
+            "synth-color",
+            "--eps",
+            "1e38",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--logdir",
+            str(logdir),
+            *SMALL,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "non-finite loss at step 0" in err and "Traceback" not in err
     summary = json.loads((logdir / "summary.json").read_text())

@@ -16,8 +16,8 @@ from l2zo.config.checks import field_types
 from l2zo.config.parser import build_config, from_namespace
 from l2zo.errors import L2ZOError
 from l2zo.learned.meta_config import MetaTrainConfig
-from l2zo.optim.run_hparams import coerce_hparams, optimizer_hparams
 from l2zo.optim.registry import get_optimizer_spec
+from l2zo.optim.run_hparams import coerce_hparams, optimizer_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACT = REPO / "checkpoints" / "tiny" / "zo-finetuner"

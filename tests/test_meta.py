@@ -155,7 +155,9 @@ def test_unrolled_with_one_step_is_the_greedy_objective() -> None:
     a.meta_loss.backward()
     ga = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    b = unrolled_meta_loss(model, blocks, net, TaskState(), norm, [loss], loss, seeds=[4], eps=1e-3, lr=1e-2, zsrc=ZSource())
+    b = unrolled_meta_loss(
+        model, blocks, net, TaskState(), norm, [loss], loss, seeds=[4], eps=1e-3, lr=1e-2, zsrc=ZSource()
+    )
     b.meta_loss.backward()
     assert float(b.meta_loss) == pytest.approx(float(a.meta_loss), rel=1e-6)
     for x, y in zip(ga, (p.grad for p in net.parameters())):

@@ -125,5 +125,5 @@ def test_plain_python_loop_as_in_readme():
     """The README's loop, verbatim in spirit: no Lightning."""
     model = tiny_llama()
     opt = MeZO(model, lr=1e-3, eps=1e-3)
-    losses = [opt.step(lambda: lm_loss(model, _ids(s % 2))).item() for s in range(4)]
+    losses = [opt.step(lambda s=s: lm_loss(model, _ids(s % 2))).item() for s in range(4)]
     assert all(torch.isfinite(torch.tensor(losses)))

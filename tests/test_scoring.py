@@ -80,7 +80,9 @@ class _FullLogitsOnly(torch.nn.Module):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_left_padding_with_logits_only_at_candidates_matches_reference_per_kernel(tiny_lm, tiny_tokenizer, attn) -> None:
+def test_left_padding_with_logits_only_at_candidates_matches_reference_per_kernel(
+    tiny_lm, tiny_tokenizer, attn
+) -> None:
     """Left padding + explicit positions + the LM head on the last columns only, under both attention kernels
     (a fully masked pad row must not leak NaN into real rows), equals unpadded scoring; the lm loss too."""
     before = tiny_lm.config._attn_implementation
@@ -94,11 +96,15 @@ def test_left_padding_with_logits_only_at_candidates_matches_reference_per_kerne
             scores = scorer.candidate_scores(tiny_lm, batch)
             lm = scorer.loss(tiny_lm, batch, "lm")
         hook.remove()
-        longest_cand = max(len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) for e in EXAMPLES for c in e.candidates)
+        longest_cand = max(
+            len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) for e in EXAMPLES for c in e.candidates
+        )
         assert calls[0][1] == longest_cand + 1 < batch.input_ids.shape[1]  # not [N, T, V]
         for b, ex in enumerate(EXAMPLES):
             for c, cand in enumerate(ex.candidates):
-                assert scores[b, c].item() == pytest.approx(_reference(tiny_lm, tiny_tokenizer, ex.prompt, cand), abs=1e-5)
+                assert scores[b, c].item() == pytest.approx(
+                    _reference(tiny_lm, tiny_tokenizer, ex.prompt, cand), abs=1e-5
+                )
         with torch.no_grad():
             single = scorer.collate([Example("a gripping film . It was", (" great",), 0)])  # one row: no padding
             full = scorer.candidate_scores(_FullLogitsOnly(tiny_lm), single)

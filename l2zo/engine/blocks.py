@@ -72,7 +72,9 @@ def _compile(patterns: str | Sequence[str] | None) -> list[re.Pattern[str]]:
     try:
         return [re.compile(p) for p in patterns]
     except re.error as exc:
-        raise L2ZOError(f"bad block pattern: {exc}. Patterns are Python regular expressions matched with re.search") from exc
+        raise L2ZOError(
+            f"bad block pattern: {exc}. Patterns are Python regular expressions matched with re.search"
+        ) from exc
 
 
 def partition(
@@ -112,9 +114,7 @@ def partition(
             raise L2ZOError(f"parameter {name} is not contiguous; call .contiguous() on the model's weights first")
         blocks.append(Block(index=len(blocks), name=name, param=p))
     if not blocks:
-        raise L2ZOError(
-            "no trainable parameters selected: check requires_grad and the include/exclude patterns"
-        )
+        raise L2ZOError("no trainable parameters selected: check requires_grad and the include/exclude patterns")
     return blocks
 
 

@@ -180,7 +180,7 @@ class ZSource:
                 submit()
         finally:  # an abandoned stream must not leave draws writing into buffers handed out again
             torch.set_num_threads(intra)
-            for _, buf, fut in pending:
+            for _, _buf, fut in pending:
                 if fut is not None:
                     fut.result()
             # The ring lives for one pass only. A pass never overlaps a forward, so freeing it here keeps the

@@ -87,7 +87,12 @@ class TaskState:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> TaskState:
-        return cls(float(state["loss_plus"]), float(state["loss_minus"]), state["sigma_prev"], FeatureRef.from_state(state["ref"]))
+        return cls(
+            float(state["loss_plus"]),
+            float(state["loss_minus"]),
+            state["sigma_prev"],
+            FeatureRef.from_state(state["ref"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,9 @@ def unrolled_meta_loss(model: nn.Module, blocks: Sequence[Block], net: VarianceN
                 g: Tensor | float = (lp - lm) / (2 * eps)
             else:
                 with torch.no_grad():
-                    lp, lm = _functional_probe(model, blocks, [t.detach() for t in thetas], sig.eff.detach(), z, eps, inner)
+                    lp, lm = _functional_probe(
+                        model, blocks, [t.detach() for t in thetas], sig.eff.detach(), z, eps, inner
+                    )
                 g = float((lp - lm) / (2 * eps))
             g_value = float(g.detach()) if isinstance(g, Tensor) else g
             probe = Probe(seed=seed, loss_plus=lp.detach(), loss_minus=lm.detach(), projected_grad=g_value)

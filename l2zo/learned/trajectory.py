@@ -83,9 +83,7 @@ def teacher_step(
 
 
 @torch.no_grad()
-def on_policy_step(
-    blocks: Sequence[Block], probe: Probe, sigma: Sequence[float], lr: float, zsrc: ZSource
-) -> None:
+def on_policy_step(blocks: Sequence[Block], probe: Probe, sigma: Sequence[float], lr: float, zsrc: ZSource) -> None:
     """The learned ZO optimizer's update theta_b -= lr * g * sigma_b * z_b(seed), reusing the meta-step's probe.
 
     ``sigma`` [B] is the effective (normalised) sigma the probe was taken with, and theta must already be

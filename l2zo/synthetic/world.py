@@ -181,8 +181,12 @@ def _review_sentence(rng: random.Random) -> str:
 
 def _scene_sentence(rng: random.Random) -> str:
     name, noun, place = rng.choice(NAMES), rng.choice(NOUNS), rng.choice(nouns_in("place"))
-    return rng.choice([f"{name} saw {noun.article} {noun.word} near the {place.word}.",
-                       f"{name} went to the {place.word} with {noun.article} {noun.word}."])
+    return rng.choice(
+        [
+            f"{name} saw {noun.article} {noun.word} near the {place.word}.",
+            f"{name} went to the {place.word} with {noun.article} {noun.word}.",
+        ]
+    )
 
 
 def pretrain_document(rng: random.Random) -> str:

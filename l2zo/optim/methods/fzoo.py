@@ -130,7 +130,10 @@ class FZOO(ZOOptimizer):
         """l0, then theta + eps z_i for i = 1..N, moving from one direction to the next in one pass."""
         seeds = [self.direction_seed(seed, i) for i in range(self.num_directions)]
         nb, eps = len(self.blocks), self.eps
-        const = lambda v: [v] * nb
+
+        def const(v: float) -> list[float]:
+            return [v] * nb
+
         losses = []
         l0 = evaluate_loss(closure)
         for i, s in enumerate(seeds):
