@@ -48,11 +48,18 @@ def strict_load(path: Path) -> dict:
 # ------------------------------------------------------------------------------------ the CLI in a subprocess
 
 
+def _default_signals() -> None:
+    # A shell starts background jobs with SIGINT ignored, and a run keeps an ignored signal ignored (as it
+    # should): give the child the dispositions a user's terminal gives it, whatever ran this test suite.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start(*argv: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", "l2zo", *argv], env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals)  # fmt: skip
 
 
 def training(logdir: Path) -> Callable[[], bool]:
