@@ -263,7 +263,10 @@ def test_oracles_are_normalised_and_gsl_concentrates_on_the_best_ratio_block():
     for s in (gsl(stats, 1.0), gsl(stats, 0.1), hizoo(stats, 0.5), hizoo(stats, 1.0), water_filling(stats, 0.01)):
         assert float((n * s * s).sum()) == pytest.approx(float(n.sum()), rel=1e-10)
         assert bool((s >= 0).all())
-    energy = lambda s: n * s * s / n.sum()  # noqa: E731
+
+    def energy(s: torch.Tensor) -> torch.Tensor:
+        return n * s * s / n.sum()
+
     assert int(energy(gsl(stats, 0.05)).argmax()) == 2 and float(energy(gsl(stats, 0.05))[2]) > 0.99
     # Temperature -> inf is MeZO; gamma = 0 is MeZO.
     torch.testing.assert_close(gsl(stats, 1e6), torch.ones(4, dtype=torch.float64), rtol=1e-4, atol=0)
