@@ -247,7 +247,7 @@ def test_kstep_is_differentiable_in_w_and_the_tuned_eta_is_a_minimum():
         fd = (kstep_loss(w.detach() + e, res.eta, model, 50).sum() - kstep_loss(w.detach() - e, res.eta, model, 50).sum())
         assert float(grad[i]) == pytest.approx(float(fd) / 2e-6, rel=1e-5, abs=1e-9)
     for factor in (0.8, 1.25):
-        assert float(kstep_loss(w.detach(), res.eta * factor, model, 50).sum()) >= float(res.loss)
+        assert float(kstep_loss(w.detach(), res.eta * factor, model, 50).sum()) >= float(res.loss.detach())
     assert 0 < float(res.loss) < res.f0
 
 
@@ -304,3 +304,60 @@ def test_project_simplex():
     # The projection is the closest point: any other simplex point is farther from y.
     other = torch.distributions.Dirichlet(torch.ones(4, dtype=torch.float64)).sample((5000,))
     assert float((x - y).norm()) <= float((other - y).norm(dim=1).min()) + 1e-12
+
+
+def _simulate_two_scale(w_block, l_block, rho_block, sizes, f0_block, c_block, eta, steps, runs, seed=0):
+    """Monte Carlo on sum_b 0.5 (rho_b x_b0^2 + l_b ||x_b,1:||^2), starting with the bulk at 0; noise in the bulk."""
+    g = torch.Generator().manual_seed(seed)
+    size_t = torch.tensor(sizes)
+    k = torch.repeat_interleave(torch.tensor(l_block, dtype=torch.float64), size_t)
+    sd = torch.repeat_interleave(torch.tensor([math.sqrt(c / (m - 1)) for c, m in zip(c_block, sizes)]), size_t).double()
+    first = torch.zeros(sum(sizes), dtype=torch.bool)
+    first[torch.cumsum(size_t, 0) - size_t] = True
+    k = torch.where(first, torch.repeat_interleave(torch.tensor(rho_block, dtype=torch.float64), size_t), k)
+    sd = torch.where(first, torch.zeros_like(sd), sd)
+    s = torch.repeat_interleave(torch.tensor(w_block, dtype=torch.float64).sqrt(), size_t)
+    x = torch.zeros(runs, sum(sizes), dtype=torch.float64)
+    x[:, first] = torch.tensor([math.sqrt(2 * f / r) for f, r in zip(f0_block, rho_block)], dtype=torch.float64)
+    for _ in range(steps):
+        u = torch.randn(runs, x.shape[1], generator=g, dtype=torch.float64) * s
+        g_t = k * x + torch.randn(runs, x.shape[1], generator=g, dtype=torch.float64) * sd
+        x = x - eta * (u * g_t).sum(1, keepdim=True) * u
+    f = 0.5 * k * x * x
+    return torch.stack([blk.sum(1) for blk in torch.split(f, list(sizes), dim=1)], 1)
+
+
+def test_two_scale_kstep_matches_monte_carlo_and_reduces_to_the_isotropic_model():
+    sizes = (2, 4, 6)
+    l_block, rho_block, f0, c = [0.2, 0.1, 0.3], [3.0, 1.0, 5.0], [0.5, 1.0, 0.3], [0.1, 0.2, 0.1]
+    w = torch.tensor([0.6, 1.4, 0.8], dtype=torch.float64)
+
+    def t(x: list[float] | tuple[int, ...]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float64)
+
+    model = QuadraticModel(n=t(sizes), l=t(l_block), f0=t(f0), c=t(c), rho=t(rho_block))
+    eta, steps = 0.05, 8
+    closed = kstep_loss(w, eta, model, steps)
+    sim = _simulate_two_scale(w.tolist(), l_block, rho_block, sizes, f0, c, eta, steps, runs=200_000)
+    mean, se = sim.mean(0), sim.std(0) / math.sqrt(sim.shape[0])
+    assert torch.all(se < 0.03 * mean)
+    assert torch.all((mean - closed).abs() < 4 * se), (mean, se, closed)
+    # With rho = l every direction of a block is alike: the two-scale model is the isotropic one.
+    iso = QuadraticModel(n=t(sizes), l=t(l_block), f0=t(f0), c=t(c))
+    same = QuadraticModel(n=t(sizes), l=t(l_block), f0=t(f0), c=t(c), rho=t(l_block))
+    torch.testing.assert_close(kstep_loss(w, eta, same, steps), kstep_loss(w, eta, iso, steps), rtol=1e-12, atol=0)
+
+
+def test_two_scale_model_from_stats_puts_the_gradient_in_its_sharp_direction():
+    # gHg = rho G + l c with rho = 50 x l: the model recovers rho and f0 = G / (2 rho).
+    n = [100.0, 400.0]
+    tau, G, c = [10.0, 8.0], [2.0, 0.5], [0.4, 0.3]
+    l = [tau[0] / n[0], tau[1] / n[1]]
+    rho = [50 * l[0], 50 * l[1]]
+    gHg = [rho[i] * G[i] + l[i] * c[i] for i in range(2)]
+    m = QuadraticModel.from_stats(_stats(G, c, tau, gHg, n))
+    assert m.rho is not None
+    torch.testing.assert_close(m.rho, torch.tensor(rho, dtype=torch.float64))
+    torch.testing.assert_close(m.f0, torch.tensor([G[i] / (2 * rho[i]) for i in range(2)], dtype=torch.float64))
+    iso = QuadraticModel.from_stats(_stats(G, c, tau, gHg, n), two_scale=False)
+    assert iso.rho is None and float(iso.f0.sum()) > 40 * float(m.f0.sum())

@@ -19,8 +19,14 @@ G_b = 2 l_b f_b, noise tr(C_b) = c_b constant):
     d_b = (eta^2 / 2) l_b w_b (n_b sum_c w_c c_c + 2 w_b c_b)
 
 The diagonal 2 eta^2 w_b^2 l_b^2 is the "+2" of E||z_b||^4 = n_b (n_b + 2) (learning-signal.md §2 writes n_b in
-its place, i.e. drops it; it matters for small blocks). The closed form is the (B+1)-square augmented matrix
-[[M, d], [0, 1]] to the power K, differentiable in w.
+its place, i.e. drops it; it matters for small blocks). The closed form is the augmented matrix [[M, d], [0, 1]]
+to the power K, differentiable in w.
+
+The isotropic model attributes f0_b = G_b / (2 l_b) of loss to each block; measured on a small LM that sums to
+~1e4 x the actual loss, because the gradient lies in directions far sharper than the block average. The
+default two-scale model (``QuadraticModel``) keeps the average curvature l_b for the n_b - 1 "bulk" directions
+(the cost T of perturbing them) and gives the gradient's own direction its curvature rho_b (from g^T H_bb g),
+so f0_b = G_b / (2 rho_b); its state is [signal losses; bulk losses] ([2B]).
 """
 
 from __future__ import annotations
@@ -99,25 +105,44 @@ def gain_ratio(s: Tensor, stats: BlockStats) -> Tensor:
 
 @dataclass(frozen=True)
 class QuadraticModel:
-    """The block-separable isotropic quadratic fitted to ``BlockStats`` (all [B] float64).
+    """A block-separable quadratic fitted to ``BlockStats`` (all [B] float64).
+
+    Isotropic (``rho`` None): block b is 0.5 l_b ||x_b||^2, so G_b = 2 l_b f_b and f0_b = G_b / (2 l_b).
+
+    Two-scale (``rho`` given): the gradient of block b lives in one "signal" direction of curvature rho_b (the
+    curvature along the gradient, from g^T H_b g), the other n_b - 1 "bulk" directions have curvature l_b, and
+    the bulk starts at its minimum: f0_b = G_b / (2 rho_b) in the signal part, 0 in the bulk. On a small LM
+    rho_b is ~1e4 x l_b, and the isotropic f0 sums to ~1e4 x the actual loss (docs/results/probe-blocks).
 
     Attributes:
         n: numel per block.
         l: per-element curvature tau_b / n_b, floored at ``floor`` x the median positive one (the model needs
             l > 0; a block whose estimate is <= 0 gets the floor).
-        f0: excess loss per block, G_b / (2 l_b) (G floored at 0).
-        c: minibatch noise tr(C_b) (floored at 0).
+        f0: initial excess loss per block (signal part when two-scale).
+        c: minibatch noise tr(C_b) (floored at 0), all in the bulk.
+        rho: curvature along the gradient, or None (isotropic).
     """
 
     n: Tensor
     l: Tensor
     f0: Tensor
     c: Tensor
+    rho: Tensor | None = None
 
     @classmethod
-    def from_stats(cls, stats: BlockStats, floor: float = 1e-3) -> QuadraticModel:
+    def from_stats(cls, stats: BlockStats, floor: float = 1e-3, two_scale: bool = True) -> QuadraticModel:
+        """The two-scale model (default) or the isotropic one from measured statistics.
+
+        rho_b = (gHg_b - l_b tr(C_b)) / G_b: E[g^T H_bb g] over minibatch gradients is rho_b G_b + l_b tr(C_b)
+        when the noise lies in the bulk; floored at l_b (and l_b where G_b <= 0, whose f0 is 0 anyway).
+        """
         l = positive_curvature(stats.tau, stats.n, floor)
-        return cls(n=stats.n, l=l, f0=stats.G.clamp_min(0.0) / (2 * l), c=stats.noise.clamp_min(0.0))
+        G, c = stats.G.clamp_min(0.0), stats.noise.clamp_min(0.0)
+        if not two_scale:
+            return cls(n=stats.n, l=l, f0=G / (2 * l), c=c)
+        signal = (stats.gHg - l * c).clamp_min(0.0)
+        rho = torch.where(G > 0, signal / G.clamp_min(1e-300), l).clamp_min(l)
+        return cls(n=stats.n, l=l, f0=G / (2 * rho), c=c, rho=rho)
 
 
 def positive_curvature(tau: Tensor, n: Tensor, floor: float = 1e-3) -> Tensor:
@@ -130,11 +155,26 @@ def positive_curvature(tau: Tensor, n: Tensor, floor: float = 1e-3) -> Tensor:
 
 
 def transition(w: Tensor, eta: float | Tensor, model: QuadraticModel) -> tuple[Tensor, Tensor]:
-    """(M [B, B], d [B]) of E[f_{t+1}] = M E[f_t] + d for per-block scales w = s^2."""
+    """(M, d) of E[f_{t+1}] = M E[f_t] + d for per-block variances w = s^2.
+
+    Isotropic: f = [B] block losses, M [B, B]. Two-scale: f = [signal (B); bulk (B)], M [2B, 2B]. Each part P of a
+    block (dimension m, curvature k) gets, by Isserlis with Q = E[(u^T g_t)^2] = sum_c w_c (||g_c||^2 + tr C_c):
+
+        E[f_P'] = f_P - 2 eta w k f_P + (eta^2 / 2) k (w m Q + 2 w^2 E||g_t,P||^2)
+    """
     l, n, c = model.l.to(w), model.n.to(w), model.c.to(w)
     wl = w * l
-    M = torch.diag(1 - 2 * eta * wl + 2 * eta * eta * wl * wl) + eta * eta * torch.outer(l * n * w, wl)
-    d = 0.5 * eta * eta * l * w * (n * (w * c).sum() + 2 * w * c)
+    if model.rho is None:
+        M = torch.diag(1 - 2 * eta * wl + 2 * eta * eta * wl * wl) + eta * eta * torch.outer(l * n * w, wl)
+        d = 0.5 * eta * eta * l * w * (n * (w * c).sum() + 2 * w * c)
+        return M, d
+    rho = model.rho.to(w)
+    wr = w * rho
+    grad_row = torch.cat([2 * wr, 2 * wl])  # Q = grad_row . f + sum_c w_c c_c
+    inject = 0.5 * eta * eta * torch.cat([rho * w, l * (n - 1) * w])  # signal dimension 1, bulk n - 1
+    M = torch.diag(torch.cat([1 - 2 * eta * wr + 2 * eta * eta * wr * wr, 1 - 2 * eta * wl + 2 * eta * eta * wl * wl]))
+    M = M + torch.outer(inject, grad_row)
+    d = inject * (w * c).sum() + torch.cat([torch.zeros_like(w), eta * eta * wl * w * c])
     return M, d
 
 
@@ -143,13 +183,17 @@ def kstep_loss(w: Tensor, eta: float | Tensor, model: QuadraticModel, steps: int
     if steps < 0:
         raise L2ZOError(f"steps must be >= 0, got {steps}")
     M, d = transition(w, eta, model)
-    B = M.shape[0]
-    aug = torch.zeros(B + 1, B + 1, dtype=M.dtype, device=M.device)
-    aug[:B, :B] = M
-    aug[:B, B] = d
-    aug[B, B] = 1.0
-    x0 = torch.cat([model.f0.to(M), torch.ones(1, dtype=M.dtype, device=M.device)])
-    return (torch.linalg.matrix_power(aug, steps) @ x0)[:B]
+    S = M.shape[0]
+    aug = torch.zeros(S + 1, S + 1, dtype=M.dtype, device=M.device)
+    aug[:S, :S] = M
+    aug[:S, S] = d
+    aug[S, S] = 1.0
+    f0 = model.f0.to(M)
+    start = f0 if model.rho is None else torch.cat([f0, torch.zeros_like(f0)])
+    x0 = torch.cat([start, torch.ones(1, dtype=M.dtype, device=M.device)])
+    f = (torch.linalg.matrix_power(aug, steps) @ x0)[:S]
+    B = f0.numel()
+    return f if model.rho is None else f[:B] + f[B:]
 
 
 def _golden_min(fn: Callable[[float], float], lo: float, hi: float, iters: int = 40) -> float:
@@ -178,6 +222,8 @@ def tune_eta(w: Tensor, model: QuadraticModel, steps: int, grid: int = 61) -> fl
         w = w.detach().to(torch.float64)
         # 1 / max_b (w_b l_b (n_b + 2)) is where the largest block's own contraction turns over.
         scale = 1.0 / float((w * model.l * (model.n + 2)).max())
+        if model.rho is not None:
+            scale = min(scale, 1.0 / float((w * model.rho).max()))
 
         def total(log_eta: float) -> float:
             v = float(kstep_loss(w, math.exp(log_eta), model, steps).sum())

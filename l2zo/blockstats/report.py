@@ -88,9 +88,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "R = A²/(2((A+V)T+2Bq)) over MeZO's, each at its own one-step optimal eta, on the statistics pooled over the "
         "states (and per state @step), with the curvature T, Bq from the Hessian (H: Hutchinson, unbiased but "
-        "unresolved on most blocks) or from the Fisher (F: positive). f_K/f_0 and R_K: the block-separable "
-        f"quadratic fitted to the pooled statistics ({result['curvature']} curvature), {cfg['horizon']} steps, eta "
-        "re-tuned per allocation; R_K = its predicted loss decrease over MeZO's. The oracles use the "
+        "unresolved on most blocks) or from the Fisher (F: positive). f_K/f_0 and R_K: the two-scale block-separable "
+        f"quadratic (gradient direction at curvature rho_b, bulk at tau_b/n_b) fitted to the pooled statistics "
+        f"({result['curvature']} curvature), {cfg['horizon']} steps, eta re-tuned per allocation (eta_K); R_K = its "
+        "predicted loss decrease over MeZO's. The oracles use the "
         f"{result['curvature']} curvature: "
         + "; ".join(f"{k} {', '.join(f'{p}={v:.3g}' for p, v in ps.items())}" for k, ps in result["oracle_params"].items())
         + ".",
