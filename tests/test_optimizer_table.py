@@ -70,7 +70,21 @@ def _learned_artifact(model: torch.nn.Module, tmp_path: Path) -> dict[str, Any]:
     return {"artifact": str(path)}
 
 
-BUILD_KWARGS: dict[str, Callable[[torch.nn.Module, Path], dict[str, Any]]] = {"learned": _learned_artifact}
+def _sigma_file(model: torch.nn.Module, tmp_path: Path) -> dict[str, Any]:
+    """A fixed-sigma file for ``model``: sigma 0.5, 1, 1.5, ... over its blocks (normalised by the optimizer)."""
+    import json
+
+    from l2zo.engine import partition
+
+    path = tmp_path / "sigma.json"
+    path.write_text(json.dumps({b.name: 0.5 * (1 + b.index % 3) for b in partition(model)}))
+    return {"sigma_file": str(path)}
+
+
+BUILD_KWARGS: dict[str, Callable[[torch.nn.Module, Path], dict[str, Any]]] = {
+    "learned": _learned_artifact,
+    "fixed-sigma": _sigma_file,
+}
 
 
 # -- driving any registered optimizer ---------------------------------------------------------------

@@ -27,6 +27,7 @@ COMMANDS = (
     "l2zo.cli.listing",
     "l2zo.cli.inspect_cmd",
     "l2zo.cli.bench_cmd",
+    "l2zo.cli.probe_blocks_cmd",
 )
 
 

@@ -1,0 +1,296 @@
+"""``run_probe``: per-block statistics of a model on a task at a few states, and what they predict per allocation.
+
+States are points of one MeZO trajectory from the loaded model (``states`` = step counts, 0 = as loaded). At
+each state ``pairs`` independent batch pairs give ``BlockStats``; the allocations (MeZO, the untrained and the
+meta-trained nets, a permuted untrained net, per-block-const, the oracles) are fixed at the first state (the
+nets' settled sigma there; the oracles from the statistics pooled over all states), then scored at every
+state and on the pooled statistics: A, T, V, Bq, the re-tuned one-step gain and R, and the K-step prediction
+of the block-quadratic model with eta re-tuned for each allocation.
+
+No Lightning: batches come from the task's train split through the shared ``CandidateScorer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from l2zo.blockstats.allocations import const_sigma, net_sigma, permuted, sigma_mapping
+from l2zo.blockstats.gain import QuadraticModel, kstep, step_terms
+from l2zo.blockstats.oracles import gsl, hizoo, water_filling
+from l2zo.blockstats.stats import BatchFns, BlockStats, PairSample, combine, measure_pair
+from l2zo.engine.blocks import Block, partition
+from l2zo.errors import L2ZOError
+from l2zo.optim.base import eval_mode
+
+log = logging.getLogger("l2zo")
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+    """The keys of ``l2zo probe-blocks`` (see ``l2zo/cli/probe_blocks_cmd.py`` for their help)."""
+
+    model: str = "tiny"
+    task: str = "synth-sentiment"
+    data_dir: str | None = None
+    batch_size: int = 16
+    max_length: int = 256
+    num_train: int = 1000
+    data_seed: int = 0
+    seed: int = 0
+    artifacts: list[str] = dataclasses.field(default_factory=list)
+    states: list[int] = dataclasses.field(default_factory=lambda: [0])
+    mezo_lr: float = 1e-4
+    eps: float = 1e-3
+    pairs: int = 4
+    probes: int = 8
+    gHg_probes: int = 2
+    fisher_samples: int = 4
+    curvature: str = "auto"
+    horizon: int = 300
+    gsl_temperature: float | None = None
+    hizoo_gamma: float | None = None
+    wf_eta: float | None = None
+    net_seed: int = 0
+    perm_seed: int = 0
+    settle: int = 6
+    device: str = "cpu"
+    output: str = "runs/probe-blocks"
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "max_length", "num_train", "pairs", "probes", "gHg_probes", "horizon"):
+            if getattr(self, key) < 1:
+                raise L2ZOError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.curvature not in ("auto", "fisher", "hessian"):
+            raise L2ZOError(f"--curvature must be auto, fisher or hessian, got {self.curvature!r}")
+        if self.fisher_samples < 0:
+            raise L2ZOError(f"--fisher-samples must be >= 0, got {self.fisher_samples}")
+        if self.settle < 2:
+            raise L2ZOError(f"--settle must be >= 2 (the first step's sigma is discarded), got {self.settle}")
+        if not self.states or any(s < 0 for s in self.states) or len(set(self.states)) != len(self.states):
+            raise L2ZOError(f"--states must be distinct step counts >= 0, e.g. 0,100,200; got {self.states}")
+        self.states = sorted(self.states)
+
+
+class _Batches:
+    """Training batches: independent random draws (statistics) and epoch-ordered ones (the MeZO trajectory)."""
+
+    def __init__(self, examples: list[Any], scorer: Any, loss_kind: str, batch_size: int, seed: int, device: Any):
+        if len(examples) < batch_size:
+            raise L2ZOError(f"the train split has {len(examples)} examples, fewer than --batch-size {batch_size}")
+        self.examples, self.scorer, self.loss_kind = examples, scorer, loss_kind
+        self.batch_size, self.device = batch_size, device
+        self.draw_gen = torch.Generator().manual_seed(seed * 1_000_003 + 1)
+        self.epoch_gen = torch.Generator().manual_seed(seed)
+        self._epoch: list[int] = []
+
+    def _loss(self, idx: list[int], model: torch.nn.Module) -> Callable[[], Tensor]:
+        batch = self.scorer.collate([self.examples[i] for i in idx]).to(self.device)
+        return lambda: self.scorer.loss(model, batch, self.loss_kind)
+
+    def draw(self, model: torch.nn.Module) -> BatchFns:
+        """A batch drawn independently of every other (without replacement inside it)."""
+        idx = torch.randperm(len(self.examples), generator=self.draw_gen)[: self.batch_size].tolist()
+        batch = self.scorer.collate([self.examples[i] for i in idx]).to(self.device)
+        scorer = self.scorer
+
+        def loss() -> Tensor:
+            return scorer.loss(model, batch, self.loss_kind)
+
+        def sampled_loss(gen: torch.Generator) -> Tensor:
+            # The classification loss at labels drawn from the model's own candidate distribution (Fisher).
+            scores = scorer.candidate_scores(model, batch)  # [B, C]
+            probs = torch.softmax(scores.detach().double().cpu(), dim=-1)
+            y = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(scores.device)
+            return torch.nn.functional.cross_entropy(scores, y)
+
+        sampled = sampled_loss if self.loss_kind == "classification" else None
+        return BatchFns(loss=loss, sampled_loss=sampled, batch_size=len(idx))
+
+    def next(self, model: torch.nn.Module) -> Callable[[], Tensor]:
+        """The next batch of a shuffled pass over the train split (a fine-tune's order)."""
+        if len(self._epoch) < self.batch_size:
+            self._epoch = torch.randperm(len(self.examples), generator=self.epoch_gen).tolist()
+        idx, self._epoch = self._epoch[: self.batch_size], self._epoch[self.batch_size :]
+        return self._loss(idx, model)
+
+
+def _states(cfg: ProbeConfig, model: torch.nn.Module, batches: _Batches) -> Iterator[int]:
+    """Yield at each state of the MeZO trajectory (the model is updated in place between yields)."""
+    from l2zo.optim.registry import build_optimizer
+
+    opt = None
+    done = 0
+    for target in cfg.states:
+        if target > done and opt is None:
+            opt = build_optimizer("mezo", model, lr=cfg.mezo_lr, eps=cfg.eps, seed=cfg.seed)
+        while done < target:
+            assert opt is not None
+            opt.step(batches.next(model))
+            done += 1
+        yield done
+
+
+def curvature_stats(stats: BlockStats, curvature: str) -> BlockStats:
+    """``stats`` with the curvature the oracles and the K-step model use ("auto": the Fisher where measured)."""
+    if curvature == "fisher" or (curvature == "auto" and stats.has_fisher):
+        return stats.with_fisher_curvature()
+    return stats
+
+
+def _allocations(cfg: ProbeConfig, model: torch.nn.Module, blocks: list[Block], batches: _Batches,
+                 pooled: BlockStats) -> tuple[dict[str, Tensor], dict[str, dict[str, float]]]:  # fmt: skip
+    """Every allocation, normalised, in report order, and the oracles' parameters. The nets' sigma at the current
+    weights; the oracles from ``pooled`` (already in the chosen curvature)."""
+    settle = [batches.next(model) for _ in range(cfg.settle)]
+    allocs: dict[str, Tensor] = {"mezo": torch.ones(len(blocks), dtype=torch.float64)}
+    rnd = net_sigma("learned-random", model, blocks, settle, net_seed=cfg.net_seed, eps=cfg.eps, seed=cfg.seed)
+    allocs["learned-random"] = rnd
+    allocs["learned-random-permuted"] = permuted(rnd, blocks, cfg.perm_seed)
+    for i, artifact in enumerate(cfg.artifacts):
+        tag = "" if len(cfg.artifacts) == 1 else f"-{i + 1}"
+        allocs[f"learned{tag}"] = net_sigma("learned", model, blocks, settle, artifact=artifact, eps=cfg.eps,
+                                            seed=cfg.seed)  # fmt: skip
+        allocs[f"per-block-const{tag}"] = const_sigma("per-block-const", model, blocks, artifact=artifact)
+    eta = cfg.wf_eta if cfg.wf_eta is not None else float(step_terms(allocs["mezo"], pooled).best_eta())
+    if not eta > 0:
+        raise L2ZOError("MeZO's one-step optimal eta is not positive at this state (A <= 0 or negative curvature); "
+                        "give --wf-eta explicitly")  # fmt: skip
+    allocs["water-filling"] = water_filling(pooled, eta)
+    quad = QuadraticModel.from_stats(pooled)
+    temperature = _tempered(lambda t: gsl(pooled, t), cfg.gsl_temperature, GSL_TEMPERATURES, quad, cfg.horizon)
+    gamma = _tempered(lambda g: hizoo(pooled, g), cfg.hizoo_gamma, HIZOO_GAMMAS, quad, cfg.horizon)
+    allocs["gsl"] = gsl(pooled, temperature)
+    allocs["hizoo"] = hizoo(pooled, gamma)
+    params = {"water-filling": {"eta": eta}, "gsl": {"temperature": temperature}, "hizoo": {"gamma": gamma}}
+    return allocs, params
+
+
+# The oracles' temperature grids: without a given value, the one the K-step model predicts best is used.
+GSL_TEMPERATURES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+HIZOO_GAMMAS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+
+
+def _tempered(family: Callable[[float], Tensor], given: float | None, grid: tuple[float, ...],
+              quad: QuadraticModel, horizon: int) -> float:  # fmt: skip
+    """``given``, or the member of ``grid`` whose allocation has the lowest predicted K-step loss."""
+    if given is not None:
+        return given
+    scored = [(float(kstep(family(t), quad, horizon).loss), i, t) for i, t in enumerate(grid)]
+    best = min(scored)[2]
+    log.info("probe-blocks: oracle parameter %g chosen from %s by the K-step model", best, grid)
+    return best
+
+
+def _score(allocs: dict[str, Tensor], stats: BlockStats) -> dict[str, dict[str, float]]:
+    """A, T, V, Bq, eta*, gain and R of every allocation on one set of statistics ({} without them)."""
+    if not bool(torch.isfinite(stats.tau).all()):
+        return {}
+    base = step_terms(allocs["mezo"], stats).gain()
+    out = {}
+    for name, s in allocs.items():
+        terms = step_terms(s, stats)
+        out[name] = {**terms.to_dict(), "R": float(terms.gain() / base)}
+    return out
+
+
+def _kstep_scores(allocs: dict[str, Tensor], stats: BlockStats, horizon: int) -> dict[str, dict[str, float]]:
+    model = QuadraticModel.from_stats(stats)
+    res = {name: kstep(s, model, horizon) for name, s in allocs.items()}
+    base = res["mezo"].decrease
+    return {name: {"eta": r.eta, "f0": r.f0, "fK": float(r.loss), "R_K": r.decrease / base if base > 0 else float("nan")}
+            for name, r in res.items()}  # fmt: skip
+
+
+def _load(cfg: ProbeConfig) -> tuple[Any, Any, Any]:
+    from l2zo.models import load_model
+    from l2zo.tasks.base import SplitSizes, get_task
+
+    task = get_task(cfg.task)
+    # dev/test are not used; the train split is the compare's for the same num_train and data_seed
+    default = task.default_sizes
+    data = task.load(Path(cfg.data_dir) if cfg.data_dir else None,
+                     SplitSizes(train=cfg.num_train, dev=default.dev, test=default.test), cfg.data_seed)  # fmt: skip
+    if not data.train:
+        raise L2ZOError(f"task {task.name!r} has an empty train split")
+    loaded = load_model(cfg.model)
+    return task, data, loaded
+
+
+def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
+    """Measure, score and return the report (JSON-ready; ``sigma`` holds each allocation's fixed-sigma mapping)."""
+    t0 = time.perf_counter()
+    task, data, loaded = _load(cfg)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")  # fmt: skip
+    model = loaded.model.to(device).float()
+    from l2zo.tasks.scoring import CandidateScorer
+
+    scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.max_length)
+    batches = _Batches(list(data.train), scorer, task.loss_kind, cfg.batch_size, cfg.seed, device)
+    blocks = partition(model)
+    per_state: dict[int, list[PairSample]] = {}
+    first_state_weights: list[Tensor] | None = None
+    with eval_mode(model):
+        for state in _states(cfg, model, batches):
+            samples = []
+            for k in range(cfg.pairs):
+                a, b = batches.draw(model), batches.draw(model)
+                samples.append(
+                    measure_pair(
+                        blocks,
+                        a,
+                        b,
+                        probes=cfg.probes,
+                        gHg_probes=cfg.gHg_probes,
+                        fisher_samples=cfg.fisher_samples,
+                        seed=cfg.seed * 7919 + state * 131 + k,
+                    )
+                )
+            per_state[state] = samples
+            log.info("probe-blocks: state %d measured (%d pairs, %.0f s so far)", state, cfg.pairs,
+                     time.perf_counter() - t0)  # fmt: skip
+            if first_state_weights is None:
+                first_state_weights = [b.param.detach().clone() for b in blocks]
+        pooled = combine(blocks, [s for v in per_state.values() for s in v])
+        curv = curvature_stats(pooled, cfg.curvature)
+        # The nets' sigma at the first state (where a fine-tune from it starts), not after the trajectory.
+        assert first_state_weights is not None
+        current = [b.param.detach().clone() for b in blocks]
+        with torch.no_grad():
+            for b, w in zip(blocks, first_state_weights):
+                b.param.copy_(w)
+        allocs, oracle_params = _allocations(cfg, model, blocks, batches, curv)
+        with torch.no_grad():
+            for b, w in zip(blocks, current):
+                b.param.copy_(w)
+    state_stats = {state: combine(blocks, samples) for state, samples in per_state.items()}
+    return {
+        "config": dataclasses.asdict(cfg),
+        "model_name_or_path": loaded.name_or_path,
+        "task": task.name,
+        "loss_kind": task.loss_kind,
+        "num_blocks": len(blocks),
+        "wall_time_s": time.perf_counter() - t0,
+        "blocks": pooled.rows(),
+        "states": {str(k): {"loss": v.loss, "blocks": v.rows()} for k, v in state_stats.items()},
+        "curvature": "fisher" if curv is not pooled else "hessian",
+        "oracle_params": oracle_params,
+        "allocations": {
+            "hessian": _score(allocs, pooled),
+            "fisher": _score(allocs, pooled.with_fisher_curvature()) if pooled.has_fisher else {},
+            "per_state": {str(k): _score(allocs, v) for k, v in state_stats.items()},
+            "per_state_fisher": {
+                str(k): _score(allocs, v.with_fisher_curvature()) for k, v in state_stats.items() if v.has_fisher
+            },
+            "kstep": _kstep_scores(allocs, curv, cfg.horizon),
+        },
+        "sigma": {name: sigma_mapping(blocks, s) for name, s in allocs.items()},
+    }

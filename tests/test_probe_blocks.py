@@ -1,0 +1,184 @@
+"""`l2zo probe-blocks` end to end on a tiny Llama built from a config, and the `fixed-sigma` optimizer it feeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from l2zo.cli.main import main
+from l2zo.engine.blocks import partition
+from l2zo.errors import L2ZOError
+from l2zo.optim.registry import build_optimizer
+from tests.helpers import Quadratic, lm_loss, tiny_llama
+
+ALLOCATIONS = ("mezo", "learned-random", "learned-random-permuted", "learned", "per-block-const", "water-filling",
+               "gsl", "hizoo")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (tied embeddings, default SDPA attention) from a config, with the tiny world's tokenizer."""
+    from l2zo.models import load_model
+
+    tok = load_model("tiny").tokenizer
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    folder = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifact(model_dir, tmp_path_factory) -> Path:
+    from l2zo.learned.artifact import save_artifact
+    from l2zo.learned.net import NetSpec, VarianceNet
+    from l2zo.models import load_model
+
+    blocks = partition(load_model(str(model_dir)).model)
+    names = [b.name for b in blocks]
+    net = VarianceNet(NetSpec(), names, seed=3)
+    # The recorded per-kind sigma (per-block-const's source): q_proj 2, down_proj 0.5, the rest 1.
+    sigma = torch.tensor([2.0 if "q_proj" in n else 0.5 if "down_proj" in n else 1.0 for n in names])
+    return save_artifact(
+        tmp_path_factory.mktemp("art") / "artifact", net, blocks, base_model={"name": str(model_dir)},
+        meta_config={}, meta_record={}, normalization={"rule": "numel", "batch_size": 4}, sigma=sigma, overwrite=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def probe_dir(model_dir, artifact, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("probe") / "out"
+    rc = main(["probe-blocks", "--model", str(model_dir), "--task", "synth-color", "--num-train", "32",
+               "--batch-size", "4", "--max-length", "64", "--states", "0,2", "--pairs", "2", "--probes", "2",
+               "--ghg-probes", "1", "--fisher-samples", "1", "--settle", "3", "--horizon", "20",
+               "--artifact", str(artifact), "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_probe_blocks_writes_statistics_allocations_and_sigma_files(probe_dir, model_dir):
+    from l2zo.models import load_model
+
+    result = json.loads((probe_dir / "probe.json").read_text())
+    blocks = partition(load_model(str(model_dir)).model)
+    names = [b.name for b in blocks]
+    # The probe's blocks are the optimizers' blocks: the tied lm_head is not a block of its own.
+    assert [r["name"] for r in result["blocks"]] == names and not any("lm_head" in n for n in names)
+    assert set(result["states"]) == {"0", "2"}
+    for row in result["blocks"]:
+        assert row["fisher"] > 0 and row["noise"] == row["noise"]  # Fisher positive, noise finite
+    assert sorted(result["sigma"]) == sorted(ALLOCATIONS)
+    n = torch.tensor([float(b.numel) for b in blocks], dtype=torch.float64)
+    for name in ALLOCATIONS:
+        mapping = json.loads((probe_dir / "sigma" / f"{name}.json").read_text())
+        assert sorted(mapping) == sorted(names)
+        s = torch.tensor([mapping[b] for b in names], dtype=torch.float64)
+        assert float((n * s * s).sum()) == pytest.approx(float(n.sum()), rel=1e-9), name
+    rnd = result["sigma"]["learned-random"]
+    perm = result["sigma"]["learned-random-permuted"]
+    # The same sigmas on other blocks, up to the one constant of the renormalisation.
+    ratio = torch.tensor(sorted(perm.values())) / torch.tensor(sorted(rnd.values()))
+    torch.testing.assert_close(ratio, ratio[0].expand_as(ratio))
+    assert [rnd[b] for b in names] != [perm[b] for b in names]
+    # per-block-const takes the artifact's sigma_by_kind: q_proj 4x down_proj before normalisation.
+    pbc = result["sigma"]["per-block-const"]
+    q = next(b for b in names if "q_proj" in b)
+    d = next(b for b in names if "down_proj" in b)
+    assert pbc[q] / pbc[d] == pytest.approx(4.0)
+    for table in ("hessian", "fisher"):
+        scores = result["allocations"][table]
+        assert set(scores) == set(ALLOCATIONS)
+        m = scores["mezo"]
+        if (m["A"] + m["V"]) * m["T"] + 2 * m["Bq"] > 0:
+            assert m["R"] == pytest.approx(1.0)
+        else:  # a random-init model can have tr(H) < 0: the quadratic model has no optimum and R is undefined
+            assert m["R"] != m["R"] and table == "hessian"
+    assert result["allocations"]["fisher"]["mezo"]["R"] == pytest.approx(1.0)
+    assert result["allocations"]["kstep"]["mezo"]["R_K"] == pytest.approx(1.0)
+    md = (probe_dir / "probe.md").read_text()
+    assert "## Allocations" in md and "| `gsl` |" in md and "## Blocks" in md
+
+
+def test_an_allocation_runs_in_compare_as_fixed_sigma(probe_dir, model_dir, tmp_path):
+    logdir = tmp_path / "cmp"
+    sigma = probe_dir / "sigma" / "gsl.json"
+    rc = main(["compare", "--model", str(model_dir), "--task", "synth-color", "--num-train", "16", "--num-dev", "8",
+               "--num-test", "8", "--batch-size", "4", "--max-length", "64", "--steps", "2", "--eval-every", "2",
+               "--optimizers", f"mezo:lr=1e-3,fixed-sigma:sigma_file={sigma}:lr=1e-3", "--logdir", str(logdir)])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((logdir / "fixed-sigma" / "seed0" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["steps_done"] == 2
+
+
+def test_probe_blocks_refuses_an_existing_output(probe_dir, model_dir, capsys):
+    rc = main(["probe-blocks", "--model", str(model_dir), "--task", "synth-color", "--output", str(probe_dir)])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+def _write(path: Path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_fixed_sigma_of_ones_is_mezo_bit_for_bit(tmp_path):
+    a, b = tiny_llama(seed=1), tiny_llama(seed=1)
+    names = [blk.name for blk in partition(a)]
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    opt_a = build_optimizer("mezo", a, lr=1e-3, seed=5)
+    opt_b = build_optimizer("fixed-sigma", b, lr=1e-3, seed=5, sigma_file=_write(tmp_path / "s.json",
+                                                                                 dict.fromkeys(names, 1.0)))  # fmt: skip
+    for _ in range(3):
+        assert torch.equal(opt_a.step(lambda: lm_loss(a, ids)), opt_b.step(lambda: lm_loss(b, ids)))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_fixed_sigma_normalises_and_perturbs_only_where_sigma_is_positive(tmp_path):
+    q = Quadratic()
+    names = [blk.name for blk in partition(q)]  # "w" (6 entries), "v" (4 entries)
+    opt = build_optimizer("fixed-sigma", q, lr=0.05, sigma_file=_write(tmp_path / "s.json", {"w": 2.0, "v": 0.0}))
+    assert names == ["w", "v"]
+    assert opt.sigma() == pytest.approx([(10 / 6) ** 0.5, 0.0])  # 6 s_w^2 = 6 + 4
+    v0 = q.v.detach().clone()
+    for _ in range(5):
+        opt.step(q.loss)
+    assert torch.equal(q.v, v0)
+    raw = build_optimizer("fixed-sigma", q, sigma_file=_write(tmp_path / "r.json", {"w": 2.0, "v": 0.5}),
+                          normalization="none")  # fmt: skip
+    assert raw.sigma() == [2.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"w": 1.0}, "1 block(s) of this model missing (first: 'v')"),
+        ({"w": 1.0, "v": 1.0, "lm_head.weight": 1.0}, "1 unknown block(s) (first: 'lm_head.weight')"),
+        ({"w": 1.0, "v": -1.0}, "sigmas must be finite numbers >= 0"),
+        ({"w": True, "v": 1.0}, "sigmas must be finite numbers >= 0"),
+        ({"w": 0.0, "v": 0.0}, "every block sigma 0"),
+        ([1.0, 2.0], "must be a non-empty JSON object"),
+    ],
+)
+def test_fixed_sigma_rejects_bad_files_with_one_clear_line(tmp_path, data, message):
+    with pytest.raises(L2ZOError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_optimizer("fixed-sigma", Quadratic(), sigma_file=_write(tmp_path / "s.json", data))
+
+
+def test_fixed_sigma_needs_a_readable_file(tmp_path):
+    with pytest.raises(L2ZOError, match="needs a sigma file"):
+        build_optimizer("fixed-sigma", Quadratic())
+    with pytest.raises(L2ZOError, match="sigma file not found"):
+        build_optimizer("fixed-sigma", Quadratic(), sigma_file=str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(L2ZOError, match="not valid JSON"):
+        build_optimizer("fixed-sigma", Quadratic(), sigma_file=str(tmp_path / "bad.json"))
