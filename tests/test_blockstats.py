@@ -244,7 +244,7 @@ def test_kstep_is_differentiable_in_w_and_the_tuned_eta_is_a_minimum():
     for i in range(3):
         e = torch.zeros(3, dtype=torch.float64)
         e[i] = 1e-6
-        fd = (kstep_loss(w.detach() + e, res.eta, model, 50).sum() - kstep_loss(w.detach() - e, res.eta, model, 50).sum())
+        fd = kstep_loss(w.detach() + e, res.eta, model, 50).sum() - kstep_loss(w.detach() - e, res.eta, model, 50).sum()
         assert float(grad[i]) == pytest.approx(float(fd) / 2e-6, rel=1e-5, abs=1e-9)
     for factor in (0.8, 1.25):
         assert float(kstep_loss(w.detach(), res.eta * factor, model, 50).sum()) >= float(res.loss.detach())
@@ -311,7 +311,9 @@ def _simulate_two_scale(w_block, l_block, rho_block, sizes, f0_block, c_block, e
     g = torch.Generator().manual_seed(seed)
     size_t = torch.tensor(sizes)
     k = torch.repeat_interleave(torch.tensor(l_block, dtype=torch.float64), size_t)
-    sd = torch.repeat_interleave(torch.tensor([math.sqrt(c / (m - 1)) for c, m in zip(c_block, sizes)]), size_t).double()
+    sd = torch.repeat_interleave(
+        torch.tensor([math.sqrt(c / (m - 1)) for c, m in zip(c_block, sizes)]), size_t
+    ).double()
     first = torch.zeros(sum(sizes), dtype=torch.bool)
     first[torch.cumsum(size_t, 0) - size_t] = True
     k = torch.where(first, torch.repeat_interleave(torch.tensor(rho_block, dtype=torch.float64), size_t), k)
