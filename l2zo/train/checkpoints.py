@@ -5,7 +5,11 @@ Lightning runs inside ``fit`` at n (every ``eval_every`` steps). Taken between t
 evaluation: Lightning's restart counts the evaluation at the restored step as done. So :class:`StepCheckpoints`
 saves at the end of every ``every``-th step and, on SIGTERM/SIGINT, at the end of the current step, then stops;
 at a step with an evaluation both wait for it to end (a second signal stops at once, keeping the previous
-checkpoint). The standalone evaluations (step 0, the final one, test) stop at once, as ``StopOnSignal`` does.
+checkpoint). Lightning logs a step's training metrics after the hook that saves; the stop waits for that too,
+so the TensorBoard curves of a stopped and resumed run have every step. The standalone evaluations (step 0, the
+final one, test) stop at once, as ``StopOnSignal`` does; the state after ``fit`` is saved first (``after_fit``).
+These are the two restart points of Lightning 2.6's loops (``_TrainingEpochLoop.update_restart_stage``):
+"on train batch end" and "on last" (after the evaluation); tests/test_finetune_resume.py stops at each.
 
 *How.* Only the last checkpoint is kept (a full model's is as large as the model, plus the optimizer state).
 :class:`AtomicCheckpointIO` streams it to a temp file beside the target and renames it over the target, so a

@@ -8,19 +8,16 @@ on SIGTERM/SIGINT: see ``l2zo.train.checkpoints``).
 ``resume=True`` continues the run in ``cfg.logdir`` from that checkpoint: parameters, optimizer state (the ZO
 step count and seed, momentum, moments ...), lr schedule, step, data order (``SeededBatches`` starts at the
 restored step), global RNG, and the dev history, step times and batch digests, so that the result equals, bit
-for bit, a run that was never stopped. The config must be the run's; only ``RESUME_MAY_CHANGE`` may differ.
+for bit, a run that was never stopped. What is checked first: ``l2zo.train.resume``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import shlex
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from l2zo.config import FinetuneConfig, config_to_dict
-from l2zo.config.checks import flag
 from l2zo.errors import L2ZOError
 from l2zo.models import load_model
 from l2zo.models.loading import check_device
@@ -39,23 +35,19 @@ from l2zo.optim.run_hparams import optimizer_hparams
 from l2zo.tasks.base import TaskData
 from l2zo.tasks.loading import load_task_data
 from l2zo.tasks.scoring import CandidateScorer
-from l2zo.train.checkpoints import AtomicCheckpointIO, StepCheckpoints, last_checkpoint, read_checkpoint
+from l2zo.train.checkpoints import AtomicCheckpointIO, StepCheckpoints, last_checkpoint
 from l2zo.train.data import TaskDataModule
 from l2zo.train.eval_report import EvalReport, evaluations_planned
 from l2zo.train.lifecycle import FailOnNonFiniteLoss, trainer_call
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
+from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
-from l2zo.utils.runstatus import OK, RUNNING, RunInterrupted, SignalGuard, record_end, signal_guard
+from l2zo.utils.runstatus import RUNNING, RunInterrupted, SignalGuard, record_end, signal_guard
 
 log = logging.getLogger("l2zo")
-
-RUN_KEY = "l2zo_finetune_run"  # the run's part of a checkpoint: its config and wall time so far
-# Config keys a resumed run may change: the step budget, and knobs that change neither the batches, the
-# updates nor the evaluations (how often checkpoints are written, the progress bar, saving the final model).
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "progress", "save_model")
 
 
 def eval_interval(cfg: FinetuneConfig) -> int:
@@ -109,68 +101,6 @@ def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
         raise L2ZOError(f"--batch-size {cfg.data.batch_size} is larger than the {len(data.train)} training examples; "
                         "lower --batch-size or raise --num-train")  # fmt: skip
     check_writable_dir(cfg.logdir)
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where a resumed run starts: its checkpoint, the step and the wall time it holds."""
-
-    checkpoint: Path
-    step: int
-    wall_time_s: float
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and k == "data":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def resume_command(cfg: FinetuneConfig) -> str:
-    """The command that continues the run in ``cfg.logdir`` (its config.yaml is the run's resolved config)."""
-    return shlex.join(["l2zo", "finetune", "--config", str(Path(cfg.logdir) / "config.yaml"), "--resume"])
-
-
-def check_resume(cfg: FinetuneConfig, logdir: Path) -> ResumePoint:
-    """The checkpoint to resume the run in ``logdir`` from; ``L2ZOError`` for a finished run, a missing or
-    unreadable checkpoint, a config that differs in anything but ``RESUME_MAY_CHANGE`` (naming the keys), or a
-    checkpoint beyond ``--steps``."""
-    status = _recorded_status(logdir)
-    if status == OK:
-        raise L2ZOError(f"--resume: the run in {logdir} has finished (summary.json: status ok); there is nothing to "
-                        "resume. Train more in a new run: another --logdir, or --overwrite")  # fmt: skip
-    path = last_checkpoint(logdir)
-    if not path.is_file():
-        raise L2ZOError(f"--resume: no checkpoint {path} (the run in {logdir} stopped before its first one); start it "
-                        "again with --overwrite, and a smaller --checkpoint-every to save more often")  # fmt: skip
-    ckpt = read_checkpoint(path)
-    run = ckpt.get(RUN_KEY)
-    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
-        raise L2ZOError(f"--resume: {path} was not written by `l2zo finetune`; start the run again with --overwrite")
-    saved, now = _flat(run["config"]), _flat(config_to_dict(cfg))
-    keys = [*now, *(k for k in saved if k not in now)]
-    # logdir: the checkpoint is in it (a run folder may have been moved).
-    diff = [k for k in keys if k not in (*RESUME_MAY_CHANGE, "logdir") and saved.get(k) != now.get(k)]
-    if diff:
-        shown = "; ".join(f"{flag(k)} {saved.get(k)!r} in the run, {now.get(k)!r} now" for k in diff)
-        may = ", ".join(flag(k) for k in RESUME_MAY_CHANGE)
-        raise L2ZOError(f"--resume: the config differs from the run's ({shown}). A resumed run keeps its config "
-                        f"(only {may} may change): {resume_command(cfg)}")  # fmt: skip
-    step = int(ckpt.get("global_step", 0))
-    if step > cfg.steps:
-        raise L2ZOError(f"--resume: the checkpoint {path} is at step {step}, beyond --steps {cfg.steps}; raise --steps")
-    return ResumePoint(path, step, float(run.get("wall_time_s", 0.0)))
-
-
-def _recorded_status(logdir: Path) -> str | None:
-    try:
-        return json.loads((logdir / "summary.json").read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError, AttributeError):  # no summary, or not one l2zo wrote
-        return None
 
 
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
