@@ -14,6 +14,10 @@ HELP = "fine-tune a model on a task with a ZO optimizer"
 def register(cli: CommandParser) -> None:
     parser = config_parser(FinetuneConfig, description=HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --logdir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped run in --logdir from LOGDIR/checkpoints/last.ckpt, with the run's "
+                        "config (e.g. --config LOGDIR/config.yaml --resume); only --steps, --checkpoint-every, "
+                        "--progress and --save-model may change")  # fmt: skip
     cli.add_command("finetune", parser, run, help=HELP)
 
 
@@ -22,6 +26,8 @@ def run(args: Namespace) -> int:
     from l2zo.train.finetune import run_finetune
 
     cfg = from_namespace(FinetuneConfig, args)
-    summary = run_finetune(cfg, overwrite=args.overwrite)
+    summary = run_finetune(cfg, overwrite=args.overwrite, resume=args.resume)
     print_finetune_summary(summary, cfg.logdir)
+    if summary.get("resumed_from_step") is not None:
+        print(f"  resumed from step {summary['resumed_from_step']} (checkpoint removed: the run is finished)")
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 from l2zo.config.checks import Schedule, check_fields
 from l2zo.config.data import DataArgs
 from l2zo.config.values import parse_kv, split_list
+from l2zo.errors import L2ZOError
 
 
 @dataclasses.dataclass
@@ -43,6 +44,10 @@ class FinetuneConfig:
     """run folder: TensorBoard events, config.yaml, summary.json"""
     save_model: bool = False
     """save the fine-tuned model into LOGDIR/model"""
+    checkpoint_every: int = 500
+    """save a resumable checkpoint (LOGDIR/checkpoints/last.ckpt; only the last is kept, removed when the run
+    finishes) every N steps, and when SIGTERM/SIGINT stops the run; 0: only then. A full model's checkpoint is
+    the size of its weights plus the optimizer state"""
     include: list[str] | str | None = None
     """regexes (comma-separated or a YAML list): train only parameters whose names match"""
     exclude: list[str] | str | None = None
@@ -56,3 +61,7 @@ class FinetuneConfig:
         self.include = None if self.include is None else split_list(self.include)
         self.exclude = None if self.exclude is None else split_list(self.exclude)
         check_fields(self, positive=("steps", "eval_every"))
+        if self.checkpoint_every < 0:
+            raise L2ZOError(
+                f"--checkpoint-every must be 0 (only on SIGTERM/SIGINT) or positive, got {self.checkpoint_every}"
+            )

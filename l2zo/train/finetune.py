@@ -1,11 +1,19 @@
 """``run_finetune``: load a model and a task, fine-tune with any registered optimizer, evaluate, report.
 
-The run folder (``cfg.logdir``) receives the TensorBoard events, the resolved ``config.yaml`` and
-``summary.json`` (strict JSON, written atomically: ``running`` at the start, then how the run ended).
+The run folder (``cfg.logdir``) receives the TensorBoard events, the resolved ``config.yaml``,
+``summary.json`` (strict JSON, written atomically: ``running`` at the start, then how the run ended) and, while
+the run is not finished, a resumable checkpoint ``checkpoints/last.ckpt`` (every ``--checkpoint-every`` steps and
+on SIGTERM/SIGINT: see ``l2zo.train.checkpoints``).
+
+``resume=True`` continues the run in ``cfg.logdir`` from that checkpoint: parameters, optimizer state (the ZO
+step count and seed, momentum, moments ...), lr schedule, step, data order (``SeededBatches`` starts at the
+restored step), global RNG, and the dev history, step times and batch digests, so that the result equals, bit
+for bit, a run that was never stopped. What is checked first: ``l2zo.train.resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
@@ -27,17 +35,24 @@ from l2zo.optim.run_hparams import optimizer_hparams
 from l2zo.tasks.base import TaskData
 from l2zo.tasks.loading import load_task_data
 from l2zo.tasks.scoring import CandidateScorer
+from l2zo.train.checkpoints import AtomicCheckpointIO, StepCheckpoints, last_checkpoint
 from l2zo.train.data import TaskDataModule
 from l2zo.train.eval_report import EvalReport, evaluations_planned
-from l2zo.train.lifecycle import FailOnNonFiniteLoss, StopOnSignal, trainer_call
+from l2zo.train.lifecycle import FailOnNonFiniteLoss, trainer_call
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
+from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
 from l2zo.utils.runstatus import RUNNING, RunInterrupted, SignalGuard, record_end, signal_guard
 
 log = logging.getLogger("l2zo")
+
+
+def eval_interval(cfg: FinetuneConfig) -> int:
+    """Steps between the dev evaluations inside ``fit`` (the trainer's ``val_check_interval``)."""
+    return min(cfg.eval_every, cfg.steps)
 
 
 def make_trainer(
@@ -51,12 +66,13 @@ def make_trainer(
         precision=cfg.data.precision,
         max_steps=cfg.steps,
         max_epochs=-1,
-        val_check_interval=min(cfg.eval_every, cfg.steps),
+        val_check_interval=eval_interval(cfg),
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         logger=logger,
         log_every_n_steps=1,
-        enable_checkpointing=False,
+        enable_checkpointing=False,  # l2zo's own StepCheckpoints, written by AtomicCheckpointIO
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
         enable_progress_bar=cfg.progress,
         deterministic=False,
@@ -87,15 +103,20 @@ def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
     check_writable_dir(cfg.logdir)
 
 
-def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Fine-tune, evaluate on dev during training and on test at the end; return the summary.
 
     Everything the user gave is checked before the run folder exists (a refusal leaves nothing behind);
     from then on the folder is locked, and every ending is recorded in summary.json (``l2zo.utils.runstatus``):
-    a failed run raises ``L2ZOError``, a signal ``RunInterrupted``, after writing it.
+    a failed run raises ``L2ZOError``, a signal ``RunInterrupted``, after writing it. ``resume``: continue the
+    run in ``cfg.logdir`` from its checkpoint (see the module doc).
     """
     quiet_libraries()
     with signal_guard() as guard:
+        if resume and overwrite:
+            raise L2ZOError("--resume continues the run in --logdir and --overwrite replaces it: pass one of them")
+        if resume and not holds_run(cfg.logdir):
+            raise L2ZOError(f"--resume: there is no run in {cfg.logdir} to resume; check --logdir")
         spec = get_optimizer_spec(cfg.optimizer)
         hp = optimizer_hparams(cfg, spec)
         task, data = load_task_data(cfg.data)
@@ -105,16 +126,20 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]
         # refused before the run folder exists. Constructors draw no random numbers and allocate no state.
         build_optimizer(cfg.optimizer, loaded.model, **hp)
         with locked_run_folder(cfg.logdir) as folder:
-            if holds_run(folder.path):
+            start = check_resume(cfg, folder.path) if resume else None
+            if start is None and holds_run(folder.path):
                 if not overwrite:
-                    raise L2ZOError(f"{folder.path} already holds a run; pick another --logdir or pass --overwrite")
+                    hint = "resume it with --resume, " if last_checkpoint(folder.path).is_file() else ""
+                    raise L2ZOError(
+                        f"{folder.path} already holds a run; {hint}pick another --logdir or pass --overwrite"
+                    )
                 clear_run(folder.path)
             folder.started = True
-            return _run(cfg, spec, hp, task, data, loaded, folder.path, guard)
+            return _run(cfg, spec, hp, task, data, loaded, folder.path, guard, start)
 
 
 def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any, data: TaskData, loaded: Any,
-         logdir: Path, guard: SignalGuard) -> dict[str, Any]:  # fmt: skip
+         logdir: Path, guard: SignalGuard, start: ResumePoint | None) -> dict[str, Any]:  # fmt: skip
     summary: dict[str, Any] = {
         "status": RUNNING,
         "model": cfg.data.model,
@@ -131,10 +156,13 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
         "seed": cfg.seed,
         "precision": cfg.data.precision,
         "forwards_per_step": spec.forwards_per_step,
+        "resumed_from_step": None if start is None else start.step,
     }
     write_json_atomic(logdir / "summary.json", summary)  # "running" until it ends: a SIGKILL leaves it so
+    last = last_checkpoint(logdir)
     module: FinetuneModule | None = None
     trainer: L.Trainer | None = None
+    checkpoints: StepCheckpoints | None = None
     try:
         L.seed_everything(cfg.seed, workers=False, verbose=False)
         scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.data.max_length)
@@ -150,20 +178,29 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
             needs_anchor_batch=spec.needs_anchor_batch,
         )
         dm = TaskDataModule(data, scorer, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
-        write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
+        write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))  # a resumed run's (its --steps) too
         logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
-        evals = evaluations_planned(cfg.steps, min(cfg.eval_every, cfg.steps))
+        every = eval_interval(cfg)
+        evals = evaluations_planned(cfg.steps, every) if start is None else _evals_left(cfg.steps, every, start.step)
         report = EvalReport(data.dev, data.test, dev_evals=evals, max_length=cfg.data.max_length,
                             batch_size=cfg.data.eval_batch_size)  # fmt: skip
-        trainer = make_trainer(cfg, logger, [StopOnSignal(guard), FailOnNonFiniteLoss(), report])
+        prior_s = 0.0 if start is None else start.wall_time_s
         t_start = time.perf_counter()
+        checkpoints = StepCheckpoints(
+            guard, last, every=cfg.checkpoint_every, eval_every=every, key=RUN_KEY,
+            record=lambda: {"config": config_to_dict(cfg), "wall_time_s": prior_s + time.perf_counter() - t_start},
+            saved_step=None if start is None else start.step,
+        )  # fmt: skip
+        trainer = make_trainer(cfg, logger, [FailOnNonFiniteLoss(), checkpoints, report])
         with trainer_call(guard):
-            trainer.validate(module, datamodule=dm, verbose=False)
-            trainer.fit(module, datamodule=dm)
+            if start is None:  # a resumed run has its step-0 evaluation in the restored history
+                trainer.validate(module, datamodule=dm, verbose=False)
+            trainer.fit(module, datamodule=dm, ckpt_path=None if start is None else start.checkpoint)
+            checkpoints.after_fit(trainer)
             if module.history["val/loss"][-1][0] != trainer.global_step:
                 trainer.validate(module, datamodule=dm, verbose=False)
             trainer.test(module, datamodule=dm, verbose=False)
-        summary.update(_results(module, trainer, loaded, t_start))
+        summary.update(_results(module, trainer, loaded, prior_s + time.perf_counter() - t_start))
         diverged = _non_finite(summary)
         if diverged:
             raise L2ZOError(f"the run diverged: {diverged}; lower --lr (or --eps)")
@@ -177,23 +214,39 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
         if module is not None:
             summary.update(_digests(module))
         record_end(summary, exc)
-        write_json_atomic(logdir / "summary.json", summary)
+        ckpt_step = None
+        if last.is_file():
+            ckpt_step = checkpoints.saved_step if checkpoints is not None else None if start is None else start.step
+        summary.update(checkpoint=str(last) if ckpt_step is not None else None, checkpoint_step=ckpt_step)
         if isinstance(exc, RunInterrupted):
-            exc.detail = (f"stopped at step {summary['steps_done']} of {cfg.steps}; {logdir / 'summary.json'} "
-                          f"records status '{summary['status']}'")  # fmt: skip
+            summary["resume_command"] = resume_command(cfg) if ckpt_step is not None else None
+            how = (f"checkpoint {last} is at step {ckpt_step}; resume with: {summary['resume_command']}"
+                   if ckpt_step is not None else "no checkpoint was saved; start again with --overwrite")  # fmt: skip
+            exc.detail = (f"stopped at step {summary['steps_done']} of {cfg.steps}; {how} ({logdir / 'summary.json'} "
+                          f"records status '{summary['status']}')")  # fmt: skip
+        write_json_atomic(logdir / "summary.json", summary)
         raise
     record_end(summary, None)
     write_json_atomic(logdir / "summary.json", summary)
+    # A finished run cannot be resumed: its checkpoint (as large as the model) goes; --save-model keeps the weights.
+    last.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        last.parent.rmdir()
     return summary
 
 
-def _results(module: FinetuneModule, trainer: L.Trainer, loaded: Any, t_start: float) -> dict[str, Any]:
+def _evals_left(steps: int, every: int, start: int) -> int:
+    """Dev evaluations still to run after a checkpoint at ``start``: the grid points above it, and the final one."""
+    return steps // every - start // every + (1 if steps % every else 0)
+
+
+def _results(module: FinetuneModule, trainer: L.Trainer, loaded: Any, wall_time_s: float) -> dict[str, Any]:
     dev = module.history["val/loss"]
     finite = [sv for sv in dev if math.isfinite(sv[1])] or dev
     best_step, best_loss = min(finite, key=lambda sv: sv[1])
     return dict(
         steps_done=int(trainer.global_step),
-        wall_time_s=time.perf_counter() - t_start,
+        wall_time_s=wall_time_s,
         time_per_step_s=statistics.median(module.step_times) if module.step_times else None,
         peak_mem_mb=peak_memory_mb(next(loaded.model.parameters()).device),
         dev_loss_initial=dev[0][1],

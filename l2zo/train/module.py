@@ -3,6 +3,11 @@
 Manual optimization: a ZO optimizer's ``step(closure)`` runs the forwards itself. First-order
 optimizers (the fo-* references) get a closure that also runs backward. The module owns no
 algorithm: it logs, times and evaluates.
+
+Checkpoints (``l2zo finetune --resume``): Lightning saves the weights :meth:`FinetuneModule.checkpoint_weights`
+chooses, the optimizer and lr scheduler states and the loop progress; the module adds its run record (dev
+history, step times, per-step batch digests) and the global RNG state under ``RUN_STATE_KEY``, so that a
+resumed run reports, and continues, the whole run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from l2zo.tasks.scoring import CandidateScorer, ScoringBatch
 from l2zo.utils.memory import peak_memory_mb
 
 OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]
+
+RUN_STATE_KEY = "l2zo_finetune"  # the module's part of a Lightning checkpoint
+_DIGEST_HEAD = 8  # per-step digests shown in summary.json, to locate where two batch sequences part
 
 
 class FinetuneModule(L.LightningModule):
@@ -58,22 +66,62 @@ class FinetuneModule(L.LightningModule):
         self.test_metrics: dict[str, float] = {}
         self._sums: dict[str, float] = {}
         # Digest of the training batch sequence (l2zo compare checks that every optimizer saw the same
-        # batches in the same order): sha256 over each step's token ids and labels, chained step by step.
-        self._batch_sha = hashlib.sha256()
-        self.batch_digests_head: list[str] = []  # the first few per-step digests, to locate a divergence
+        # batches in the same order): sha256 over each step's token ids and labels, one 32-byte digest per
+        # step, kept (a checkpoint carries them: a running sha256 cannot be saved).
+        self._step_digests: list[bytes] = []
+        self._rng_to_restore: dict[str, torch.Tensor] | None = None
 
     @property
     def batch_digest(self) -> str:
         """sha256 of the per-step batch digests so far, in order."""
-        return self._batch_sha.hexdigest()
+        return hashlib.sha256(b"".join(self._step_digests)).hexdigest()
+
+    @property
+    def batch_digests_head(self) -> list[str]:
+        """The first few per-step digests (16 hex digits each)."""
+        return [d.hex()[:16] for d in self._step_digests[:_DIGEST_HEAD]]
 
     def _digest_batch(self, batch: ScoringBatch) -> None:
         step = hashlib.sha256()
         for t in (batch.input_ids, batch.labels):
             step.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-        self._batch_sha.update(step.digest())
-        if len(self.batch_digests_head) < 8:
-            self.batch_digests_head.append(step.hexdigest()[:16])
+        self._step_digests.append(step.digest())
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint keeps: the one place that chooses them. Full fine-tuning trains every
+        weight, so all of them. A PEFT run would return its adapter's weights only (and set
+        ``self.strict_loading = False``, so that Lightning restores them into the full model)."""
+        return self.state_dict()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.checkpoint_weights()
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        digests = torch.frombuffer(bytearray(b"".join(self._step_digests)), dtype=torch.uint8)
+        checkpoint[RUN_STATE_KEY] = {
+            "history": {k: [list(sv) for sv in v] for k, v in self.history.items()},
+            "step_times": list(self.step_times),
+            "step_digests": digests.reshape(-1, 32).clone(),  # [steps, 32]
+            "rng": rng,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint[RUN_STATE_KEY]
+        self.history = {k: [(int(s), float(v)) for s, v in sv] for k, sv in state["history"].items()}
+        self.step_times = [float(t) for t in state["step_times"]]
+        self._step_digests = [bytes(row.tolist()) for row in state["step_digests"]]
+        self._rng_to_restore = state["rng"]
+
+    def on_train_start(self) -> None:
+        # The global RNG (dropout in first-order steps) as it was when the checkpoint was taken; restored here,
+        # after Lightning has built the train dataloader's iterator (which draws from it), not at load time.
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["cpu"])
+            if "cuda" in self._rng_to_restore and self.device.type == "cuda":
+                torch.cuda.set_rng_state(self._rng_to_restore["cuda"], self.device)
+            self._rng_to_restore = None
 
     def configure_optimizers(self) -> Any:
         # The model is already on its device here, so optimizer state is allocated there.

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -36,14 +36,18 @@ def _remove_leftovers(path: Path) -> None:
                 p.unlink()
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary temp file beside ``path``; on success fsync it and rename it over ``path``, on error delete it.
+
+    Streamed to disk (a large checkpoint is never held twice in memory).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,6 +56,12 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
             os.unlink(tmp)
         raise
     _remove_leftovers(path)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def strict_json(obj: Any) -> tuple[Any, dict[str, str]]:
