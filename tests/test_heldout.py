@@ -201,8 +201,10 @@ def test_paired_counts_by_ci_on_the_built_compares(heldout_out):
 def test_fast_pairs_need_half_the_forwards_at_every_seed(tmp_path):
     out = tmp_path / "out"
     mezo = [(0, 1.0), (10, 0.8), (20, 0.6)]
-    learned = {"t1": [(0, 1.0), (10, 0.58), (20, 0.5)],  # below mezo's final 0.6 before step 10: ratio < 1/2
-               "t2": [(0, 1.0), (10, 0.7), (20, 0.55)]}  # crosses 0.6 between steps 10 and 20: ratio 3/4
+    learned = {
+        "t1": [(0, 1.0), (10, 0.58), (20, 0.5)],  # below mezo's final 0.6 before step 10: ratio < 1/2
+        "t2": [(0, 1.0), (10, 0.7), (20, 0.55)],
+    }  # crosses 0.6 between steps 10 and 20: ratio 3/4
     for task, curve in learned.items():
         for seed in range(3):
             for opt, dev in (("mezo", mezo), ("learned", curve)):

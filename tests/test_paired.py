@@ -82,7 +82,9 @@ def test_compare_paired_per_seed_targets_ratio_and_unknown_forwards():
     # seed k: base's final 0.6 + 0.01k is crossed between (0, 1.0) and (100, 0.5)
     want = [100 * (0.4 - 0.01 * k) / 0.5 for k in (0, 1, 2)]
     assert p.reach == pytest.approx(tuple(want)) and p.budget == (200.0, 200.0, 200.0)
-    assert p.forwards == pytest.approx(statistics.fmean(want)) and p.ratio == pytest.approx(statistics.fmean(want) / 200)
+    assert p.forwards == pytest.approx(statistics.fmean(want)) and p.ratio == pytest.approx(
+        statistics.fmean(want) / 200
+    )
     slow = {k: Curve((0.0, 100.0, 200.0), (1.0, 0.9, 0.7)) for k in (0, 1, 2)}
     q = compare_paired(slow, base)
     assert q.reached == 0 and q.forwards is None and q.ratio is None and q.ci.verdict == "loss"
@@ -182,10 +184,15 @@ def test_paired_table_against_the_recorded_baseline():
     assert s["forwards_to_baseline_final"] == pytest.approx(statistics.fmean(reach))
     assert s["forwards_ratio"] == pytest.approx(statistics.fmean(reach) / 200) and s["baseline_final_reached"] == "3/3"
     r = stats["learned-random"]
-    assert (r["diff_ci_low"], r["diff_ci_high"]) == (pytest.approx(-0.032263, abs=1e-6), pytest.approx(0.042263, abs=1e-6))
+    assert (r["diff_ci_low"], r["diff_ci_high"]) == (
+        pytest.approx(-0.032263, abs=1e-6),
+        pytest.approx(0.042263, abs=1e-6),
+    )
     assert r["baseline_final_reached"] == "1/3" and r["forwards_ratio"] is None  # only seed 1 got below mezo
     assert r["forwards_to_baseline_final"] == pytest.approx(2 * (50 + (0.9 - 0.61) / (0.9 - 0.60) * 50))
-    assert stats["zo-adam"]["baseline_final_reached"] == "0/3" and stats["zo-adam"]["forwards_to_baseline_final"] is None
+    assert (
+        stats["zo-adam"]["baseline_final_reached"] == "0/3" and stats["zo-adam"]["forwards_to_baseline_final"] is None
+    )
     assert stats["mezo"]["forwards_to_baseline_final"] == 200.0 and stats["mezo"]["forwards_ratio"] == 1.0
 
     md = render_md(tables, "exp", [])
@@ -263,7 +270,7 @@ def test_tuning_picks_the_lowest_dev_loss_and_every_seed_runs_it(tuned_compare, 
 
 
 def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, monkeypatch):
-    import l2zo.train.finetune as finetune
+    from l2zo.train import finetune
 
     src, _ = tuned_compare
     logdir = tmp_path / "exp"
@@ -273,8 +280,11 @@ def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, mon
     for folder in killed:  # what a kill leaves: a summary that never got past "running"
         summary = json.loads((folder / "summary.json").read_text())
         (folder / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
-    events = {p: p.stat().st_mtime_ns for p in logdir.rglob("events.out.tfevents.*")
-              if (p.parent / "summary.json").is_file() and p.parent not in killed}  # the runs that ran and finished
+    events = {
+        p: p.stat().st_mtime_ns
+        for p in logdir.rglob("events.out.tfevents.*")
+        if (p.parent / "summary.json").is_file() and p.parent not in killed
+    }  # the runs that ran and finished
     trained: list[Path] = []
     original = finetune.run_finetune
 
@@ -289,3 +299,14 @@ def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, mon
     assert {p: p.stat().st_mtime_ns for p in events if p.exists()} == events
     assert read_run(logdir / "mezo" / "seed1", logdir).hparams["lr"] == float(picked)
     assert json.loads((logdir / "compare.json").read_text())["tuning"]["mezo"]["picked"] == float(picked)
+
+    # Resumed with another grid (the pick's lr left out): no tuning run again, every seed again at the new pick.
+    other = next(r["lr"] for r in _tuning(logdir) if r["run"] == "mezo" and r["status"] == "ok" and r["picked"] == "0")
+    grid = ARGV.index("--lr-grid") + 1
+    argv = [*ARGV[:grid], f"mezo={other},1e9;zo-sgd-sign=1e9", *ARGV[grid + 1 :]]
+    trained.clear()
+    assert main(["compare", *argv, "--logdir", str(logdir), "--resume"]) == 1
+    assert trained == [logdir / "mezo" / f"seed{k}" for k in (0, 1, 2)]
+    assert all(read_run(logdir / "mezo" / f"seed{k}", logdir).hparams["lr"] == float(other) for k in (0, 1, 2))
+    shown = [(r["lr"], r["picked"]) for r in _tuning(logdir) if r["run"] == "mezo"]
+    assert shown == [(other, "1"), ("1000000000.0", "0")]  # the grid that ran, not the old points still on disk

@@ -11,7 +11,7 @@ whole run). See :mod:`l2zo.compare.paired` for the statistics.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from l2zo.compare.events import RunRecord
@@ -44,15 +44,23 @@ def curves(runs: Sequence[RunRecord]) -> dict[int, Curve]:
 
 
 # -- lr tuning ----------------------------------------------------------------------------------------------
-def tuning_rows(tune_runs: Sequence[RunRecord], select: str) -> list[dict[str, Any]]:
-    """One row per (optimizer, lr) of the tuning runs, in --optimizers order, with the pick marked."""
+def tuning_rows(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, Mapping[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per (optimizer, lr) of the tuning runs, in --optimizers order, with the pick marked.
+
+    ``ran``: base label -> the ``tuned`` record of its runs ({"grid", "picked"}); where given, only the lrs of
+    that grid are shown (a folder resumed with another grid keeps the old points' runs) and the picked lr is
+    the one the runs ran at; elsewhere the pick is made here by ``select``.
+    """
+    ran = ran or {}
     bases: dict[str, list[RunRecord]] = {}
     for r in sorted(tune_runs, key=lambda r: (r.order, r.base, r.sweep.get("lr", 0.0))):
-        bases.setdefault(r.base, []).append(r)
+        if r.base not in ran or r.sweep.get("lr") in ran[r.base].get("grid", []):
+            bases.setdefault(r.base, []).append(r)
     out = []
     for base, runs in bases.items():
         points = [TunePoint(r.sweep["lr"], dev_score([r], select), r.ok) for r in runs]
-        picked = pick_lr(points)
+        picked = ran[base].get("picked") if base in ran else pick_lr(points)
         grid = [p.lr for p in points]
         for r, p in zip(runs, points):
             out.append({"run": base, "lr": p.lr, "seed": r.seed, "steps": r.config.get("tune_steps"),

@@ -160,7 +160,8 @@ def build_tables(runs: list[RunRecord], select: str | None = None) -> dict[str, 
             row.stats.update(baseline=baseline.label, **paired_stats(row.runs, baseline.runs, row is baseline))
     return {"rows": rows, "ref": ref, "target": target, "sweep_rows": sweep_rows, "select": select,
             "digests": digest_check(runs), "config": runs[0].config, "baseline": baseline,
-            "tuning_rows": tuning_rows(tune_runs, select), "seeds": sorted({r.seed for r in runs})}  # fmt: skip
+            "tuning_rows": tuning_rows(tune_runs, select, {r.base: r.tuned for r in runs if r.tuned}),
+            "seeds": sorted({r.seed for r in runs})}  # fmt: skip
 
 
 def digest_check(runs: list[RunRecord]) -> str:
