@@ -18,10 +18,13 @@ import pytest
 
 from l2zo.compare.heldout import (
     HeldoutRow,
+    PairedCount,
     WinCount,
     initial_dev_loss,
     model_label,
+    paired_counts,
     read_heldout,
+    read_paired,
     render_csv,
     render_md,
     win_counts,
@@ -177,3 +180,44 @@ def test_script_aggregate_only_prints_and_writes_the_tables(heldout_out, tmp_pat
     assert commands[1].startswith("l2zo compare --model base --task wsc --data-dir ../shared/data --optimizers "
                                   "learned=art:lr=1e-5,mezo:lr=1e-5,learned-random=art:lr=1e-5,")  # fmt: skip
     assert commands[1].endswith(f"--logdir {heldout_out / 'base' / 'wsc'}")
+
+
+# ----------------------------------------------------------------------------- paired verdicts by CI
+def test_paired_counts_by_ci_on_the_built_compares(heldout_out):
+    paired = read_paired(heldout_out, MODELS, TASKS, "learned")
+    assert [(r.model, r.task, r.against, r.paired.ci.n) for r in paired] == [
+        ("base", "wic", "learned-random", 3), ("base", "wic", "mezo", 3), ("base", "wsc", "learned-random", 2),
+        ("base", "wsc", "mezo", 2), ("deriv", "wic", "learned-random", 1), ("deriv", "wic", "mezo", 1)]  # fmt: skip
+    assert [r.paired.ci.verdict for r in paired] == ["loss", "win", "tie", "tie", "tie", "tie"]
+    # By mean, learned beats mezo on 2 pairs; by CI only base/wic counts: base/wsc has equal losses, deriv/wic
+    # one seed, and learned's 0.045 lead over learned-random on base/wsc has a CI that holds 0 with 2 seeds.
+    assert paired_counts(paired) == {"learned-random": PairedCount(0, 2, 1, 3, 0, 0),
+                                     "mezo": PairedCount(1, 2, 0, 3, 0, 0)}  # fmt: skip
+    md = render_md(read_heldout(heldout_out, MODELS, TASKS), "T", "learned", paired)
+    assert "| mezo | 1 / 2 / 0 | 3 | not recorded |" in md
+    assert "| base | wsc | learned-random | 2 | -0.0450 [-0.1085, +0.0185] | tie | not recorded |" in md
+
+
+def test_fast_pairs_need_half_the_forwards_at_every_seed(tmp_path):
+    out = tmp_path / "out"
+    mezo = [(0, 1.0), (10, 0.8), (20, 0.6)]
+    learned = {
+        "t1": [(0, 1.0), (10, 0.58), (20, 0.5)],  # below mezo's final 0.6 before step 10: ratio < 1/2
+        "t2": [(0, 1.0), (10, 0.7), (20, 0.55)],
+    }  # crosses 0.6 between steps 10 and 20: ratio 3/4
+    for task, curve in learned.items():
+        for seed in range(3):
+            for opt, dev in (("mezo", mezo), ("learned", curve)):
+                write_scalars(out / "m" / task / opt / f"seed{seed}", {
+                    "val/loss": [(s, v + 0.01 * seed) for s, v in dev], "test/acc": [(20, 0.5)],
+                    "train/forward_passes": [(0, 2.0)]})  # 2 forwards per step  # fmt: skip
+        write_report(out / "m" / task)
+    paired = read_paired(out, ["m"], ["t1", "t2"], "learned")
+    assert [r.paired.ratio for r in paired] == [pytest.approx(0.5 * (1.0 - 0.6) / (1.0 - 0.58)),
+                                                pytest.approx(0.5 + 0.5 * (0.7 - 0.6) / (0.7 - 0.55))]  # fmt: skip
+    assert paired_counts(paired) == {"mezo": PairedCount(wins=2, ties=0, losses=0, pairs=2, fast=1, fast_known=2)}
+    docs = tmp_path / "docs"
+    md = write_heldout(out, docs, ["m"], ["t1", "t2"], "T", lambda m, t: "")
+    assert "| mezo | 2 / 0 / 0 | 2 | 1/2 |" in md and "| m | t2 | mezo | 3 |" in md
+    rows = list(csv.DictReader(io.StringIO((docs / "paired.csv").read_text(), newline="")))
+    assert [(r["task"], r["verdict"], r["reached"]) for r in rows] == [("t1", "win", "3/3"), ("t2", "win", "3/3")]

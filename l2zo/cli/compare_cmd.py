@@ -21,6 +21,8 @@ _EXAMPLE = """example:
       --steps 50 --seeds 0,1 --logdir runs/cmp
   l2zo compare ... --optimizers mezo,mezo:lr=1e-4,learned=artifacts/zo --opt-config opt.yaml
   l2zo compare ... --sweep lr=1e-5,1e-4,1e-3      # each optimizer at each lr, picked on dev loss
+  l2zo compare ... --lr-grid 1e-5,2e-5,5e-5 --tune-steps 50 --seeds 0,1,2 --baseline mezo
+                                                  # lr tuned on seed 0 (50 steps), then 3 paired seeds
   l2zo compare --config cmp.yaml                  # optimizers: [{name: mezo, lr: 1e-4}, {name: zo-adam}]
   l2zo report runs/cmp                            # rebuild summary.md/.csv and PNGs from the events"""
 
@@ -61,7 +63,10 @@ def run_report(args: Namespace) -> int:
 
 
 def print_report(report: dict, root: Path) -> None:
+    md = report["markdown"]
     print()
-    print(report["markdown"].split("\n- ")[0].rstrip())  # the header and the main table
+    print(md.split("\n- ")[0].rstrip())  # the header and the main table
+    if "\n## Paired against" in md:  # and the paired table, without its notes
+        print("\n## Paired against" + md.split("\n## Paired against", 1)[1].split("\n- ")[0].rstrip())
     print(f"\nwrote {root / 'summary.md'}, {root / 'summary.csv'} and {len(report['plots'])} plots "
           f"(tensorboard --logdir {root})")  # fmt: skip

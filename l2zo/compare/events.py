@@ -42,6 +42,8 @@ class RunRecord:
     forwards_per_step: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
     scalars: dict[str, Series] = field(default_factory=dict)
+    phase: str = "run"  # "tune": an lr-tuning run of ``--lr-grid`` (its own table, not a row of the comparison)
+    tuned: dict[str, Any] = field(default_factory=dict)  # how its lr was tuned: grid, picked, tune_steps, tune_seed
 
     @property
     def ok(self) -> bool:
@@ -112,7 +114,7 @@ def read_run(folder: Path, root: Path) -> RunRecord:
     if texts:
         rec = json.loads(texts[-1])
         for key in ("label", "seed", "optimizer", "base", "sweep", "hparams", "status", "reason", "order",
-                    "batch_digest", "forwards_per_step", "config"):  # fmt: skip
+                    "batch_digest", "forwards_per_step", "config", "phase", "tuned"):  # fmt: skip
             if key in rec:
                 setattr(run, key, rec[key])
     else:

@@ -5,6 +5,12 @@ A held-out evaluation is one ``l2zo compare`` per (model, task), each in ``<out>
 summary.csv rows, which hold the mean ± std over seeds, and the step-0 dev loss from their events) and
 builds the headline outputs: summary.md / summary.csv, the win counts of one optimizer over each other
 one, the compares' plots and the commands that made them.
+
+Win counts come two ways. By mean (:func:`win_counts`): the lower mean final dev loss wins, however small
+the margin. By paired CI (:func:`paired_counts`, from the compares' per-seed dev curves read back from
+their events): a pair is a win only when the 95% CI of the paired difference over seeds lies below 0, a
+loss when above, else a tie; beside it, the pairs where the optimizer reaches the other's final dev loss
+in at most half the other's forward passes (:data:`FAST_RATIO`).
 """
 
 from __future__ import annotations
@@ -16,13 +22,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from l2zo.compare.events import find_run_folders, read_folder
+from l2zo.compare.events import find_run_folders, load_experiment, read_folder
+from l2zo.compare.paired import CI_LEVEL, Curve, Paired, compare_paired
+from l2zo.compare.protocol import curves
 from l2zo.utils.io import write_text_atomic
 
 TIE_TOL = 1e-6  # differences this small are ties (the compare CSVs store float32 metrics)
 CSV_COLUMNS = ("model", "task", "run", "status", "seeds_ok", "dev_loss_initial", "dev_loss_final_mean",
                "dev_loss_final_std", "test_acc_mean", "test_acc_std", "time_per_step_s")  # fmt: skip
 PLOTS = ("dev_loss_vs_steps.png", "test_acc.png")
+FAST_RATIO = 0.5  # the target: reach the other's final dev loss in at most half its forward passes
+PAIRED_CSV_COLUMNS = ("model", "task", "optimizer", "against", "seeds", "diff_mean", "diff_ci_low", "diff_ci_high",
+                      "verdict", "forwards_ratio", "reached")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,33 @@ class WinCount:
     losses: int
     ties: int
     pairs: int
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """``optimizer`` against ``against`` on one (model, task), seed by seed (see :mod:`l2zo.compare.paired`)."""
+
+    model: str
+    task: str
+    optimizer: str
+    against: str
+    paired: Paired
+
+
+@dataclass(frozen=True)
+class PairedCount:
+    """Paired-CI verdicts of one optimizer against another over the (model, task) pairs where both finished.
+
+    ``fast``: pairs where it reached the other's final dev loss within ``FAST_RATIO`` of the other's forwards,
+    at every seed on average (``Paired.ratio``); ``fast_known``: pairs where the forwards were recorded.
+    """
+
+    wins: int
+    ties: int
+    losses: int
+    pairs: int
+    fast: int
+    fast_known: int
 
 
 def model_label(model: str) -> str:
@@ -127,6 +165,95 @@ def win_counts(rows: Sequence[HeldoutRow], champion: str, metric: str, lower_is_
     return out
 
 
+def compare_curves(logdir: Path) -> dict[str, dict[int, Curve]]:
+    """Optimizer (the run label without its sweep point or ``@`` settings) -> seed -> dev curve, for the runs of
+    one compare that finished ok (each optimizer's chosen sweep point; lr-tuning runs are not rows)."""
+    from l2zo.compare.summary import build_tables
+
+    runs = load_experiment(logdir)
+    if not any(r.phase != "tune" for r in runs):
+        return {}
+    return {row.runs[0].base.split("@")[0]: curves(row.runs) for row in build_tables(runs)["rows"]}
+
+
+def read_paired(out: Path, models: Sequence[str], tasks: Sequence[str], champion: str) -> list[PairedRow]:
+    """``champion`` against every other optimizer on each finished compare (one that wrote its summary.csv)."""
+    rows = []
+    for m in models:
+        for t in tasks:
+            folder = compare_dir(out, m, t)
+            if not (folder / "summary.csv").is_file():
+                continue
+            by_opt = compare_curves(folder)
+            if not by_opt.get(champion):
+                continue
+            for other, theirs in by_opt.items():
+                if other != champion and theirs:
+                    rows.append(PairedRow(model_label(m), t, champion, other, compare_paired(by_opt[champion], theirs)))
+    return rows
+
+
+def paired_counts(rows: Sequence[PairedRow]) -> dict[str, PairedCount]:
+    """Per other optimizer (sorted): wins / ties / losses by the paired CI, and the fast pairs; pairs with no
+    common seed are left out."""
+    out = {}
+    for other in sorted({r.against for r in rows}):
+        mine = [r.paired for r in rows if r.against == other and r.paired.ci.n > 0]
+        verdicts = [p.ci.verdict for p in mine]
+        known = [p for p in mine if p.forwards_known]
+        fast = sum(p.ratio is not None and p.ratio <= FAST_RATIO for p in known)
+        out[other] = PairedCount(verdicts.count("win"), verdicts.count("tie"), verdicts.count("loss"), len(mine), fast,
+                                 len(known))  # fmt: skip
+    return out
+
+
+def render_paired_csv(rows: Sequence[PairedRow]) -> str:
+    """paired.csv: one line per (model, task, other optimizer); CRLF line ends like summary.csv."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerow(PAIRED_CSV_COLUMNS)
+    for r in rows:
+        p = r.paired
+        cells = [r.model, r.task, r.optimizer, r.against, p.ci.n, p.ci.mean, p.ci.lo, p.ci.hi, p.ci.verdict, p.ratio,
+                 f"{p.reached}/{p.ci.n}" if p.forwards_known else None]  # fmt: skip
+        w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in cells])
+    return buf.getvalue()
+
+
+def _ci_text(p: Paired) -> str:
+    if p.ci.mean is None:
+        return "-"
+    return f"{p.ci.mean:+.4f}" + ("" if p.ci.lo is None else f" [{p.ci.lo:+.4f}, {p.ci.hi:+.4f}]")
+
+
+def _ratio_text(p: Paired) -> str:
+    if not p.forwards_known:
+        return "not recorded"
+    return "not reached" + (f" ({p.reached}/{p.ci.n} seeds)" if p.reached else "") if p.ratio is None else (
+        f"{p.ratio:.2f}")  # fmt: skip
+
+
+def render_paired_md(rows: Sequence[PairedRow], champion: str) -> list[str]:
+    """The paired sections of summary.md: counts per other optimizer, then every pair's CI."""
+    pct = round(100 * CI_LEVEL)
+    frac = f"1/{round(1 / FAST_RATIO)}" if FAST_RATIO < 1 else f"{FAST_RATIO:g}x"
+    lines = ["", f"## Paired verdicts of `{champion}` ({pct}% CI over seeds of the final dev-loss difference)", "",
+             f"| against | wins / ties / losses | pairs | reaches its final dev loss in <= {frac} of its forwards |",
+             "|---|---|---|---|"]  # fmt: skip
+    for other, c in paired_counts(rows).items():
+        fast = f"{c.fast}/{c.fast_known}" if c.fast_known else "not recorded"
+        lines.append(f"| {other} | {c.wins} / {c.ties} / {c.losses} | {c.pairs} | {fast} |")
+    lines += ["", (f"| model | task | against | seeds | diff {champion} - other [{pct}% CI] | verdict | "
+                   "forwards ratio |"), "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r.model} | {r.task} | {r.against} | {r.paired.ci.n} | {_ci_text(r.paired)} | "
+                     f"{r.paired.ci.verdict} | {_ratio_text(r.paired)} |")  # fmt: skip
+    lines += ["", ("A win needs the whole CI below 0 (lower dev loss); one seed, or a CI that holds 0, is a tie. "
+                   f"Forwards ratio: {champion}'s forward passes to reach the other's final dev loss over the other's "
+                   "forward passes (mean over seeds; shown when every seed reached it).")]  # fmt: skip
+    return lines
+
+
 def render_csv(rows: Sequence[HeldoutRow]) -> str:
     """summary.csv: one line per row (None as an empty cell, floats at full precision), CRLF line ends."""
     buf = io.StringIO()
@@ -146,8 +273,10 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def render_md(rows: Sequence[HeldoutRow], title: str, champion: str = "learned") -> str:
-    """summary.md: the per-row table (mean ± std over seeds), then ``champion``'s win counts."""
+def render_md(rows: Sequence[HeldoutRow], title: str, champion: str = "learned",
+              paired: Sequence[PairedRow] | None = None) -> str:  # fmt: skip
+    """summary.md: the per-row table (mean ± std over seeds), then ``champion``'s win counts by mean, then (given
+    ``paired``, ``champion``'s paired rows) its verdicts by paired CI."""
     lines = [f"# {title}", "", "| model | task | optimizer | seeds | dev loss at step 0 | dev loss final | test acc | s/step |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r.model} | {r.task} | {r.run} | {r.seeds_ok} | {_fmt(r.dev_loss_initial, '.4f')} | "
@@ -161,12 +290,15 @@ def render_md(rows: Sequence[HeldoutRow], title: str, champion: str = "learned")
     for other, d in by_dev.items():
         a = by_acc[other]
         lines.append(f"| {other} | {d.wins} / {d.losses} / {d.ties} | {a.wins} / {a.losses} / {a.ties} | {d.pairs} |")
+    if paired is not None:
+        lines += render_paired_md(paired, champion)
     return "\n".join(lines) + "\n"
 
 
 def write_heldout(out: Path, docs: Path, models: Sequence[str], tasks: Sequence[str], title: str,
-                  command_for: Callable[[str, str], str]) -> str:  # fmt: skip
-    """Write summary.csv, summary.md, each compare's plots and commands.txt under ``docs``; return summary.md.
+                  command_for: Callable[[str, str], str], champion: str = "learned") -> str:  # fmt: skip
+    """Write summary.csv, paired.csv, summary.md, each compare's plots and commands.txt under ``docs``; return
+    summary.md (``champion``: the optimizer whose wins are counted).
 
     ``command_for(model, task)``: the compare's command line, used when its folder holds no command.txt.
     """
@@ -180,7 +312,9 @@ def write_heldout(out: Path, docs: Path, models: Sequence[str], tasks: Sequence[
                     (docs / model_label(m) / t).mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src, docs / model_label(m) / t / png)
     write_text_atomic(docs / "summary.csv", render_csv(rows))
-    md = render_md(rows, title)
+    paired = read_paired(out, models, tasks, champion)
+    write_text_atomic(docs / "paired.csv", render_paired_csv(paired))
+    md = render_md(rows, title, champion, paired)
     write_text_atomic(docs / "summary.md", md)
     cmds = []
     for m in models:

@@ -7,10 +7,14 @@ after that a failing run (an ``L2ZOError`` such as a non-finite loss, any other 
 dev loss) is recorded as failed with its reason and the other runs go on. A SIGTERM or SIGINT records the
 current run as interrupted and stops the compare.
 
+With ``--lr-grid`` the runs are preceded by lr tuning (:mod:`l2zo.compare.tuning`): each optimizer's grid on
+one seed and ``--tune-steps`` steps, in LOGDIR/tune/<label>/lr=<lr>/seed<k>/; the picked lr then runs at
+every seed. A tuning run that fails is part of tuning (it loses), not a failure of the compare.
+
 The experiment folder is locked while the compare runs. ``compare.json`` names the experiment (model, task,
 data, steps, ...) and says how each run ended; a folder that holds another experiment is refused unless
 ``--overwrite`` (which removes all of it), and a rerun of the same one is refused unless ``--resume`` (which
-skips the runs that finished) or ``--overwrite``.
+skips the runs that finished, tuning runs included, and redoes a run whose tuned lr changed) or ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +35,13 @@ from l2zo.compare.spec import (
     CompareConfig,
     RunSpec,
     expand_sweep,
+    fmt_value,
     load_opt_config,
     parse_optimizers,
     parse_seeds,
     parse_sweep,
 )
+from l2zo.compare.tuning import TUNE_DIR, TunePoint, grids_for, pick_lr
 from l2zo.config import FinetuneConfig
 from l2zo.errors import L2ZOError
 from l2zo.optim.registry import build_optimizer, get_optimizer_spec, optimizer_specs
@@ -51,9 +57,9 @@ log = logging.getLogger("l2zo")
 EXPERIMENT_FILE = "compare.json"
 # What makes two compares the same experiment: runs that differ in these are not comparable in one table.
 EXPERIMENT_KEYS = ("model", "task", "data_dir", "data_seed", "num_train", "num_dev", "num_test", "steps",
-                   "batch_size", "eval_every", "max_length", "precision", "lr_schedule")  # fmt: skip
+                   "batch_size", "eval_every", "max_length", "precision", "lr_schedule", "tune_steps")  # fmt: skip
 # The compare's own files at the experiment root (plots included), removed by --overwrite.
-REPORT_FILES = ("summary.md", "summary.csv", "sweep.csv", EXPERIMENT_FILE, "dev_loss_vs_steps.png",
+REPORT_FILES = ("summary.md", "summary.csv", "sweep.csv", "tuning.csv", EXPERIMENT_FILE, "dev_loss_vs_steps.png",
                 "dev_loss_vs_forwards.png", "dev_loss_vs_time.png", "test_acc.png")  # fmt: skip
 FINISHED = (OK, FAILED)  # a run that ended so is not redone by --resume
 
@@ -67,15 +73,39 @@ class Plan:
     seeds: list[int]
     sweep_points: list[dict[str, Any]]
     base: FinetuneConfig  # the compare's data and schedule; each run sets its optimizer, seed and folder
+    grids: dict[str, list[float]] = field(default_factory=dict)  # label -> lr grid, for the labels tuned
+    tune_seed: int = 0
+    tune_steps: int = 0
+    baseline: str = ""  # the label of the paired table's reference
 
     def run_dir(self, spec: RunSpec, seed: int) -> Path:
-        return Path(self.cfg.logdir) / spec.label / f"seed{seed}"
+        root = Path(self.cfg.logdir)
+        return (root / TUNE_DIR if spec.phase == "tune" else root) / spec.label / f"seed{seed}"
 
     def finetune_config(self, spec: RunSpec, seed: int) -> FinetuneConfig:
         hp = dict(spec.hparams)
         artifact = hp.pop("artifact", None)
-        return replace(self.base, optimizer=spec.optimizer, opt_args=hp, seed=seed,
+        steps = self.tune_steps if spec.phase == "tune" else self.base.steps
+        return replace(self.base, optimizer=spec.optimizer, opt_args=hp, seed=seed, steps=steps,
                        artifact=None if artifact is None else str(artifact), logdir=str(self.run_dir(spec, seed)))  # fmt: skip
+
+    def tune_specs(self, spec: RunSpec) -> list[RunSpec]:
+        """The lr-tuning runs of ``spec`` (none when no grid covers it)."""
+        return [RunSpec(label=f"{spec.label}/lr={fmt_value(lr)}", optimizer=spec.optimizer,
+                        hparams={**spec.hparams, "lr": lr}, base=spec.label, sweep={"lr": lr}, phase="tune")
+                for lr in self.grids.get(spec.label, [])]  # fmt: skip
+
+    def tuned(self, spec: RunSpec, picked: float | None) -> RunSpec:
+        """``spec`` with its picked lr (None: no tuning run finished, so its runs are recorded as failed)."""
+        info = {"grid": self.grids[spec.label], "picked": picked, "tune_steps": self.tune_steps,
+                "tune_seed": self.tune_seed}  # fmt: skip
+        hp = spec.hparams if picked is None else {**spec.hparams, "lr": picked}
+        return replace(spec, hparams=hp, tuned=info)
+
+    def folders(self) -> set[Path]:
+        """Every run folder of the plan: the runs at each seed and the tuning runs."""
+        runs = {self.run_dir(s, k) for s in self.specs for k in self.seeds}
+        return runs | {self.run_dir(t, self.tune_seed) for s in self.specs for t in self.tune_specs(s)}
 
 
 def hparams_that_run(fcfg: FinetuneConfig) -> dict[str, Any]:
@@ -98,7 +128,10 @@ def make_plan(cfg: CompareConfig) -> Plan:
     specs = parse_optimizers(cfg.optimizers, list(optimizer_specs()), load_opt_config(cfg.opt_config))
     base = FinetuneConfig(data=cfg.data, steps=cfg.steps, eval_every=cfg.eval_every, lr_schedule=cfg.lr_schedule,
                           cache_z=cfg.cache_z, progress=cfg.progress)  # fmt: skip
-    plan = Plan(cfg=cfg, specs=expand_sweep(specs, points), seeds=seeds, sweep_points=points, base=base)
+    grids = check_tuning(cfg, specs)
+    plan = Plan(cfg=cfg, specs=expand_sweep(specs, points), seeds=seeds, sweep_points=points, base=base, grids=grids,
+                tune_seed=seeds[0] if cfg.tune_seed is None else cfg.tune_seed, tune_steps=cfg.tune_steps or cfg.steps,
+                baseline=resolve_baseline(cfg.baseline, specs))  # fmt: skip
     for spec in plan.specs:
         fcfg = plan.finetune_config(spec, seeds[0])
         try:
@@ -124,8 +157,44 @@ def make_plan(cfg: CompareConfig) -> Plan:
     return plan
 
 
+def check_tuning(cfg: CompareConfig, specs: list[RunSpec]) -> dict[str, list[float]]:
+    """The lr grid of each label to tune; refuses what cannot mean anything (a grid beside --sweep, an lr both
+    fixed and tuned, an optimizer without an lr, tuning options without a grid)."""
+    if not cfg.lr_grid:
+        if cfg.tune_steps is not None or cfg.tune_seed is not None:
+            raise L2ZOError("--tune-steps and --tune-seed set the lr-tuning runs: give --lr-grid too, e.g. "
+                            "--lr-grid 1e-5,2e-5,5e-5")  # fmt: skip
+        return {}
+    if cfg.sweep:
+        raise L2ZOError("--lr-grid and --sweep do not combine: tune the lr with --lr-grid, or sweep with --sweep")
+    grids = grids_for(cfg.lr_grid, [s.label for s in specs], {s.label: s.optimizer for s in specs})
+    for spec in specs:
+        if spec.label not in grids:
+            continue
+        if "lr" not in get_optimizer_spec(spec.optimizer).defaults:
+            raise L2ZOError(f"--lr-grid covers {spec.label!r}, but optimizer {spec.optimizer!r} has no lr; name the "
+                            "optimizers to tune, e.g. --lr-grid 'mezo=1e-5,2e-5'")  # fmt: skip
+        if "lr" in spec.hparams:
+            raise L2ZOError(f"--optimizers item {spec.label!r} fixes lr={fmt_value(spec.hparams['lr'])} and --lr-grid "
+                            "tunes it; drop one of the two")  # fmt: skip
+    return grids
+
+
+def resolve_baseline(name: str | None, specs: list[RunSpec]) -> str:
+    """The label of the paired table's reference: a run label, else the first run of that optimizer name."""
+    if name is None:
+        return specs[0].label
+    for spec in specs:
+        if name in (spec.label, spec.optimizer):
+            return spec.label
+    raise L2ZOError(f"--baseline {name!r} is not an optimizer of this compare; choose one of: "
+                    f"{', '.join(s.label for s in specs)}")  # fmt: skip
+
+
 def experiment_key(cfg: CompareConfig) -> dict[str, Any]:
-    return {k: getattr(cfg.data if hasattr(cfg.data, k) else cfg, k) for k in EXPERIMENT_KEYS}
+    key = {k: getattr(cfg.data if hasattr(cfg.data, k) else cfg, k) for k in EXPERIMENT_KEYS}
+    key["tune_steps"] = (cfg.tune_steps or cfg.steps) if cfg.lr_grid else None  # the steps the tuning ran
+    return key
 
 
 def _recorded_experiment(root: Path) -> dict[str, Any] | None:
@@ -183,7 +252,7 @@ def prepare_logdir(plan: Plan, overwrite: bool, resume: bool = False) -> set[Pat
     if diff:
         shown = "; ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} now" for k in diff)
         raise L2ZOError(f"{root} holds another experiment ({shown}); {fix}")
-    planned = {plan.run_dir(s, k).resolve() for s in plan.specs for k in plan.seeds}
+    planned = {f.resolve() for f in plan.folders()}
     clash = [f for f in old if f.resolve() in planned]
     if clash and not resume:
         raise L2ZOError(f"{clash[0]} already holds a run of this experiment; pass --resume to keep the finished runs "
@@ -218,14 +287,7 @@ def run_one(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str, Any]:
 
     fcfg = plan.finetune_config(spec, seed)
     folder = Path(fcfg.logdir)
-    record: dict[str, Any] = {
-        "label": spec.label, "base": spec.base, "optimizer": spec.optimizer, "sweep": spec.sweep, "seed": seed,
-        "order": order, "hparams": hparams_that_run(fcfg),
-        "forwards_per_step": get_optimizer_spec(spec.optimizer).forwards_per_step,
-        "config": {**{k: getattr(plan.cfg.data, k) for k in ("model", "task", "batch_size", "num_train", "num_dev",
-                                                             "num_test", "data_seed", "precision", "max_length")},
-                   **{k: getattr(plan.cfg, k) for k in ("steps", "eval_every", "lr_schedule", "select")}},
-    }  # fmt: skip
+    record = base_record(plan, spec, seed, order)
     _reset_peak_memory()
     t0 = time.perf_counter()
     try:
@@ -252,6 +314,34 @@ def run_one(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str, Any]:
     record["test_acc"] = summary.get("test_acc")
     record["dev_loss_final"] = summary.get("dev_loss_final")
     return record
+
+
+def base_record(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str, Any]:
+    """What a run's record says before it runs: who it is, the hyperparameters that run, the compare's config."""
+    fcfg = plan.finetune_config(spec, seed)
+    return {
+        "label": spec.label, "base": spec.base, "optimizer": spec.optimizer, "sweep": spec.sweep, "seed": seed,
+        "order": order, "hparams": hparams_that_run(fcfg), "phase": spec.phase, "tuned": spec.tuned,
+        "forwards_per_step": get_optimizer_spec(spec.optimizer).forwards_per_step,
+        "config": {**{k: getattr(plan.cfg.data, k) for k in ("model", "task", "batch_size", "num_train", "num_dev",
+                                                             "num_test", "data_seed", "precision", "max_length")},
+                   **{k: getattr(plan.cfg, k) for k in ("steps", "eval_every", "lr_schedule", "select")},
+                   "tune_steps": experiment_key(plan.cfg)["tune_steps"],
+                   "tune_seed": plan.tune_seed if plan.grids else None, "baseline": plan.baseline},
+    }  # fmt: skip
+
+
+def record_untuned(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str, Any]:
+    """A run that cannot start because no lr of its grid finished: recorded as failed, saying so."""
+    folder = plan.run_dir(spec, seed)
+    record = base_record(plan, spec, seed, order)
+    record.update(status=FAILED, reason=f"lr tuning: no lr of the grid {spec.tuned['grid']} finished on seed "
+                  f"{plan.tune_seed}; see {TUNE_DIR}/", batch_digest=None, steps_done=0)  # fmt: skip
+    if folder.is_dir():
+        clear_run(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_record(folder, record)
+    return {**record, "wall_s": 0.0, "test_acc": None, "dev_loss_final": None}
 
 
 def _read_summary(folder: Path) -> dict[str, Any]:
@@ -285,42 +375,76 @@ def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
 
     cfg = plan.cfg
     root = Path(cfg.logdir)
+    n_tune = sum(len(g) for g in plan.grids.values())
     total = len(plan.specs) * len(plan.seeds)
     state: dict[str, Any] = {"status": "running", "experiment": experiment_key(cfg), "runs": []}
-    log.info("l2zo compare: %d runs (%d configurations x %d seeds) into %s%s", total, len(plan.specs),
-             len(plan.seeds), cfg.logdir, f"; {len(skip)} finished before, kept" if skip else "")  # fmt: skip
+    if plan.grids:
+        state["tuning"] = {}
+    log.info("l2zo compare: %s%d runs (%d configurations x %d seeds) into %s%s",
+             f"{n_tune} lr-tuning runs (seed {plan.tune_seed}, {plan.tune_steps} steps), then " if n_tune else "",
+             total, len(plan.specs), len(plan.seeds), cfg.logdir,
+             f"; {len(skip)} finished before, kept" if skip else "")  # fmt: skip
     write_json_atomic(root / EXPERIMENT_FILE, state)
-    records = []
+    records: list[dict[str, Any]] = []
+    tune_records: list[dict[str, Any]] = []
+    current: tuple[RunSpec, int] | None = None
+
+    def note(rec: dict[str, Any], folder: Path, where: str) -> None:
+        state["runs"].append(_run_entry(rec, folder))
+        write_json_atomic(root / EXPERIMENT_FILE, state)
+        status = "ok" if rec["status"] == "ok" else f"FAILED ({rec['reason']})"
+        log.info("[%s] %s seed %d: %s; dev loss %s, test acc %s (%s)", where, rec["label"], rec["seed"], status,
+                 _fmt(rec["dev_loss_final"], ".4f"), _fmt(rec["test_acc"], ".3f"),
+                 "kept" if rec.get("kept") else f"{rec['wall_s']:.0f} s")  # fmt: skip
+
     try:
-        for i, spec in enumerate(plan.specs):
+        specs = list(plan.specs)
+        for i, spec in enumerate(plan.specs):  # lr tuning first: its picks decide what the seeds run
+            if spec.label not in plan.grids:
+                continue
+            points = []
+            for t in plan.tune_specs(spec):
+                folder = plan.run_dir(t, plan.tune_seed)
+                current = (t, plan.tune_seed)
+                kept = folder.resolve() in skip
+                rec = _kept_record(folder, root) if kept else run_one(plan, t, plan.tune_seed, order=i)
+                tune_records.append(rec)
+                note({**rec, "phase": "tune"}, folder, f"tune {len(tune_records)}/{n_tune}")
+                points.append(TunePoint(t.sweep["lr"], _tune_score(folder, root, cfg.select), rec["status"] == "ok"))
+            picked = pick_lr(points)
+            specs[i] = plan.tuned(spec, picked)
+            state["tuning"][spec.label] = {**specs[i].tuned, "scores": {fmt_value(p.lr): p.score for p in points}}
+            log.info("lr tuning of %s: %s", spec.label, "no lr finished" if picked is None else f"lr {picked:g}")
+        for i, spec in enumerate(specs):
             for seed in plan.seeds:
                 folder = plan.run_dir(spec, seed)
-                if folder.resolve() in skip:
-                    rec = _kept_record(folder, root)
-                else:
-                    rec = run_one(plan, spec, seed, order=i)
+                current = (spec, seed)
+                rec = _kept_record(folder, root) if folder.resolve() in skip else None
+                if rec is not None and spec.tuned and rec["hparams"].get("lr") != spec.tuned["picked"]:
+                    rec = None  # it ran at an lr that tuning no longer picks (the grid changed): run it again
+                if rec is None:
+                    untuned = spec.tuned and spec.tuned["picked"] is None
+                    rec = record_untuned(plan, spec, seed, i) if untuned else run_one(plan, spec, seed, order=i)
                 records.append(rec)
-                state["runs"].append(_run_entry(rec, folder))
-                write_json_atomic(root / EXPERIMENT_FILE, state)
-                status = "ok" if rec["status"] == "ok" else f"FAILED ({rec['reason']})"
-                log.info("[%d/%d] %s seed %d: %s; dev loss %s, test acc %s (%s)", len(records), total, spec.label,
-                         seed, status, _fmt(rec["dev_loss_final"], ".4f"), _fmt(rec["test_acc"], ".3f"),
-                         "kept" if rec.get("kept") else f"{rec['wall_s']:.0f} s")  # fmt: skip
+                note(rec, folder, f"{len(records)}/{total}")
     except BaseException as exc:
-        if isinstance(exc, RunInterrupted):
-            spec_seed = [(s, k) for s in plan.specs for k in plan.seeds][len(records)]
-            state["runs"].append({"label": spec_seed[0].label, "seed": spec_seed[1], "status": INTERRUPTED,
+        if isinstance(exc, RunInterrupted) and current is not None:
+            spec, seed = current
+            state["runs"].append({"label": spec.label, "seed": seed, "status": INTERRUPTED,
                                   "reason": f"interrupted by {exc.signame}",
-                                  "folder": str(plan.run_dir(*spec_seed))})  # fmt: skip
-            exc.detail = (f"run {spec_seed[0].label} seed {spec_seed[1]} recorded as interrupted, {len(records)} of "
-                          f"{total} runs done; {root / EXPERIMENT_FILE} says which. Continue with the same command "
-                          "and --resume")  # fmt: skip
+                                  "folder": str(plan.run_dir(spec, seed)),
+                                  **({"phase": "tune"} if spec.phase == "tune" else {})})  # fmt: skip
+            what = "lr-tuning run" if spec.phase == "tune" else "run"
+            exc.detail = (f"{what} {spec.label} seed {seed} recorded as interrupted, {len(records)} of {total} runs "
+                          f"done{f' after {len(tune_records)} of {n_tune} tuning runs' if n_tune else ''}; "
+                          f"{root / EXPERIMENT_FILE} says which. Continue with the same command and --resume")  # fmt: skip
         record_end(state, exc)
         write_json_atomic(root / EXPERIMENT_FILE, state)
         raise
     report = write_report(root)
     report["records"] = records
-    bad = [r for r in records if r["status"] != "ok"]
+    report["tune_records"] = tune_records
+    bad = [r for r in records if r["status"] != "ok"]  # a tuning run that failed lost; the compare did not fail
     record_end(state, None)
     if bad:
         state.update(status=FAILED, exit_code=1, error=f"{len(bad)} of {len(records)} runs failed")
@@ -328,9 +452,18 @@ def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
     return report
 
 
+def _tune_score(folder: Path, root: Path, select: str) -> float | None:
+    """A tuning run's dev-loss score, read back from its events as the report reads it (None: failed)."""
+    from l2zo.compare.events import read_run
+    from l2zo.compare.protocol import dev_score
+
+    return dev_score([read_run(folder, root)], select)
+
+
 def _run_entry(rec: dict[str, Any], folder: Path) -> dict[str, Any]:
-    return {"label": rec["label"], "seed": rec["seed"], "status": rec["status"], "reason": rec.get("reason", ""),
-            "folder": str(folder)}  # fmt: skip
+    entry = {"label": rec["label"], "seed": rec["seed"], "status": rec["status"], "reason": rec.get("reason", ""),
+             "folder": str(folder)}  # fmt: skip
+    return {**entry, "phase": "tune"} if rec.get("phase") == "tune" else entry
 
 
 def _kept_record(folder: Path, root: Path) -> dict[str, Any]:
@@ -341,4 +474,5 @@ def _kept_record(folder: Path, root: Path) -> dict[str, Any]:
     summary = _read_summary(folder)
     return {"label": run.label, "seed": run.seed, "status": run.status, "reason": run.reason, "kept": True,
             "test_acc": summary.get("test_acc"), "dev_loss_final": summary.get("dev_loss_final"), "wall_s": 0.0,
-            "batch_digest": summary.get("batch_digest"), "steps_done": summary.get("steps_done")}  # fmt: skip
+            "batch_digest": summary.get("batch_digest"), "steps_done": summary.get("steps_done"),
+            "hparams": run.hparams or {}}  # fmt: skip

@@ -50,7 +50,18 @@ class CompareConfig:
     sweep: dict[str, Any] | str | None = None
     """KEY=v1,v2,... (e.g. lr=1e-7,1e-6,1e-5; several keys: 'lr=..;eps=..'): run each point, pick on dev"""
     select: Literal["final", "best"] = "final"
-    """sweep selection: 'final' or 'best' dev loss (mean over seeds); never test"""
+    """sweep and lr-tuning selection: 'final' or 'best' dev loss (sweeps: mean over seeds); never test"""
+    lr_grid: list[float] | dict[str, Any] | str | None = None
+    """tune each optimizer's lr on dev first: v1,v2,... for every optimizer, or NAME=v1,v2;NAME=... per optimizer
+    (a bare list covers the others); each lr runs once on --tune-seed for --tune-steps steps, the lowest dev loss
+    (--select) wins, failed or diverged runs never do; then every seed runs with the picked lr"""
+    tune_steps: int | None = None
+    """optimizer steps of each lr-tuning run (default: --steps)"""
+    tune_seed: int | None = None
+    """the seed of the lr-tuning runs (default: the first of --seeds)"""
+    baseline: str | None = None
+    """the reference of the paired table (final dev loss differences with a 95% CI over seeds, forwards to
+    reach its final dev loss): an optimizer name or run label (default: the first optimizer listed)"""
     eval_every: int = 100
     """evaluate on dev every N steps (resolution of the dev curves)"""
     lr_schedule: Schedule = "constant"
@@ -61,7 +72,7 @@ class CompareConfig:
     """show a progress bar per run"""
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("steps", "eval_every"))
+        check_fields(self, positive=("steps", "eval_every", "tune_steps"))
 
 
 @dataclasses.dataclass
@@ -74,6 +85,8 @@ class RunSpec:
         hparams: hyperparameters given by the user (file and list), over the optimizer's defaults.
         base: the label before a sweep point was applied (== label without a sweep).
         sweep: the sweep point, e.g. {"lr": 1e-6}; empty without a sweep.
+        phase: "run" (a run of the comparison) or "tune" (an lr-tuning run, see :mod:`l2zo.compare.tuning`).
+        tuned: for a run whose lr was tuned: {"grid": [...], "picked": lr, "tune_steps": n, "tune_seed": k}.
     """
 
     label: str
@@ -81,6 +94,8 @@ class RunSpec:
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     base: str = ""
     sweep: dict[str, Any] = dataclasses.field(default_factory=dict)
+    phase: Literal["run", "tune"] = "run"
+    tuned: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def fmt_value(value: Any) -> str:

@@ -11,12 +11,19 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from l2zo.compare.events import RunRecord, load_experiment
+from l2zo.compare.protocol import (
+    dev_score,
+    find_baseline,
+    paired_stats,
+    render_paired_md,
+    render_tuning_md,
+    tuning_rows,
+)
 from l2zo.compare.spec import fmt_hparams, fmt_value
 from l2zo.errors import L2ZOError
 from l2zo.utils.io import write_text_atomic
@@ -46,14 +53,6 @@ def group(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
     for r in runs:
         out.setdefault(r.label, []).append(r)
     return out
-
-
-def dev_score(runs: list[RunRecord], select: str) -> float | None:
-    """Mean over the ok seeds of the final (or best) dev loss: the sweep criterion."""
-    pick: Callable[[RunRecord], float] = (lambda r: r.series("val/loss")[-1][1]) if select == "final" else (
-        lambda r: min(v for _, v in r.series("val/loss")))  # fmt: skip
-    vals = [pick(r) for r in runs if r.ok and r.series("val/loss")]
-    return statistics.fmean(vals) if vals else None
 
 
 def choose_sweeps(groups: dict[str, list[RunRecord]], select: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -86,7 +85,7 @@ def choose_sweeps(groups: dict[str, list[RunRecord]], select: str) -> tuple[list
 
 
 def status_text(runs: list[RunRecord]) -> str:
-    """"ok", or per way of ending (failed, interrupted, ...) its share of the seeds and their reasons."""
+    """ "ok", or per way of ending (failed, interrupted, ...) its share of the seeds and their reasons."""
     bad = [r for r in runs if not r.ok]
     if not bad:
         return "ok"
@@ -140,6 +139,8 @@ def pick_reference(rows: list[Row]) -> Row | None:
 
 def build_tables(runs: list[RunRecord], select: str | None = None) -> dict[str, Any]:
     """Everything the report shows: rows, the reference, the sweep rows, the header facts."""
+    tune_runs = [r for r in runs if r.phase == "tune"]  # lr tuning: a table of its own, never a row
+    runs = [r for r in runs if r.phase != "tune"]
     if not runs:
         raise L2ZOError("no runs found: expected TensorBoard event files under <logdir>/<run>/seed<k>/")
     groups = group(runs)
@@ -150,10 +151,16 @@ def build_tables(runs: list[RunRecord], select: str | None = None) -> dict[str, 
     target = None
     if ref is not None:
         target = statistics.fmean(r.series("val/loss")[-1][1] for r in ref.ok_runs if r.series("val/loss"))
+    wanted = next((r.config.get("baseline") for r in runs if r.config.get("baseline")), None)
+    b = find_baseline([row.label for row in rows], [row.runs[0].base for row in rows], wanted)
+    baseline = rows[b] if b is not None else None
     for row in rows:
         row.stats = row_stats(row, target)
+        if baseline is not None:
+            row.stats.update(baseline=baseline.label, **paired_stats(row.runs, baseline.runs, row is baseline))
     return {"rows": rows, "ref": ref, "target": target, "sweep_rows": sweep_rows, "select": select,
-            "digests": digest_check(runs), "config": runs[0].config,
+            "digests": digest_check(runs), "config": runs[0].config, "baseline": baseline,
+            "tuning_rows": tuning_rows(tune_runs, select, {r.base: r.tuned for r in runs if r.tuned}),
             "seeds": sorted({r.seed for r in runs})}  # fmt: skip
 
 
@@ -175,7 +182,10 @@ def digest_check(runs: list[RunRecord]) -> str:
 CSV_COLUMNS = ("run", "optimizer", "hyperparameters", "status", "seeds", "seeds_ok", "dev_loss_final_mean",
                "dev_loss_final_std", "dev_loss_best_mean", "dev_loss_best_std", "test_acc_mean", "test_acc_std",
                "steps_to_ref", "ref_reached", "forwards_to_ref", "time_per_step_s", "peak_mem_mb",
-               "forwards_per_step")  # fmt: skip
+               "forwards_per_step", "lr", "baseline", "paired_seeds", "diff_vs_baseline_mean", "diff_ci_low",
+               "diff_ci_high", "verdict", "forwards_to_baseline_final", "baseline_final_reached",
+               "forwards_ratio")  # fmt: skip
+TUNING_CSV_COLUMNS = ("run", "lr", "seed", "steps", "score", "status", "picked")
 
 
 def _num(x: Any, spec: str = ".4f") -> str:
@@ -204,7 +214,19 @@ def render_csv(tables: dict[str, Any]) -> str:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for row in tables["rows"]:
-        w.writerow(["" if (v := row.stats[c]) is None else repr(v) if isinstance(v, float) else v for c in CSV_COLUMNS])
+        w.writerow(["" if (v := row.stats.get(c)) is None else repr(v) if isinstance(v, float) else v
+                    for c in CSV_COLUMNS])  # fmt: skip
+    return out.getvalue()
+
+
+def render_tuning_csv(tables: dict[str, Any]) -> str:
+    """tuning.csv: every lr-tuning run (score: its final or best dev loss, per the compare's --select)."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(TUNING_CSV_COLUMNS)
+    for r in tables["tuning_rows"]:
+        w.writerow(["" if (v := r[c]) is None else int(v) if isinstance(v, bool) else repr(v) if isinstance(v, float)
+                    else v for c in TUNING_CSV_COLUMNS])  # fmt: skip
     return out.getvalue()
 
 
@@ -239,9 +261,18 @@ def render_md(tables: dict[str, Any], name: str, plots: list[str]) -> str:
                  _num(s["time_per_step_s"], ".3f"), _num(s["peak_mem_mb"], ".0f"),
                  _num(s["forwards_per_step"], "d")]  # fmt: skip
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-    ref_text = "none (no run finished)" if ref is None else (
-        f"`{ref.label}`'s final dev loss {tables['target']:.4f} (mean over its ok seeds)"
-        + ("" if ref.runs[0].optimizer == "mezo" else "; mezo is not in this compare, so the first optimizer is used"))
+    ref_text = (
+        "none (no run finished)"
+        if ref is None
+        else (
+            f"`{ref.label}`'s final dev loss {tables['target']:.4f} (mean over its ok seeds)"
+            + (
+                ""
+                if ref.runs[0].optimizer == "mezo"
+                else "; mezo is not in this compare, so the first optimizer is used"
+            )
+        )
+    )
     lines += [
         "",
         "- Mean ± std over seeds (sample std); dev loss and test accuracy over the seeds that finished ok. "
@@ -253,6 +284,10 @@ def render_md(tables: dict[str, Any], name: str, plots: list[str]) -> str:
         "- A run fails on an error (e.g. a non-finite loss) or when its dev loss is non-finite or above 10x "
         "the initial.",
     ]  # fmt: skip
+    if tables["baseline"] is not None:
+        lines += ["", *render_paired_md([row.stats for row in rows], tables["baseline"].label)]
+    if tables["tuning_rows"]:
+        lines += ["", *render_tuning_md(tables["tuning_rows"], tables["select"])]
     if tables["sweep_rows"]:
         lines += ["", f"## Sweep (picked on the {tables['select']} dev loss, mean over seeds; never on test)", "",
                   f"| run | point | dev loss {tables['select']} | seeds ok | chosen | status |",
@@ -275,6 +310,8 @@ def write_report(root: Path, select: str | None = None) -> dict[str, Any]:
     write_text_atomic(root / "summary.csv", render_csv(tables))
     if tables["sweep_rows"]:
         write_text_atomic(root / "sweep.csv", render_sweep_csv(tables))
+    if tables["tuning_rows"]:
+        write_text_atomic(root / "tuning.csv", render_tuning_csv(tables))
     md = render_md(tables, root.resolve().name, plots)
     write_text_atomic(root / "summary.md", md)
     return {**tables, "markdown": md, "plots": plots}

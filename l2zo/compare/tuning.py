@@ -1,0 +1,102 @@
+"""The lr-tuning protocol of ``l2zo compare --lr-grid``: which lrs each optimizer tries, and which one wins.
+
+Each optimizer runs every lr of its grid once, on one seed (``--tune-seed``, default the first of
+``--seeds``) and a short budget (``--tune-steps``); the lr with the lowest final (or best, ``--select``)
+dev loss is picked, a run that failed or diverged losing to every finished one. Then every seed runs at
+the full budget with the picked lr. Nothing here looks at test data.
+
+Grid text: ``1e-5,2e-5,5e-5`` (every optimizer), ``mezo=1e-5,2e-5;learned=5e-5,1e-4`` (per run label or
+optimizer name; a label wins over its optimizer's name), or both (``1e-5,2e-5;learned=5e-5,1e-4``: the
+bare list for the optimizers not named). In YAML: a list, or a mapping name -> list (``default`` for
+the others). An optimizer that no grid covers keeps its lr and is reported as not tuned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from l2zo.config import parse_scalar
+from l2zo.errors import L2ZOError
+
+DEFAULT_KEY = "default"  # the YAML mapping's key for the grid of the optimizers it does not name
+TUNE_DIR = "tune"  # tuning runs live in LOGDIR/tune/<label>/lr=<lr>/seed<k>/
+
+GridValue = list[Any] | dict[str, Any] | str | None
+
+
+def _values(raw: Any, where: str) -> list[float]:
+    items = raw if isinstance(raw, list) else [raw] if not isinstance(raw, str) else raw.split(",")
+    out: list[float] = []
+    for item in items:
+        if isinstance(item, str):
+            if not item.strip():
+                continue
+            item = parse_scalar(item)
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item) or item <= 0:
+            raise L2ZOError(f"bad --lr-grid {where}: {item!r} is not a positive number (e.g. --lr-grid 1e-5,2e-5,5e-5)")
+        out.append(float(item))
+    if not out:
+        raise L2ZOError(f"bad --lr-grid {where}: no values; give e.g. 1e-5,2e-5,5e-5")
+    if len(set(out)) != len(out):
+        raise L2ZOError(f"bad --lr-grid {where}: a value repeats")
+    return sorted(out)
+
+
+def parse_grid_text(value: GridValue) -> dict[str, list[float]]:
+    """The grid as name -> sorted lrs (``DEFAULT_KEY`` for the bare list); {} without a grid."""
+    if value is None or value == "" or value == []:
+        return {}
+    if isinstance(value, list):
+        return {DEFAULT_KEY: _values(value, "list")}
+    if isinstance(value, dict):
+        return {str(k).strip(): _values(v, f"entry {k!r}") for k, v in value.items()}
+    out: dict[str, list[float]] = {}
+    for part in filter(None, (p.strip() for p in value.split(";"))):
+        key, values = part.rsplit("=", 1) if "=" in part else (DEFAULT_KEY, part)  # labels may hold '='
+        key = key.strip()
+        if key in out:
+            raise L2ZOError(f"bad --lr-grid {value!r}: {key!r} is given twice")
+        out[key] = _values(values, repr(part))
+    return out
+
+
+def grids_for(value: GridValue, labels: Sequence[str], optimizer_of: Mapping[str, str]) -> dict[str, list[float]]:
+    """Run label -> its lr grid, for the labels a grid covers (a label's own entry, else its optimizer's, else
+    the default). A key that names neither a label nor an optimizer of the compare is refused."""
+    grid = parse_grid_text(value)
+    names = set(labels) | set(optimizer_of.values())
+    unknown = sorted(set(grid) - names - {DEFAULT_KEY})
+    if unknown:
+        raise L2ZOError(f"--lr-grid names {', '.join(map(repr, unknown))}, not an optimizer of this compare "
+                        f"(they are: {', '.join(labels)})")  # fmt: skip
+    out = {}
+    for label in labels:
+        for key in (label, optimizer_of[label], DEFAULT_KEY):
+            if key in grid:
+                out[label] = grid[key]
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class TunePoint:
+    """One tuning run: its lr, its dev-loss score (final or best; None: no dev loss) and whether it finished ok."""
+
+    lr: float
+    score: float | None
+    ok: bool
+
+
+def pick_lr(points: Sequence[TunePoint]) -> float | None:
+    """The lr of the lowest score among the runs that finished ok (a failed or diverged run never wins; a tie
+    goes to the smaller lr); None when no run finished."""
+    eligible = [(p.score, p.lr) for p in points if p.ok and p.score is not None and math.isfinite(p.score)]
+    return min(eligible)[1] if eligible else None
+
+
+def at_edge(lr: float, grid: Sequence[float]) -> bool:
+    """Whether a picked lr is the grid's smallest or largest (then the grid should be widened), for grids of 2+."""
+    return len(grid) > 1 and lr in (min(grid), max(grid))
