@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from l2zo.cli.parser import CommandParser, command_parser
 from l2zo.errors import L2ZOError
 
 _EXAMPLE = """example:
@@ -19,17 +20,21 @@ _EXAMPLE = """example:
       --optimizers "mezo,fixed-sigma:sigma_file=runs/probe-blocks/tiny/sigma/gsl.json\""""
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str | list[int]) -> list[int]:
+    if isinstance(text, list):  # jsonargparse re-applies the type to a parsed value when it checks the namespace
+        return [int(x) for x in text]
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 0,100,200, got {text!r}") from None
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe-blocks", help="per-block gradient/curvature statistics and the predicted gain of "
-                       "per-block allocations (MeZO, nets, oracles)", epilog=_EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+_HELP = "per-block gradient/curvature statistics and the predicted gain of per-block allocations (MeZO, nets, oracles)"
+
+
+def register(cli: CommandParser) -> None:
+    p = command_parser(description=_HELP)
+    p.epilog, p.formatter_class = _EXAMPLE, argparse.RawDescriptionHelpFormatter
     a = p.add_argument
     a("--model", default="tiny", help="model (tiny, tiny-derived, smollm2-135m, a folder ...) (default: tiny)")
     a("--task", default="synth-sentiment", help="task name or user task YAML (default: synth-sentiment)")
@@ -41,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--seed", type=int, default=0, help="seed of the batches, probes and MeZO trajectory (default: 0)")
     a("--artifact", action="append", default=[], dest="artifacts",
       help="a meta-trained learned-optimizer folder; repeat for several")  # fmt: skip
-    a("--states", type=_int_list, default=[0], help="MeZO steps at which to measure, e.g. 0,100,200 (default: 0)")
+    a("--states", type=_int_list, default="0", help="MeZO steps at which to measure, e.g. 0,100,200 (default: 0)")
     a("--mezo-lr", type=float, default=1e-4, help="lr of the MeZO trajectory between states (default: 1e-4)")
     a("--eps", type=float, default=1e-3, help="ZO eps for the trajectory and the nets (default: 1e-3)")
     a("--pairs", type=int, default=4, help="independent batch pairs per state (default: 4)")
@@ -80,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="device (default: cpu)")
     a("--output", default="runs/probe-blocks", help="output folder (default: runs/probe-blocks)")
     a("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=run)
+    cli.add_command("probe-blocks", p, run, help=_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,8 @@ from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
 from l2zo.learned.normalization import block_weights, normalize_sigma
 from l2zo.optim.base import ZOOptimizer
-from l2zo.optim.registry import OptimizerSpec, register_optimizer
+from l2zo.optim.hparams import ZOHParams
+from l2zo.optim.registry import ZO_RUN_ARGS, OptimizerSpec, register_optimizer
 
 _RULES = ("numel", "none")
 
@@ -48,34 +50,35 @@ def read_sigma_file(path: str | Path) -> dict[str, float]:
     return out
 
 
+@dataclass(kw_only=True)
+class FixedSigmaHParams(ZOHParams):
+    """MeZO's hyperparameters, plus how the file's sigmas are normalised: "numel" (sum_b n_b sigma_b^2 = sum_b n_b,
+    so the lr keeps MeZO's meaning) or "none" (as written)."""
+
+    normalization: str = "numel"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalization not in _RULES:
+            raise L2ZOError(f"fixed-sigma normalization must be one of {', '.join(_RULES)}, got {self.normalization!r}")
+
+
 class FixedSigmaZO(ZOOptimizer):
-    """ZO-SGD with u_b = sigma_b z_b for a fixed, normalised sigma per block.
+    """ZO-SGD with u_b = sigma_b z_b for a fixed, normalised sigma per block: only ``sigma()`` differs from MeZO.
 
     Args:
         params: the model, or its named parameters.
         sigma: block name -> sigma; must name exactly this optimizer's blocks.
-        normalization: "numel" (sum n_b sigma_b^2 = sum n_b) or "none" (as given).
-        lr, eps, weight_decay, seed, include, exclude: as ``MeZO``.
+        seed, include, exclude, hparams: as every ``ZOOptimizer`` (``FixedSigmaHParams``).
 
     Attributes:
         last_sigma: [B] the effective (normalised) sigma, float64.
     """
 
-    def __init__(
-        self,
-        params: ParamsLike,
-        sigma: dict[str, float],
-        normalization: str = "numel",
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-    ) -> None:
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, include=include, exclude=exclude)
-        if normalization not in _RULES:
-            raise L2ZOError(f"fixed-sigma normalization must be one of {', '.join(_RULES)}, got {normalization!r}")
+    hparams_cls = FixedSigmaHParams
+
+    def __init__(self, params: ParamsLike, sigma: dict[str, float], **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
         names = [b.name for b in self.blocks]
         unknown = sorted(set(sigma) - set(names))
         missing = [n for n in names if n not in sigma]
@@ -90,7 +93,7 @@ class FixedSigmaZO(ZOOptimizer):
         raw = torch.tensor([sigma[n] for n in names], dtype=torch.float64)
         if not bool((raw > 0).any()):
             raise L2ZOError("the sigma file gives every block sigma 0; at least one block must be perturbed")
-        if normalization == "numel":
+        if self.hp.normalization == "numel":
             _, raw = normalize_sigma(raw, block_weights(self.blocks, "numel"))
         self.last_sigma = raw
         self._sigma = raw.tolist()
@@ -99,29 +102,20 @@ class FixedSigmaZO(ZOOptimizer):
         return self._sigma
 
 
-def build_fixed_sigma(
-    model: torch.nn.Module,
-    *,
-    sigma_file: str | None = None,
-    normalization: str = "numel",
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-) -> FixedSigmaZO:
-    """FixedSigmaZO from a JSON sigma file (``sigma_file``)."""
+def build_fixed_sigma(model: torch.nn.Module, *, sigma_file: str | None = None, **kwargs: Any) -> FixedSigmaZO:
+    """FixedSigmaZO from a JSON sigma file (``sigma_file``); ``kwargs``: run arguments and hyperparameters."""
     if sigma_file is None:
         raise L2ZOError("optimizer 'fixed-sigma' needs a sigma file: fixed-sigma:sigma_file=FILE.json "
                         "(written by `l2zo probe-blocks`)")  # fmt: skip
-    return FixedSigmaZO(
-        model, read_sigma_file(sigma_file), normalization=normalization, lr=lr, eps=eps, weight_decay=weight_decay,
-        seed=seed, include=include, exclude=exclude,
-    )  # fmt: skip
+    return FixedSigmaZO(model, read_sigma_file(sigma_file), **kwargs)
 
 
-register_optimizer(OptimizerSpec(
-    name="fixed-sigma", factory=build_fixed_sigma, defaults={"lr": 1e-6, "eps": 1e-3},
-    description="MeZO with a fixed normalised sigma per block from a JSON file (sigma_file=FILE, from probe-blocks)",
-))  # fmt: skip
+register_optimizer(
+    OptimizerSpec(
+        name="fixed-sigma",
+        factory=build_fixed_sigma,
+        hparams=FixedSigmaHParams,
+        run_args=(*ZO_RUN_ARGS, "sigma_file"),
+        description="MeZO with a fixed normalised sigma per block from a JSON file (sigma_file=FILE, from probe-blocks)",
+    )
+)
