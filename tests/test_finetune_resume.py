@@ -90,6 +90,16 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One torch thread in this process too, as in the subprocesses (OMP_NUM_THREADS=1): every run compared uses
+    the same kernels, and the tiny runs do not contend for a shared machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``reference(case, steps)``: the folder of a run that nothing stopped (run once per module)."""

@@ -99,11 +99,12 @@ class FinetuneModule(L.LightningModule):
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        digests = torch.frombuffer(bytearray(b"".join(self._step_digests)), dtype=torch.uint8)
+        raw = bytearray(b"".join(self._step_digests))
+        digests = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
         checkpoint[RUN_STATE_KEY] = {
             "history": {k: [list(sv) for sv in v] for k, v in self.history.items()},
             "step_times": list(self.step_times),
-            "step_digests": digests.reshape(-1, 32).clone(),  # [steps, 32]
+            "step_digests": digests.reshape(-1, 32),  # [steps, 32]
             "rng": rng,
         }
 
@@ -111,7 +112,8 @@ class FinetuneModule(L.LightningModule):
         state = checkpoint[RUN_STATE_KEY]
         self.history = {k: [(int(s), float(v)) for s, v in sv] for k, sv in state["history"].items()}
         self.step_times = [float(t) for t in state["step_times"]]
-        self._step_digests = [bytes(row.tolist()) for row in state["step_digests"]]
+        raw = state["step_digests"].numpy().tobytes()
+        self._step_digests = [raw[i : i + 32] for i in range(0, len(raw), 32)]
         self._rng_to_restore = state["rng"]
 
     def on_train_start(self) -> None:
