@@ -160,7 +160,7 @@ def test_a_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     [
         ("finetune", "--batch-size", "training examples per step"),
         ("finetune", "--opt-args", "other optimizer hyperparameters"),
-        ("compare", "--select", "sweep selection: 'final' or 'best' dev loss"),
+        ("compare", "--select", "sweep and lr-tuning selection: 'final' or 'best' dev loss"),
         ("meta-train", "--p-teacher", "probability that a trajectory step is the first-order teacher's"),
         ("bench", "--seq-len", "tokens per sequence"),
     ],
