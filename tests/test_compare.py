@@ -143,6 +143,15 @@ def test_spec_parsing():
     assert parse_sweep("lr=1e-7,1e-6;eps=1e-3") == [{"lr": 1e-7, "eps": 1e-3}, {"lr": 1e-6, "eps": 1e-3}]
     with pytest.raises(L2ZOError, match="twice with the same settings"):
         parse_optimizers("mezo,mezo", KNOWN, {})
+    # label= names a run: a repeat keeps the label it was given, and the file can address it
+    specs = parse_optimizers("learned=/a/v1:label=learned,learned=/b/v2:label=learned-es", KNOWN,
+                             {"learned-es": {"lr": 2e-4}})  # fmt: skip
+    assert [(s.label, s.hparams) for s in specs] == [
+        ("learned", {"artifact": "/a/v1"}), ("learned-es", {"lr": 2e-4, "artifact": "/b/v2"})]  # fmt: skip
+    with pytest.raises(L2ZOError, match="plain name"):
+        parse_optimizers("mezo:label=a/b", KNOWN, {})
+    with pytest.raises(L2ZOError, match="twice with the same settings"):
+        parse_optimizers("mezo:label=x,zo-adam:label=x", KNOWN, {})
 
 
 @pytest.mark.parametrize(

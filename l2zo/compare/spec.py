@@ -7,7 +7,9 @@ A bare ``key=value`` item (its key not an optimizer) continues the previous item
 whose entries are such strings or mappings ``{name: mezo, lr: 1e-4}`` (``artifact: DIR`` for learned).
 ``--opt-config FILE`` maps an optimizer name (or a run label) to ``{key: value}``; items on the list win
 over the file. The same optimizer may appear more than once; its runs are then labelled by what differs
-(``mezo@lr=1e-05``). Values are read by ``l2zo.config.parse_scalar``, as ``--opt-args`` values are.
+(``mezo@lr=1e-05``), unless an item names its own label with the reserved key ``label``
+(``learned=DIR:label=learned-es``): a stable label lets a resumed compare add runs beside finished ones
+without renaming them. Values are read by ``l2zo.config.parse_scalar``, as ``--opt-args`` values are.
 
 Everything here is checked before any run starts: a mistake is one ``L2ZOError`` line.
 """
@@ -37,7 +39,7 @@ class CompareConfig:
     data: DataArgs = dataclasses.field(default_factory=_compare_data)
     """the model and the data, the same for every run"""
     optimizers: list[OptimizerEntry] | str = "mezo"
-    """comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat); in YAML also a list of
+    """comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat; :label=L names its run); in YAML also a list of
     such strings or of {name: NAME, key: value, ...} mappings"""
     opt_config: dict[str, Any] | str | None = None
     """YAML file (or, in --config, a mapping): optimizer (or run label) -> {key: value}"""
@@ -213,14 +215,19 @@ def parse_optimizers(value: list[OptimizerEntry] | str, known: list[str],
     for name, _ in items:
         if name not in known:
             raise L2ZOError(f"unknown optimizer {name!r} in --optimizers; valid choices: {', '.join(sorted(known))}")
-    unknown_keys = sorted(set(opt_config) - set(known) - {n for n, _ in items})
+    given = {str(hp["label"]).strip() for _, hp in items if hp.get("label")}
+    unknown_keys = sorted(set(opt_config) - set(known) - {n for n, _ in items} - given)
     if unknown_keys:
         raise L2ZOError(f"--opt-config names {', '.join(map(repr, unknown_keys))}, not an optimizer of this compare")
     counts = {n: sum(1 for m, _ in items if m == n) for n, _ in items}
     specs: list[RunSpec] = []
     for name, inline in items:
-        label = name
-        if counts[name] > 1:  # label by what the user set on the list (an artifact by its folder name)
+        inline = dict(inline)
+        explicit = str(inline.pop("label", "") or "").strip()
+        label = explicit or name
+        if "/" in label or label.startswith("."):
+            raise L2ZOError(f"--optimizers label {label!r} must be a plain name (it names a run folder)")
+        if not explicit and counts[name] > 1:  # label by what the user set on the list (an artifact by its folder name)
             shown = {k: Path(str(v)).name if k == "artifact" else v for k, v in inline.items()}
             label = f"{name}@{','.join(f'{k}={fmt_value(v)}' for k, v in shown.items())}" if shown else name
         hp = {**opt_config.get(name, {}), **opt_config.get(label, {}), **inline}
