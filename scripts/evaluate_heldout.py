@@ -2,18 +2,20 @@
 
     python scripts/evaluate_heldout.py --artifact checkpoints/smollm2-135m/zo-finetuner \\
         --models smollm2-135m,runs/derivatives/smollm2-135m-sst2lm --tasks rte,wsc,wic,cb \\
-        --optimizers learned,mezo,learned-random,per-block-const --steps 100 --seeds 0,1 --jobs 2
+        --optimizers learned,mezo,learned-random,per-block-const --steps 100 --seeds 0,1,2 --jobs 2 \
+        --lr-grid 1e-6,1e-5,1e-4 --tune-steps 50 --baseline mezo
 
 Each (model, task) is one `l2zo compare` (the command is printed and recorded), run with ``--jobs`` of them
 side by side, each on ``--threads`` CPU threads (two 1-thread processes use a 2-core CPU better than one
-2-thread process: a ZO step has serial parts). A compare that already finished is not re-run, so the
-script resumes after an interruption; asked for more ``--seeds`` than a finished compare has, it runs only the
-missing seeds into the same folder (the compare's tables then cover all of them). It then reads every
+2-thread process: a ZO step has serial parts). With ``--lr-grid`` every optimizer's lr is tuned on dev (one
+seed, ``--tune-steps``), else all run at ``--lr``. A folder that already holds the compare is resumed
+(``l2zo compare --resume``): finished runs are kept, and more ``--seeds`` or more ``--optimizers`` (an item may
+name its artifact and label: ``learned=DIR:label=learned-es``) only add runs. It then reads every
 compare's summary.csv and writes, under --docs (:func:`l2zo.compare.heldout.write_heldout`):
 
 * summary.md / summary.csv: final dev loss and test accuracy (mean ± std over seeds) per model, task, optimizer;
-* the win counts of `learned` over each other optimizer across (model, task) pairs: a win is a lower mean
-  final dev loss;
+* the win counts of each of ``--champions`` over each other optimizer across (model, task) pairs: by the
+  lower mean final dev loss, and by the paired 95% CI over seeds (paired.csv);
 * <model>/<task>/*.png: each compare's plots (dev loss against steps, test accuracy);
 * commands.txt: the exact compare commands.
 
@@ -25,7 +27,6 @@ fresh net with the artifact's spec and normalisation.
 from __future__ import annotations
 
 import argparse
-import csv
 import shlex
 import subprocess
 import sys
@@ -34,55 +35,51 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from l2zo.compare.heldout import compare_dir, model_label, write_heldout
+from l2zo.compare.run import EXPERIMENT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_OPTS = ("learned", "per-block-const", "learned-random")
 
 
-def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
+def optimizer_items(a: argparse.Namespace) -> list[str]:
+    """The compare's --optimizers items: a bare learned/per-block-const/learned-random takes --artifact; an item
+    may carry its own artifact and label (``learned=DIR:label=learned-es``); with no --lr-grid every item runs
+    at --lr."""
     items = []
     for opt in a.optimizers.split(","):
         name, _, extra = opt.partition(":")
         item = f"{name}={a.artifact}" if name in ARTIFACT_OPTS else name
-        hp = [f"lr={a.lr}"] + ([extra] if extra else [])
+        hp = ([] if a.lr_grid else [f"lr={a.lr}"]) + ([extra] if extra else [])
         items.append(":".join([item, *hp]))
-    return ["--model", model, "--task", task, "--data-dir", a.data_dir, "--optimizers", ",".join(items),
+    return items
+
+
+def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
+    tuning = ["--lr-grid", a.lr_grid, "--tune-steps", str(a.tune_steps or a.steps)] if a.lr_grid else []
+    return ["--model", model, "--task", task, "--data-dir", a.data_dir, "--optimizers", ",".join(optimizer_items(a)),
             "--steps", str(a.steps), "--seeds", a.seeds, "--batch-size", str(a.batch_size), "--eval-every",
-            str(a.eval_every), "--num-dev", str(a.num_dev), "--num-test", str(a.num_test), "--max-length",
-            str(a.max_length), "--precision", a.precision, "--cache-z",
+            str(a.eval_every), "--num-train", str(a.num_train), "--num-dev", str(a.num_dev), "--num-test",
+            str(a.num_test), "--max-length", str(a.max_length), "--precision", a.precision, "--cache-z", *tuning,
+            *(["--baseline", a.baseline] if a.baseline else []),
             "--logdir", str(compare_dir(Path(a.out), model, task))]  # fmt: skip
 
 
-def missing_seeds(logdir: Path, a: argparse.Namespace) -> list[str]:
-    """The requested seeds that some optimizer of this compare has not finished (all of them on a first run)."""
-    path = logdir / "summary.csv"
-    if not path.is_file() or not all(r["status"] == "ok" for r in csv.DictReader(path.open())):
-        return a.seeds.split(",")
-    labels = [opt.partition(":")[0] for opt in a.optimizers.split(",")]
-    return [k for k in a.seeds.split(",") if not all((logdir / lab / f"seed{k}" / "summary.json").is_file()
-                                                     for lab in labels)]  # fmt: skip
-
-
 def run_one(a: argparse.Namespace, model: str, task: str) -> tuple[str, float, int]:
+    """One compare; a folder that already holds this experiment is resumed (finished runs are kept, new seeds
+    and new optimizers are added), so the script picks up after an interruption."""
     args = compare_args(a, model, task)
     logdir = Path(args[args.index("--logdir") + 1])
-    seeds = missing_seeds(logdir, a)
-    if not seeds:
-        return f"{model_label(model)}/{task}: already done", 0.0, 0
-    # More seeds for a finished compare run beside its seeds (the summary covers every seed in the folder);
-    # anything else (a first run, a failed or interrupted one) starts the compare afresh.
-    added = seeds != a.seeds.split(",")
-    args[args.index("--seeds") + 1] = ",".join(seeds)
+    resume = (logdir / EXPERIMENT_FILE).is_file()
     env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     logdir.mkdir(parents=True, exist_ok=True)
-    cmd = shlex.join(["l2zo", "compare", *args]) + "\n"
-    with open(logdir / "command.txt", "a" if added else "w") as f:  # what aggregate lists
-        f.write(cmd)
+    with open(logdir / "command.txt", "w") as f:  # what aggregate lists
+        f.write(shlex.join(["l2zo", "compare", *args]) + "\n")
     t0 = time.time()
-    with open(logdir.parent / f"{task}.log", "a" if added else "w") as log:
-        rc = subprocess.run([sys.executable, "-m", "l2zo.cli.main", "compare", *args, *([] if added else ["--overwrite"])], cwd=ROOT,
-                            env={**_base_env(), **env}, stdout=log, stderr=subprocess.STDOUT, check=False).returncode  # fmt: skip
+    with open(logdir.parent / f"{task}.log", "a" if resume else "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "l2zo.cli.main", "compare", *args, *(["--resume"] if resume else [])],
+                            cwd=ROOT, env={**_base_env(), **env}, stdout=log, stderr=subprocess.STDOUT,
+                            check=False).returncode  # fmt: skip
     return f"{model_label(model)}/{task}: exit {rc}", time.time() - t0, rc
 
 
@@ -93,9 +90,13 @@ def _base_env() -> dict[str, str]:
 
 
 def aggregate(a: argparse.Namespace) -> None:
-    title = f"Held-out evaluation: {a.steps} steps, lr {a.lr}, batch {a.batch_size}, {a.precision}"
+    lr = (
+        f"lr tuned on dev from {a.lr_grid} ({a.tune_steps or a.steps} steps, first seed)" if a.lr_grid else f"lr {a.lr}"
+    )
+    title = f"Held-out evaluation: {a.steps} steps, {lr}, batch {a.batch_size}, {a.precision}"
     md = write_heldout(Path(a.out), ROOT / a.docs, a.models.split(","), a.tasks.split(","), title,
-                       lambda m, t: shlex.join(["l2zo", "compare", *compare_args(a, m, t)]))  # fmt: skip
+                       lambda m, t: shlex.join(["l2zo", "compare", *compare_args(a, m, t)]),
+                       champions=a.champions.split(","))  # fmt: skip
     print(md, end="")
 
 
@@ -105,11 +106,18 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m")
     ap.add_argument("--tasks", default="rte,wsc,wic,cb")
     ap.add_argument("--optimizers", default="learned,mezo,learned-random,per-block-const")
-    ap.add_argument("--lr", default="1e-5")
+    ap.add_argument("--lr", default="1e-5", help="every optimizer's lr when no --lr-grid is given")
+    ap.add_argument(
+        "--lr-grid", default=None, help="tune each optimizer's lr on dev from this grid (compare --lr-grid)"
+    )
+    ap.add_argument("--tune-steps", type=int, default=None, help="steps of each lr-tuning run (default: --steps)")
+    ap.add_argument("--baseline", default=None, help="the reference of each compare's paired table")
+    ap.add_argument("--champions", default="learned", help="run labels whose paired wins are counted")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--num-train", type=int, default=1000)
     ap.add_argument("--num-dev", type=int, default=64)
     ap.add_argument("--num-test", type=int, default=200)
     ap.add_argument("--max-length", type=int, default=128)

@@ -221,3 +221,12 @@ def test_fast_pairs_need_half_the_forwards_at_every_seed(tmp_path):
     assert "| mezo | 2 / 0 / 0 | 2 | 1/2 |" in md and "| m | t2 | mezo | 3 |" in md
     rows = list(csv.DictReader(io.StringIO((docs / "paired.csv").read_text(), newline="")))
     assert [(r["task"], r["verdict"], r["reached"]) for r in rows] == [("t1", "win", "3/3"), ("t2", "win", "3/3")]
+
+
+def test_several_champions_each_get_their_counts(heldout_out):
+    paired = [r for c in ("learned", "mezo") for r in read_paired(heldout_out, MODELS, TASKS, c)]
+    md = render_md(read_heldout(heldout_out, MODELS, TASKS), "T", ["learned", "mezo"], paired)
+    assert "## Paired verdicts of `learned`" in md and "## Paired verdicts of `mezo`" in md
+    mezo_part = md.split("## Win counts of `mezo`")[1]
+    # mezo's section counts mezo against learned (the mirror of learned's 1 win, 2 ties against mezo)
+    assert "| learned | 0 / 2 / 1 | 3 | not recorded |" in mezo_part

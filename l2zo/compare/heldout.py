@@ -273,32 +273,36 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def render_md(rows: Sequence[HeldoutRow], title: str, champion: str = "learned",
+def render_md(rows: Sequence[HeldoutRow], title: str, champion: str | Sequence[str] = "learned",
               paired: Sequence[PairedRow] | None = None) -> str:  # fmt: skip
-    """summary.md: the per-row table (mean ± std over seeds), then ``champion``'s win counts by mean, then (given
-    ``paired``, ``champion``'s paired rows) its verdicts by paired CI."""
+    """summary.md: the per-row table (mean ± std over seeds), then for each champion (one label or several) its
+    win counts by mean and (given ``paired``, the champions' paired rows) its verdicts by paired CI."""
+    champions = [champion] if isinstance(champion, str) else list(champion)
     lines = [f"# {title}", "", "| model | task | optimizer | seeds | dev loss at step 0 | dev loss final | test acc | s/step |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r.model} | {r.task} | {r.run} | {r.seeds_ok} | {_fmt(r.dev_loss_initial, '.4f')} | "
                      f"{_pm(r.dev_loss_final_mean, r.dev_loss_final_std, '.4f')} | "
                      f"{_pm(r.test_acc_mean, r.test_acc_std, '.3f')} | {_fmt(r.time_per_step_s, '.2f')} |")  # fmt: skip
-    lines += ["", f"## Win counts of `{champion}`, per model-task pair", "",
-              "| against | by mean final dev loss (lower): wins / losses / ties | by mean test accuracy (higher): wins / losses / ties | pairs |",
-              "|---|---|---|---|"]  # fmt: skip
-    by_dev = win_counts(rows, champion, "dev_loss_final_mean", lower_is_better=True)
-    by_acc = win_counts(rows, champion, "test_acc_mean", lower_is_better=False)
-    for other, d in by_dev.items():
-        a = by_acc[other]
-        lines.append(f"| {other} | {d.wins} / {d.losses} / {d.ties} | {a.wins} / {a.losses} / {a.ties} | {d.pairs} |")
-    if paired is not None:
-        lines += render_paired_md(paired, champion)
+    for champion in champions:
+        lines += ["", f"## Win counts of `{champion}`, per model-task pair", "",
+                  "| against | by mean final dev loss (lower): wins / losses / ties | by mean test accuracy (higher): wins / losses / ties | pairs |",
+                  "|---|---|---|---|"]  # fmt: skip
+        by_dev = win_counts(rows, champion, "dev_loss_final_mean", lower_is_better=True)
+        by_acc = win_counts(rows, champion, "test_acc_mean", lower_is_better=False)
+        for other, d in by_dev.items():
+            a = by_acc[other]
+            lines.append(
+                f"| {other} | {d.wins} / {d.losses} / {d.ties} | {a.wins} / {a.losses} / {a.ties} | {d.pairs} |"
+            )
+        if paired is not None:
+            lines += render_paired_md([r for r in paired if r.optimizer == champion], champion)
     return "\n".join(lines) + "\n"
 
 
 def write_heldout(out: Path, docs: Path, models: Sequence[str], tasks: Sequence[str], title: str,
-                  command_for: Callable[[str, str], str], champion: str = "learned") -> str:  # fmt: skip
+                  command_for: Callable[[str, str], str], champions: Sequence[str] = ("learned",)) -> str:  # fmt: skip
     """Write summary.csv, paired.csv, summary.md, each compare's plots and commands.txt under ``docs``; return
-    summary.md (``champion``: the optimizer whose wins are counted).
+    summary.md (``champions``: the run labels whose wins are counted, each against every other).
 
     ``command_for(model, task)``: the compare's command line, used when its folder holds no command.txt.
     """
@@ -312,9 +316,9 @@ def write_heldout(out: Path, docs: Path, models: Sequence[str], tasks: Sequence[
                     (docs / model_label(m) / t).mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src, docs / model_label(m) / t / png)
     write_text_atomic(docs / "summary.csv", render_csv(rows))
-    paired = read_paired(out, models, tasks, champion)
+    paired = [r for c in champions for r in read_paired(out, models, tasks, c)]
     write_text_atomic(docs / "paired.csv", render_paired_csv(paired))
-    md = render_md(rows, title, champion, paired)
+    md = render_md(rows, title, champions, paired)
     write_text_atomic(docs / "summary.md", md)
     cmds = []
     for m in models:
