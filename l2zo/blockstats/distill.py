@@ -109,9 +109,9 @@ def distill_meta_loss(model: nn.Module, blocks: Sequence[Block], net: VarianceNe
     state gives the oracle no signal) and the target t [B] (None then).
     """
     sig = predict_sigma(net, blocks, state, norm)
-    res = zo_probe(model, blocks, sig, inner, seed=seed, eps=eps, zsrc=zsrc)
+    probe = zo_probe(model, blocks, sig, inner, seed=seed, eps=eps, zsrc=zsrc)
     s_star = oracle_allocation(stats, oracle)
     if s_star is None:
-        return MetaResult(meta_loss=(sig.raw.to(torch.float64) * 0.0).sum(), probe=res.probe, sigma=sig), None
+        return MetaResult(meta_loss=(sig.raw.to(torch.float64) * 0.0).sum(), probe=probe, sigma=sig), None
     target = distill_target(s_star, norm, oracle.floor)
-    return MetaResult(meta_loss=distill_loss(sig.raw, target, norm), probe=res.probe, sigma=sig), target
+    return MetaResult(meta_loss=distill_loss(sig.raw, target, norm), probe=probe, sigma=sig), target

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from l2zo.blockstats.gain import QuadraticModel, kstep_loss, normalize, tune_eta
 from l2zo.blockstats.stats import BlockStats
-from l2zo.engine import Block, ZSource, eval_mode, two_point_estimate
+from l2zo.engine import Block, Probe, ZSource, eval_mode, two_point_estimate
 from l2zo.errors import L2ZOError
 from l2zo.learned.meta import LossFn, MetaResult, SigmaNorm, SigmaOut, TaskState, predict_sigma
 from l2zo.learned.net import VarianceNet
@@ -93,15 +93,15 @@ def expected_loss(s: Tensor, stats: BlockStats, *, horizon: int, eta: float | No
 
 
 def zo_probe(model: nn.Module, blocks: Sequence[Block], sig: SigmaOut, inner: LossFn, *, seed: int, eps: float,
-             zsrc: ZSource) -> MetaResult:  # fmt: skip
-    """The ZO probe at theta with the net's sigma (what ``TaskState.record`` and an on-policy step use), packed
-    with a placeholder meta-loss; the same probe as ``greedy_meta_loss`` takes."""
+             zsrc: ZSource) -> Probe:  # fmt: skip
+    """The ZO probe at theta with the net's sigma (what ``TaskState.record`` and an on-policy step use): the same
+    probe as ``greedy_meta_loss`` takes; theta is restored (to an ulp) on return."""
     with eval_mode(model):
         probe = two_point_estimate(lambda: inner(model), blocks, seed, eps, zsrc, sig.eff.detach().tolist())
     if not math.isfinite(probe.projected_grad):
         raise L2ZOError(f"non-finite ZO loss during the meta-step's probe (L+={float(probe.loss_plus):.4g}, "
                         f"L-={float(probe.loss_minus):.4g}); lower --inner-lr, --teacher-lr or --eps")  # fmt: skip
-    return MetaResult(meta_loss=torch.zeros(()), probe=probe, sigma=sig)
+    return probe
 
 
 def expected_meta_loss(model: nn.Module, blocks: Sequence[Block], net: VarianceNet, state: TaskState,
@@ -114,6 +114,6 @@ def expected_meta_loss(model: nn.Module, blocks: Sequence[Block], net: VarianceN
     Returns the ``MetaResult`` (meta-loss float64 with a graph into the net) and the evaluation's details.
     """
     sig = predict_sigma(net, blocks, state, norm)
-    res = zo_probe(model, blocks, sig, inner, seed=seed, eps=eps, zsrc=zsrc)
+    probe = zo_probe(model, blocks, sig, inner, seed=seed, eps=eps, zsrc=zsrc)
     out = expected_loss(in_graph_sigma(sig.raw, norm), stats, horizon=horizon, eta=eta)
-    return MetaResult(meta_loss=out.loss, probe=res.probe, sigma=sig), out
+    return MetaResult(meta_loss=out.loss, probe=probe, sigma=sig), out

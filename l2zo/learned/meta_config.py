@@ -151,9 +151,9 @@ class MetaTrainConfig:
         if self.objective in ("expected", "distill"):
             if self.unroll_steps != 1 or self.differentiable_g or self.outer_batch != "inner":
                 raise L2ZOError(f"--unroll-steps, --differentiable-g and --outer-batch do not apply to --objective "
-                                f"{self.objective} (its meta-loss comes from two train batches at the state)")
+                                f"{self.objective} (its meta-loss comes from two train batches at the state)")  # fmt: skip
             check_fields(self, positive=("expected_horizon", "stats_probes", "stats_gHg_probes",
-                                         "distill_temperature", "distill_floor"))
+                                         "distill_temperature", "distill_floor"))  # fmt: skip
             if self.stats_fisher_samples < 0 or self.distill_gamma < 0:
                 raise L2ZOError("--stats-fisher-samples and --distill-gamma must be >= 0")
             if self.distill_wf_eta is not None and not self.distill_wf_eta > 0:
@@ -170,7 +170,7 @@ class MetaTrainConfig:
             return f"expected-K{self.expected_horizon}-{self.expected_eta}-{self.stats_curvature}"
         elif self.objective == "distill":  # e.g. distill-gsl-t0.5-auto
             param = {"gsl": f"t{self.distill_temperature:g}", "hizoo": f"g{self.distill_gamma:g}",
-                     "water-filling": "eta" + ("mezo" if self.distill_wf_eta is None else f"{self.distill_wf_eta:g}")}
+                     "water-filling": "eta" + ("mezo" if self.distill_wf_eta is None else f"{self.distill_wf_eta:g}")}  # fmt: skip
             return f"distill-{self.distill_oracle}-{param[self.distill_oracle]}-{self.stats_curvature}"
         else:
             label = f"unrolled-K{self.unroll_steps}" + ("-dg" if self.differentiable_g else "")
