@@ -37,14 +37,39 @@ class MetaTrainConfig:
     task_weights: list[float] | str | None = None
     """sampling weight per task (default: uniform)"""
     # -- the meta-objective
-    objective: Literal["greedy", "unrolled"] = "greedy"
-    """greedy: the paper's one-step look-ahead L(theta - eta*c*g*sigma*z); unrolled: K differentiable ZO steps"""
+    objective: Literal["greedy", "unrolled", "expected", "distill"] = "greedy"
+    """greedy: the paper's one-step look-ahead L(theta - eta*c*g*sigma*z); unrolled: K differentiable ZO steps;
+    expected: the z-free K-step expected loss of the block quadratic; distill: regress log sigma onto an oracle"""
     unroll_steps: int = 1
     """K, the unrolled objective's number of inner ZO steps (each on its own inner batch)"""
     differentiable_g: bool = False
     """unrolled only: let the meta-gradient flow through g = (L+ - L-)/(2 eps) too (paper: detached)"""
     outer_batch: Literal["inner", "heldout"] = "inner"
     """inner: the outer loss on the (last) inner batch, as the paper; heldout: on a dev batch"""
+    # -- objectives expected and distill (per-block statistics at each state; l2zo.blockstats.expected/distill)
+    expected_horizon: int = 300
+    """expected: K, the ZO steps of the closed-form expected loss (a fine-tune's budget)"""
+    expected_eta: Literal["tuned", "inner-lr"] = "tuned"
+    """expected: the ZO step size of the model: re-tuned per meta-step for the net's allocation, or --inner-lr"""
+    distill_oracle: Literal["gsl", "hizoo", "water-filling"] = "gsl"
+    """distill: the oracle allocation to regress log sigma onto"""
+    distill_temperature: float = 0.5
+    """distill gsl: temperature of s^2 ~ (G/tau)^(1/temperature) (1/2: the best measured on the tiny world)"""
+    distill_gamma: float = 1.0
+    """distill hizoo: exponent of s^2 ~ (n/tau)^gamma"""
+    distill_wf_eta: float | None = None
+    """distill water-filling: its fixed eta (default: MeZO's one-step optimal eta at the state)"""
+    distill_floor: float = 1e-2
+    """distill: the smallest target sigma, relative to MeZO's 1"""
+    stats_probes: int = 1
+    """expected/distill: Hutchinson probes (HVPs) per meta-step for tau"""
+    stats_gHg_probes: int = 1
+    """expected/distill: HVPs per meta-step for g^T H g (the curvature along the gradient)"""
+    stats_fisher_samples: int = 1
+    """expected/distill: sampled label sets per batch for the Fisher (classification tasks)"""
+    stats_curvature: Literal["auto", "fisher", "hessian"] = "auto"
+    """expected/distill: curvature of the model: the Fisher where the task has one (auto), fisher, or hessian"""
+    # -- end of the expected/distill block
     inner_lr: float = 1e-3
     """eta_meta: the look-ahead / unrolled ZO step size, also the on-policy trajectory's ZO lr"""
     eps: float = 1e-3
@@ -122,12 +147,31 @@ class MetaTrainConfig:
             raise L2ZOError(f"--p-teacher must be in [0, 1], got {self.p_teacher}")
         if self.objective == "greedy" and (self.unroll_steps != 1 or self.differentiable_g):
             raise L2ZOError("--unroll-steps and --differentiable-g belong to --objective unrolled")
+        # -- expected/distill checks
+        if self.objective in ("expected", "distill"):
+            if self.unroll_steps != 1 or self.differentiable_g or self.outer_batch != "inner":
+                raise L2ZOError(f"--unroll-steps, --differentiable-g and --outer-batch do not apply to --objective "
+                                f"{self.objective} (its meta-loss comes from two train batches at the state)")  # fmt: skip
+            check_fields(self, positive=("expected_horizon", "stats_probes", "stats_gHg_probes",
+                                         "distill_temperature", "distill_floor"))  # fmt: skip
+            if self.stats_fisher_samples < 0 or self.distill_gamma < 0:
+                raise L2ZOError("--stats-fisher-samples and --distill-gamma must be >= 0")
+            if self.distill_wf_eta is not None and not self.distill_wf_eta > 0:
+                raise L2ZOError(f"--distill-wf-eta must be > 0, got {self.distill_wf_eta}")
+            if self.stats_curvature == "fisher" and self.stats_fisher_samples < 1:
+                raise L2ZOError("--stats-curvature fisher needs --stats-fisher-samples >= 1")
 
     @property
     def objective_name(self) -> str:
         """A one-line label for the artifact record, e.g. "greedy" or "unrolled-K4-dg-heldout"."""
         if self.objective == "greedy":
             label = "greedy"
+        elif self.objective == "expected":  # e.g. expected-K300-tuned-auto
+            return f"expected-K{self.expected_horizon}-{self.expected_eta}-{self.stats_curvature}"
+        elif self.objective == "distill":  # e.g. distill-gsl-t0.5-auto
+            param = {"gsl": f"t{self.distill_temperature:g}", "hizoo": f"g{self.distill_gamma:g}",
+                     "water-filling": "eta" + ("mezo" if self.distill_wf_eta is None else f"{self.distill_wf_eta:g}")}  # fmt: skip
+            return f"distill-{self.distill_oracle}-{param[self.distill_oracle]}-{self.stats_curvature}"
         else:
             label = f"unrolled-K{self.unroll_steps}" + ("-dg" if self.differentiable_g else "")
         return label + ("-heldout" if self.outer_batch == "heldout" else "")

@@ -28,12 +28,17 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
+from l2zo.blockstats.distill import OracleSpec, distill_meta_loss
+from l2zo.blockstats.expected import expected_meta_loss
+from l2zo.blockstats.state_stats import StatsSpec, batch_fns, measure_state, sampled_label_loss, stats_draws
+from l2zo.blockstats.stats import BatchFns
 from l2zo.engine import ZSource, partition
 from l2zo.errors import L2ZOError
 from l2zo.learned.meta import (
     LossFn,
     MetaResult,
     SigmaNorm,
+    StepPlan,
     TaskState,
     greedy_meta_loss,
     group_by_kind,
@@ -101,8 +106,46 @@ class MetaTrainModule(L.LightningModule):
         batch = self.scorer.collate(examples).to(self.device)
         return lambda model: self.scorer.loss(model, batch, task.loss_kind)
 
+    def _plan(self, step: int) -> StepPlan:
+        cfg = self.cfg
+        return plan_step(cfg.seed, step, sizes=[(len(t.train), len(t.dev)) for t in self.tasks],
+                         weights=cfg.task_weights, batch_size=cfg.data.batch_size, unroll=cfg.unroll_steps,
+                         heldout=cfg.outer_batch == "heldout", p_teacher=cfg.p_teacher)  # fmt: skip
+
+    # -- objectives expected and distill: statistics from two train batches at theta
+    def _stats_batch(self, task: MetaTask, examples: list[Example]) -> BatchFns:
+        batch = self.scorer.collate(examples).to(self.device)
+        sampled = None
+        if task.loss_kind == "classification":  # the Fisher needs labels drawn from the model's candidate scores
+            sampled = sampled_label_loss(lambda model: self.scorer.candidate_scores(model, batch))
+        return batch_fns(self.model, lambda model: self.scorer.loss(model, batch, task.loss_kind), len(examples),
+                         sampled)  # fmt: skip
+
+    def _stats_objective(self, state: TaskState, inner: LossFn, seed: int) -> MetaResult:
+        cfg, step = self.cfg, int(self.global_step)
+        plan = self._plan(step)  # the step's task and first inner batch (a pure function of (seed, step))
+        task = self.tasks[plan.task]
+        first = [task.train[i] for i in plan.inner[0]]
+        draws = stats_draws(cfg.seed, step, len(task.train), cfg.data.batch_size)
+        spec = StatsSpec(probes=cfg.stats_probes, gHg_probes=cfg.stats_gHg_probes,
+                         fisher_samples=cfg.stats_fisher_samples, curvature=cfg.stats_curvature)  # fmt: skip
+        stats = measure_state(self.model, self.blocks, self._stats_batch(task, first),
+                              self._stats_batch(task, [task.train[i] for i in draws.second]), spec, draws.seed)  # fmt: skip
+        if cfg.objective == "expected":
+            res, _ = expected_meta_loss(self.model, self.blocks, self.net, state, self.norm, inner, stats, seed=seed,
+                                        eps=cfg.eps, zsrc=self.zsrc, horizon=cfg.expected_horizon,
+                                        eta=None if cfg.expected_eta == "tuned" else cfg.inner_lr)  # fmt: skip
+            return res
+        oracle = OracleSpec(oracle=cfg.distill_oracle, temperature=cfg.distill_temperature, gamma=cfg.distill_gamma,
+                            wf_eta=cfg.distill_wf_eta, floor=cfg.distill_floor)  # fmt: skip
+        res, _ = distill_meta_loss(self.model, self.blocks, self.net, state, self.norm, inner, stats, seed=seed,
+                                   eps=cfg.eps, zsrc=self.zsrc, oracle=oracle)  # fmt: skip
+        return res
+
     def _objective(self, state: TaskState, inners: list[LossFn], outer: LossFn, seeds: Sequence[int]) -> MetaResult:
         cfg = self.cfg
+        if cfg.objective in ("expected", "distill"):
+            return self._stats_objective(state, inners[0], seeds[0])
         if cfg.objective == "greedy":
             return greedy_meta_loss(self.model, self.blocks, self.net, state, self.norm, inners[0], outer,
                                     seed=seeds[0], eps=cfg.eps, lr=cfg.inner_lr, zsrc=self.zsrc)  # fmt: skip
@@ -113,9 +156,7 @@ class MetaTrainModule(L.LightningModule):
         del batch, batch_idx  # a ticker: the step's data is planned from (seed, global_step), see plan_step
         t0 = time.perf_counter()
         cfg, step = self.cfg, int(self.global_step)
-        plan = plan_step(cfg.seed, step, sizes=[(len(t.train), len(t.dev)) for t in self.tasks],
-                         weights=cfg.task_weights, batch_size=cfg.data.batch_size, unroll=cfg.unroll_steps,
-                         heldout=cfg.outer_batch == "heldout", p_teacher=cfg.p_teacher)  # fmt: skip
+        plan = self._plan(step)
         task = self.tasks[plan.task]
         state = self.states[task.name]
         inners = [self._loss_fn(task, [task.train[i] for i in idx]) for idx in plan.inner]
