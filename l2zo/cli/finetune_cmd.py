@@ -24,9 +24,12 @@ def register(cli: CommandParser) -> None:
 def run(args: Namespace) -> int:
     from l2zo.cli.report import print_finetune_summary
     from l2zo.train.finetune import run_finetune
+    from l2zo.train.strategies import is_primary
 
     cfg = from_namespace(FinetuneConfig, args)
     summary = run_finetune(cfg, overwrite=args.overwrite, resume=args.resume)
+    if not is_primary(cfg.dist):  # every process runs the command; rank 0 reports
+        return 0
     print_finetune_summary(summary, cfg.logdir)
     if summary.get("resumed_from_step") is not None:
         print(f"  resumed from step {summary['resumed_from_step']} (checkpoint removed: the run is finished)")
