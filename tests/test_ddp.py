@@ -125,6 +125,7 @@ def test_meta_train_on_two_ranks_keeps_one_net(tmp_path, monkeypatch):
         ([*FINETUNE, *DDP, "--optimizer", "fo-sgd"], "fo-sgd needs gradients of the loss: run it with --devices 1"),
         ([*FINETUNE, *DDP, "--optimizer", "forward-grad"], "forward-grad needs gradients"),
         ([*META, *DDP, "--objective", "unrolled", "--differentiable-g"], "--differentiable-g differentiates"),
+        ([*META, *DDP, "--batch-size", "1"], "--batch-size (1) must be at least the number of processes (2)"),
         (["compare", "--model", "tiny", *DDP, "--lr-grid", "1e-3,1e-4"], "--lr-grid runs on one process for now"),
     ],
 )

@@ -131,12 +131,6 @@ def check_resume(cfg: MetaTrainConfig, resume: str) -> None:
 
 def check_inputs(cfg: MetaTrainConfig, resume: str | None, overwrite: bool) -> None:
     """Everything that can be refused before the run folder exists (a refusal leaves nothing behind)."""
-    logdir = Path(cfg.logdir)
-    if logdir.resolve().is_relative_to(SHIPPED_ROOT.resolve()):
-        raise L2ZOError(f"--logdir {logdir} is inside {SHIPPED_ROOT}: run folders and checkpoints go under runs/")
-    if Path(cfg.output).exists() and not overwrite:
-        raise L2ZOError(f"artifact folder {cfg.output} already exists; pick another --output or pass --overwrite")
-    check_device(cfg.data.device)
     if cfg.dist.world_size > 1:
         if cfg.dist.strategy != "ddp":
             raise L2ZOError(f"meta-train runs on many processes data-parallel: use --strategy ddp, not "
@@ -147,6 +141,12 @@ def check_inputs(cfg: MetaTrainConfig, resume: str | None, overwrite: bool) -> N
         if cfg.data.batch_size < cfg.dist.world_size:
             raise L2ZOError(f"--batch-size ({cfg.data.batch_size}) must be at least the number of processes "
                             f"({cfg.dist.world_size}): each needs a slice of every batch")  # fmt: skip
+    logdir = Path(cfg.logdir)
+    if logdir.resolve().is_relative_to(SHIPPED_ROOT.resolve()):
+        raise L2ZOError(f"--logdir {logdir} is inside {SHIPPED_ROOT}: run folders and checkpoints go under runs/")
+    if Path(cfg.output).exists() and not overwrite:
+        raise L2ZOError(f"artifact folder {cfg.output} already exists; pick another --output or pass --overwrite")
+    check_device(cfg.data.device)
     check_writable_dir(logdir)
     check_writable_dir(Path(cfg.output).parent, "--output")
     if resume is not None:
