@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -30,6 +32,12 @@ from l2zo.config import DistributedArgs
 from l2zo.errors import L2ZOError
 
 C = TypeVar("C")
+
+# Lightning's launcher polls its child processes every 5 s and SIGKILLs rank 0 once one has exited non-zero: a
+# failure every process meets at the same step (parted replicas, a non-finite loss: both are collective) must
+# leave rank 0 the time to record it in summary.json, so the other processes wait this long before exiting.
+_RECORD_GRACE_S = 12.0
+_nested = False  # inside replica_paths already (a compare's runs): only the outermost waits
 
 
 def make_strategy(args: DistributedArgs) -> Strategy | str:
@@ -104,12 +112,22 @@ def is_primary(args: DistributedArgs) -> bool:
 def replica_paths(cfg: C, *fields: str) -> Iterator[C]:
     """``cfg`` itself on rank 0; on every other rank a copy whose ``fields`` (the run folder, the artifact folder)
     point into a private temporary folder, removed on exit. Every process runs the same code (and the same
-    collectives), while the files the user sees are written once, by rank 0."""
+    collectives), while the files the user sees are written once, by rank 0, and its log alone is shown."""
     if is_primary(cfg.dist):  # type: ignore[attr-defined]
         yield cfg
         return
+    global _nested
+    logging.getLogger("l2zo").setLevel(logging.WARNING)  # rank 0 narrates the run
+    outermost, _nested = not _nested, True
     with tempfile.TemporaryDirectory(prefix=f"l2zo-rank{process_rank(cfg.dist)}-") as tmp:  # type: ignore[attr-defined]
-        yield dataclasses.replace(cfg, **{f: os.path.join(tmp, f) for f in fields})  # type: ignore[type-var]
+        try:
+            yield dataclasses.replace(cfg, **{f: os.path.join(tmp, f) for f in fields})  # type: ignore[type-var]
+        except Exception:
+            if outermost:  # the process is about to exit: see _RECORD_GRACE_S
+                time.sleep(_RECORD_GRACE_S)
+            raise
+        finally:
+            _nested = not outermost
 
 
 def sum_over_processes(trainer: L.Trainer) -> Any:
