@@ -170,8 +170,9 @@ class FinetuneModule(L.LightningModule):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if self.zeroth_order:
-            count = self.scorer.loss_count(batch, self.loss_kind)
-            loss = pl_opt.step(lambda: BatchLoss(self._loss(batch), count))
+            # The count lets a data-parallel step weigh this process's slice (ZOOptimizer.reduce_fn).
+            count = self.scorer.loss_count(batch, self.loss_kind) if isinstance(opt, ZOOptimizer) else None
+            loss = pl_opt.step(lambda: self._loss(batch) if count is None else BatchLoss(self._loss(batch), count))
         else:
             self.model.train()
 
