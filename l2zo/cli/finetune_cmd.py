@@ -17,7 +17,8 @@ def register(cli: CommandParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the stopped run in --logdir from LOGDIR/checkpoints/last.ckpt, with the run's "
                         "config (e.g. --config LOGDIR/config.yaml --resume); only --steps, --checkpoint-every, "
-                        "--progress and --save-model may change")  # fmt: skip
+                        "--progress, --save-model and the devices may change (a run of many processes resumes "
+                        "on one)")  # fmt: skip
     cli.add_command("finetune", parser, run, help=HELP)
 
 

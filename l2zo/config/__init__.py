@@ -1,7 +1,8 @@
 """Typed run configs: dataclasses whose fields are the YAML keys and the flags (served by jsonargparse).
 
 ``DataArgs`` (model and data) and ``DistributedArgs`` (devices and nodes) are nested configs shared by finetune,
-compare and meta-train; each field's docstring is its ``--help`` text. ``l2zo.config.parser`` turns a dataclass into a command line.
+compare and meta-train; each field's docstring is its ``--help`` text. ``l2zo.config.parser`` turns a dataclass
+into a command line.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def make_trainer(
     cfg: FinetuneConfig, logger: TensorBoardLogger | bool, callbacks: list[L.Callback] | None = None
 ) -> L.Trainer:
     accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.data.device]
-    if cfg.dist.world_size > 1:
+    if cfg.dist.world_size > 1 and cfg.dist.strategy == "ddp":  # replicas (sharded runs hold different slices)
         callbacks = [*(callbacks or []), ReplicaChecksum(cfg.dist.checksum_every)]
     trainer = L.Trainer(
         callbacks=callbacks,
@@ -111,7 +111,8 @@ def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
                         ("test examples", len(data.test))):  # fmt: skip
             if n < world:  # a process with nothing to evaluate would leave the others waiting for its sums
                 raise L2ZOError(f"{what} ({n}) must be at least the number of processes ({world}: --devices "
-                                f"{cfg.dist.devices} x --num-nodes {cfg.dist.num_nodes}): each needs a slice")  # fmt: skip
+                                f"{cfg.dist.devices} x --num-nodes {cfg.dist.num_nodes}): each needs a "
+                                "slice")  # fmt: skip
     if cfg.data.batch_size > len(data.train):
         # Refused rather than capped: a capped batch would make summary.json report a batch size that never ran.
         raise L2ZOError(f"--batch-size {cfg.data.batch_size} is larger than the {len(data.train)} training examples; "
@@ -128,8 +129,8 @@ def check_data_parallel(cfg: FinetuneConfig, opt: torch.optim.Optimizer, resume:
         raise L2ZOError(f"--strategy ddp sums loss values over the processes; {cfg.optimizer} needs gradients of the "
                         "loss: run it with --devices 1")  # fmt: skip
     if resume:
-        raise L2ZOError("--resume runs on one process for now: resume with --devices 1 --num-nodes 1 (the checkpoint "
-                        "holds the whole run)")  # fmt: skip
+        raise L2ZOError("--resume runs on one process for now: resume with --devices 1 --num-nodes 1 --strategy auto "
+                        "(the checkpoint holds the whole run)")  # fmt: skip
 
 
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:

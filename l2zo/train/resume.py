@@ -22,7 +22,9 @@ from l2zo.utils.runstatus import OK
 RUN_KEY = "l2zo_finetune_run"  # the run's part of a checkpoint: its config and wall time so far
 # Config keys a resumed run may change: the step budget, and knobs that change neither the batches, the
 # updates nor the evaluations (how often checkpoints are written, the progress bar, saving the final model).
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "progress", "save_model", "dist.checksum_every")
+# The devices too: a data-parallel run resumes on one process (the same run up to float summation order).
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "progress", "save_model", "dist.devices", "dist.num_nodes",
+                     "dist.strategy", "dist.checksum_every")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
