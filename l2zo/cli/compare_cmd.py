@@ -42,9 +42,12 @@ def register(cli: CommandParser) -> None:
 
 def run_compare_cmd(args: Namespace) -> int:
     from l2zo.compare.run import run_compare
+    from l2zo.train.strategies import is_primary
 
     cfg = from_namespace(CompareConfig, args)
     report = run_compare(cfg, overwrite=args.overwrite, resume=args.resume)
+    if not is_primary(cfg.dist):  # every process runs the command; rank 0 reports
+        return 0
     print_report(report, Path(cfg.logdir))
     failed = sum(r["status"] != "ok" for r in report["records"])
     if failed:

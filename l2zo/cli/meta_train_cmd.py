@@ -25,9 +25,12 @@ def run(args: Namespace) -> int:
 
     from l2zo.learned.artifact import read_manifest
     from l2zo.train.meta_train import run_meta_train
+    from l2zo.train.strategies import is_primary
 
     cfg = from_namespace(MetaTrainConfig, args)
     path = run_meta_train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if not is_primary(cfg.dist):  # every process runs the command; rank 0 reports
+        return 0
     meta = read_manifest(path)["meta_training"]
     print(f"artifact: {path}")
     print(f"meta-steps {meta['steps']} ({meta['objective']}), meta-loss {meta['initial_meta_loss']:.4f} -> "

@@ -48,6 +48,7 @@ from l2zo.optim.registry import build_optimizer, get_optimizer_spec, optimizer_s
 from l2zo.optim.run_hparams import optimizer_hparams
 from l2zo.tasks.loading import load_task_data
 from l2zo.train.logs import quiet_libraries
+from l2zo.train.strategies import is_primary, replica_paths
 from l2zo.utils.io import dumps_strict, write_json_atomic
 from l2zo.utils.rundir import clear_run, locked_run_folder
 from l2zo.utils.runstatus import FAILED, INTERRUPTED, OK, RunInterrupted, one_line, record_end, signal_guard
@@ -126,8 +127,8 @@ def make_plan(cfg: CompareConfig) -> Plan:
     seeds = parse_seeds(cfg.seeds)
     points = parse_sweep(cfg.sweep)
     specs = parse_optimizers(cfg.optimizers, list(optimizer_specs()), load_opt_config(cfg.opt_config))
-    base = FinetuneConfig(data=cfg.data, steps=cfg.steps, eval_every=cfg.eval_every, lr_schedule=cfg.lr_schedule,
-                          cache_z=cfg.cache_z, progress=cfg.progress)  # fmt: skip
+    base = FinetuneConfig(data=cfg.data, dist=cfg.dist, steps=cfg.steps, eval_every=cfg.eval_every,
+                          lr_schedule=cfg.lr_schedule, cache_z=cfg.cache_z, progress=cfg.progress)  # fmt: skip
     grids = check_tuning(cfg, specs)
     plan = Plan(cfg=cfg, specs=expand_sweep(specs, points), seeds=seeds, sweep_points=points, base=base, grids=grids,
                 tune_seed=seeds[0] if cfg.tune_seed is None else cfg.tune_seed, tune_steps=cfg.tune_steps or cfg.steps,
@@ -362,7 +363,11 @@ def run_compare(cfg: CompareConfig, overwrite: bool = False, resume: bool = Fals
     signal, after recording the current run as interrupted and the compare's state in compare.json.
     """
     quiet_libraries()
-    with signal_guard():
+    if cfg.dist.world_size > 1 and (resume or cfg.lr_grid):
+        # Both decide what runs from rank 0's files (finished runs, tuning curves): the other processes lack them.
+        raise L2ZOError(f"{'--resume' if resume else '--lr-grid'} runs on one process for now: use --devices 1 "
+                        "--num-nodes 1 (or pass the tuned lr as NAME:lr=... on many)")  # fmt: skip
+    with signal_guard(), replica_paths(cfg, "logdir") as cfg:
         plan = make_plan(cfg)
         with locked_run_folder(cfg.logdir) as folder:
             skip = prepare_logdir(plan, overwrite, resume)
@@ -441,7 +446,8 @@ def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
         record_end(state, exc)
         write_json_atomic(root / EXPERIMENT_FILE, state)
         raise
-    report = write_report(root)
+    # The report reads the runs' TensorBoard events, which rank 0 alone writes; the other processes' is empty.
+    report = write_report(root) if is_primary(cfg.dist) else {}
     report["records"] = records
     report["tune_records"] = tune_records
     bad = [r for r in records if r["status"] != "ok"]  # a tuning run that failed lost; the compare did not fail

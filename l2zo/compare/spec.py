@@ -21,7 +21,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-from l2zo.config import DataArgs, Schedule, check_fields, parse_pair, parse_scalar, read_yaml_mapping
+from l2zo.config import DataArgs, DistributedArgs, Schedule, check_fields, parse_pair, parse_scalar, read_yaml_mapping
 from l2zo.config.values import key_name
 from l2zo.errors import L2ZOError
 
@@ -38,6 +38,8 @@ class CompareConfig:
 
     data: DataArgs = dataclasses.field(default_factory=_compare_data)
     """the model and the data, the same for every run"""
+    dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
+    """devices, nodes and the strategy of every run"""
     optimizers: list[OptimizerEntry] | str = "mezo"
     """comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat; :label=L names its run); in YAML also a list of
     such strings or of {name: NAME, key: value, ...} mappings"""

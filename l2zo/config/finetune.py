@@ -7,6 +7,7 @@ from typing import Any
 
 from l2zo.config.checks import Schedule, check_fields
 from l2zo.config.data import DataArgs
+from l2zo.config.distributed import DistributedArgs
 from l2zo.config.values import parse_kv, split_list
 from l2zo.errors import L2ZOError
 
@@ -17,6 +18,8 @@ class FinetuneConfig:
 
     data: DataArgs = dataclasses.field(default_factory=DataArgs)
     """the model and the data"""
+    dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
+    """devices, nodes and the strategy"""
     optimizer: str = "mezo"
     """optimizer name (see `l2zo optimizers`)"""
     lr: float | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from l2zo.config import DataArgs, check_fields, parse_scalar, split_list
+from l2zo.config import DataArgs, DistributedArgs, check_fields, parse_scalar, split_list
 from l2zo.errors import L2ZOError
 from l2zo.tasks.synthetic import SYNTH_META_TRAIN
 
@@ -32,6 +32,8 @@ class MetaTrainConfig:
     # -- what to meta-train on
     data: DataArgs = dataclasses.field(default_factory=_meta_data)
     """the base model (the artifact is keyed to its blocks) and each task's data"""
+    dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
+    """devices, nodes and the strategy"""
     tasks: list[str] | str = dataclasses.field(default_factory=lambda: list(SYNTH_META_TRAIN))
     """task family: comma-separated task names or a YAML list (default: the synth-* meta-training tasks)"""
     task_weights: list[float] | str | None = None
@@ -149,6 +151,8 @@ class MetaTrainConfig:
             raise L2ZOError("--unroll-steps and --differentiable-g belong to --objective unrolled")
         # -- expected/distill checks
         if self.objective in ("expected", "distill"):
+            if self.dist.world_size > 1:  # their statistics are not sliced over processes: the sum would count N times
+                raise L2ZOError(f"--objective {self.objective} runs on one process; drop --devices/--num-nodes")
             if self.unroll_steps != 1 or self.differentiable_g or self.outer_batch != "inner":
                 raise L2ZOError(f"--unroll-steps, --differentiable-g and --outer-batch do not apply to --objective "
                                 f"{self.objective} (its meta-loss comes from two train batches at the state)")  # fmt: skip

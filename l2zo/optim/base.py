@@ -17,6 +17,11 @@ step and keeps ``last_probe``. A method says only what is different, through the
 * ``_restore(meas, sigma)``: take theta back from where ``_probe`` left it (default: ``_perturb(+eps)``).
 * ``_update(meas, sigma)``: the update, with the restore fused in (default: MeZO's SGD).
 * ``_step_scope(seed)``: scratch that lives for one step (LOZO's V, Sparse MeZO's mask).
+
+Data parallelism needs no hook of its own: the loop sets ``reduce_fn`` (sum a tensor over the processes) and the
+closure returns a :class:`BatchLoss` (the mean over this process's slice of the batch, and its count); ``step``
+then hands every query the mean over the whole batch, sum(mean * count) / sum(count), so that every process
+measures the same losses and applies the same update, whatever its method and however uneven the slices.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +42,28 @@ from l2zo.optim.hparams import HParams, ZOHParams, make_hparams
 from l2zo.optim.state import restore_state_dtypes
 
 LossFn = Callable[[], Tensor]
+ReduceFn = Callable[[Tensor], Tensor]  # a tensor summed over the data-parallel processes
+
+
+class BatchLoss(NamedTuple):
+    """What a closure may return instead of a bare loss: the mean loss over this process's slice of the batch
+    and the number of terms it averages (examples, or tokens for an LM loss), an int or a scalar tensor."""
+
+    mean: Tensor
+    count: int | Tensor
+
+
+def batch_mean(loss: Tensor | BatchLoss, reduce_fn: ReduceFn | None) -> Tensor:
+    """The loss over the whole batch: a closure's output as it is on one process (``reduce_fn`` None), else
+    sum(mean * count) / sum(count) over the processes (an fp32 scalar)."""
+    if not isinstance(loss, BatchLoss):
+        loss = BatchLoss(loss, 1)
+    if reduce_fn is None:
+        return loss.mean
+    mean = torch.as_tensor(loss.mean).detach().float()
+    count = torch.as_tensor(loss.count, dtype=torch.float32, device=mean.device)
+    total = reduce_fn(torch.stack([mean * count, count]))  # [2]: (sum of losses, count) over the processes
+    return total[0] / total[1]
 
 
 class NonFiniteLossError(L2ZOError):
@@ -83,6 +110,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     hparams_cls: ClassVar[type[HParams]] = ZOHParams
+    # Whether the method only reads loss values off the closure, so that ``reduce_fn`` gives it the whole batch's
+    # (data-parallel runs); False for a method that differentiates the closure.
+    data_parallel: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -105,6 +135,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self.zsrc = ZSource()
         self.last_probe: Probe | None = None
+        self.reduce_fn: ReduceFn | None = None  # set by a data-parallel loop (see the module doc)
 
     def set_z_source(self, *, workers: int | None = None, cache: bool = False) -> None:
         """How z is regenerated: on ``workers`` CPU threads (default: torch's thread count), and with ``cache``
@@ -124,7 +155,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: LossFn | None = None) -> Tensor:  # type: ignore[override]
         """One step. ``closure`` runs a forward pass and returns the loss; the method evaluates it one or more
-        times (``OptimizerSpec.forwards_per_step``). Returns the step's loss as an fp32 scalar tensor.
+        times (``OptimizerSpec.forwards_per_step``). It may return a :class:`BatchLoss`; with ``reduce_fn`` set,
+        every query sees the loss over all processes' batches. Returns the step's loss as an fp32 scalar tensor.
         """
         if closure is None:
             raise L2ZOError(
@@ -132,10 +164,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "opt.step(lambda: loss_fn(model, batch)); ZO optimizers evaluate it several times a step"
             )
         seed = self.step_seed(self.step_count)
+        local, reduce_fn = closure, self.reduce_fn
         with self._step_scope(seed):
             sigma = self.sigma()
             with eval_mode(self.module):
-                meas = self._probe(closure, seed, sigma)
+                meas = self._probe(lambda: batch_mean(local(), reduce_fn), seed, sigma)
             if not meas.finite():
                 self._restore(meas, sigma)
                 raise NonFiniteLossError(

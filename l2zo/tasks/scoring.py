@@ -220,6 +220,15 @@ class CandidateScorer:
             return -logp.mean()
         raise L2ZOError(f"unknown loss kind {loss_kind!r}; valid choices: {', '.join(LOSS_KINDS)}")
 
+    @staticmethod
+    def loss_count(batch: ScoringBatch, loss_kind: str) -> int | Tensor:
+        """How many terms :meth:`loss` averages: the examples ("classification"), or the correct candidates' scored
+        tokens ("lm", a long scalar tensor), so that the losses of slices of a batch combine into the batch's."""
+        if loss_kind == "lm":
+            keep = batch.candidate_index == batch.labels[batch.example_index]  # [N]
+            return batch.option_mask[keep][:, :-1].sum()
+        return int(batch.labels.numel())
+
     def evaluate(self, model, batch: ScoringBatch) -> dict[str, Tensor]:
         """Sums for dev/test metrics: classification CE (whatever the training loss, so dev losses compare
         across tasks), argmax accuracy. Returns {"loss_sum": fp32 [], "correct": long [], "count": long []}."""

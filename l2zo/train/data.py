@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from l2zo.tasks.base import Example, TaskData
 from l2zo.tasks.scoring import CandidateScorer
+from l2zo.train.replicas import shard
 
 
 class SeededBatches(Sampler[list[int]]):
@@ -26,10 +27,12 @@ class SeededBatches(Sampler[list[int]]):
     epoch, ``drop_last`` when n >= batch_size): RandomSampler draws a second, unused randperm as each epoch
     runs out, and the odd draws are made here too so that the orders stay equal. Starting at step t redraws
     the permutations of the epochs before it (cheap next to a step). It has no length: the trainer stops at
-    ``max_steps``.
+    ``max_steps``. With ``world`` > 1 processes, process ``rank`` gets its contiguous slice of each batch
+    (``l2zo.train.replicas.shard``): the slices of one step make up the one-process batch.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, start: int = 0) -> None:
+    def __init__(self, num_examples: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world: int = 1) -> None:  # fmt: skip
         if num_examples < 1 or batch_size < 1 or start < 0:
             raise ValueError(
                 f"SeededBatches({num_examples}, {batch_size}, start={start}): need n, size >= 1, start >= 0"
@@ -38,6 +41,7 @@ class SeededBatches(Sampler[list[int]]):
         self.size = min(batch_size, num_examples)
         self.seed = seed
         self.start = start
+        self.rank, self.world = rank, world
 
     @property
     def per_epoch(self) -> int:
@@ -52,7 +56,7 @@ class SeededBatches(Sampler[list[int]]):
             order = torch.randperm(self.n, generator=gen).tolist()
             torch.randperm(self.n, generator=gen)  # RandomSampler's draw as the epoch runs out (see above)
             for k in range(first, self.per_epoch):
-                yield order[k * self.size : (k + 1) * self.size]
+                yield shard(order[k * self.size : (k + 1) * self.size], self.rank, self.world)
             first = 0
 
 
@@ -71,13 +75,19 @@ class TaskDataModule(L.LightningDataModule):
         # Lightning asks for it after restoring a checkpoint (``Trainer._run``: restore, then the fit loop's
         # ``setup_data``), so a resumed fit starts the stream at the restored step.
         start = int(self.trainer.global_step) if self.trainer is not None else 0
+        rank, world = self._rank_world()
         return DataLoader(
             self.data.train,  # type: ignore[arg-type]
-            batch_sampler=SeededBatches(len(self.data.train), self.batch_size, self.seed, start),
+            batch_sampler=SeededBatches(len(self.data.train), self.batch_size, self.seed, start, rank, world),
             collate_fn=self.scorer.collate,
         )
 
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def _eval(self, examples: list[Example]) -> DataLoader:
+        # Each process scores its own slice, without the padding repeats of a DistributedSampler; the module sums.
+        examples = shard(examples, *self._rank_world())
         return DataLoader(examples, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.scorer.collate)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> DataLoader:

@@ -41,7 +41,9 @@ from l2zo.train.eval_report import EvalReport, evaluations_planned
 from l2zo.train.lifecycle import FailOnNonFiniteLoss, trainer_call
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
+from l2zo.train.replicas import ReplicaChecksum
 from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
+from l2zo.train.strategies import make_strategy, refuse_closureless_precision, replica_paths
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
@@ -59,10 +61,15 @@ def make_trainer(
     cfg: FinetuneConfig, logger: TensorBoardLogger | bool, callbacks: list[L.Callback] | None = None
 ) -> L.Trainer:
     accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.data.device]
-    return L.Trainer(
+    if cfg.dist.world_size > 1 and cfg.dist.strategy == "ddp":  # replicas (sharded runs hold different slices)
+        callbacks = [*(callbacks or []), ReplicaChecksum(cfg.dist.checksum_every)]
+    trainer = L.Trainer(
         callbacks=callbacks,
         accelerator=accelerator,
-        devices=1,
+        devices=cfg.dist.devices,
+        num_nodes=cfg.dist.num_nodes,
+        strategy=make_strategy(cfg.dist),
+        use_distributed_sampler=False,  # SeededBatches and the eval loaders slice the data per process themselves
         precision=cfg.data.precision,
         max_steps=cfg.steps,
         max_epochs=-1,
@@ -77,6 +84,8 @@ def make_trainer(
         enable_progress_bar=cfg.progress,
         deterministic=False,
     )
+    refuse_closureless_precision(trainer.precision_plugin)
+    return trainer
 
 
 def _digests(module: FinetuneModule) -> dict[str, Any]:
@@ -96,11 +105,32 @@ def _with_z_source(opt: torch.optim.Optimizer, cache_z: bool) -> torch.optim.Opt
 def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
     """What can be refused before a model is loaded: the device, the batch size, the run folder."""
     check_device(cfg.data.device)
+    world = cfg.dist.world_size
+    if world > 1:
+        for what, n in (("--batch-size", cfg.data.batch_size), ("dev examples", len(data.dev)),
+                        ("test examples", len(data.test))):  # fmt: skip
+            if n < world:  # a process with nothing to evaluate would leave the others waiting for its sums
+                raise L2ZOError(f"{what} ({n}) must be at least the number of processes ({world}: --devices "
+                                f"{cfg.dist.devices} x --num-nodes {cfg.dist.num_nodes}): each needs a "
+                                "slice")  # fmt: skip
     if cfg.data.batch_size > len(data.train):
         # Refused rather than capped: a capped batch would make summary.json report a batch size that never ran.
         raise L2ZOError(f"--batch-size {cfg.data.batch_size} is larger than the {len(data.train)} training examples; "
                         "lower --batch-size or raise --num-train")  # fmt: skip
     check_writable_dir(cfg.logdir)
+
+
+def check_data_parallel(cfg: FinetuneConfig, opt: torch.optim.Optimizer, resume: bool) -> None:
+    """What a run on several processes refuses: an optimizer that needs gradients (data-parallel ZO sums loss
+    values, nothing else), and --resume (for now; the checkpoint is written and holds the whole run)."""
+    if cfg.dist.world_size == 1 or cfg.dist.strategy != "ddp":
+        return
+    if not (isinstance(opt, ZOOptimizer) and opt.data_parallel):
+        raise L2ZOError(f"--strategy ddp sums loss values over the processes; {cfg.optimizer} needs gradients of the "
+                        "loss: run it with --devices 1")  # fmt: skip
+    if resume:
+        raise L2ZOError("--resume runs on one process for now: resume with --devices 1 --num-nodes 1 --strategy auto "
+                        "(the checkpoint holds the whole run)")  # fmt: skip
 
 
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -109,10 +139,11 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
     Everything the user gave is checked before the run folder exists (a refusal leaves nothing behind);
     from then on the folder is locked, and every ending is recorded in summary.json (``l2zo.utils.runstatus``):
     a failed run raises ``L2ZOError``, a signal ``RunInterrupted``, after writing it. ``resume``: continue the
-    run in ``cfg.logdir`` from its checkpoint (see the module doc).
+    run in ``cfg.logdir`` from its checkpoint (see the module doc). On several processes each runs this, and
+    only rank 0 writes the run folder (``replica_paths``).
     """
     quiet_libraries()
-    with signal_guard() as guard:
+    with signal_guard() as guard, replica_paths(cfg, "logdir") as cfg:
         if resume and overwrite:
             raise L2ZOError("--resume continues the run in --logdir and --overwrite replaces it: pass one of them")
         if resume and not holds_run(cfg.logdir):
@@ -124,7 +155,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
         loaded = load_model(cfg.data.model)
         # Built once here, discarded: a bad hyperparameter value or an artifact that does not fit the model is
         # refused before the run folder exists. Constructors draw no random numbers and allocate no state.
-        build_optimizer(cfg.optimizer, loaded.model, **hp)
+        check_data_parallel(cfg, build_optimizer(cfg.optimizer, loaded.model, **hp), resume)
         with locked_run_folder(cfg.logdir) as folder:
             start = check_resume(cfg, folder.path) if resume else None
             if start is None and holds_run(folder.path):
@@ -155,6 +186,8 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
         "precision": cfg.data.precision,
+        "processes": cfg.dist.world_size,
+        "strategy": cfg.dist.strategy,
         "forwards_per_step": spec.forwards_per_step,
         "resumed_from_step": None if start is None else start.step,
     }

@@ -9,6 +9,11 @@ One meta-step (``training_step``), in this order:
 5. the trajectory advances, explicitly and separately: a first-order teacher step or an on-policy ZO step;
 6. every ``reset_every`` steps theta goes back to the pretrained weights and the teacher restarts.
 
+Data-parallel (``--strategy ddp``): the step is planned on every process alike; each process probes and
+evaluates the look-ahead on its slice of the batches, the probe's losses are the whole batch's (summed over the
+processes), the net's meta-gradient is summed over them before the net's step, and the trajectory step (the
+teacher's, on the whole batch) is the same everywhere, so the net and theta stay identical on every process.
+
 Manual optimization, because step 5 changes theta in place and must come after the backward of step 3
 (the look-ahead graph holds views of theta). The base model is a submodule, so theta is in the checkpoint's
 state_dict; the teacher, the per-task states and the meta-loss record go through on_save/on_load_checkpoint.
@@ -50,8 +55,11 @@ from l2zo.learned.meta_config import MetaTrainConfig
 from l2zo.learned.net import VarianceNet
 from l2zo.learned.normalization import block_weights
 from l2zo.learned.trajectory import PretrainedCopy, make_teacher, on_policy_step, teacher_lr, teacher_step
+from l2zo.optim.base import BatchLoss, batch_mean
 from l2zo.tasks.base import Example
 from l2zo.tasks.scoring import CandidateScorer
+from l2zo.train.replicas import shard
+from l2zo.train.strategies import sum_over_processes
 
 STATE_KEY = "l2zo_meta"
 
@@ -142,6 +150,37 @@ class MetaTrainModule(L.LightningModule):
                                    eps=cfg.eps, zsrc=self.zsrc, oracle=oracle)  # fmt: skip
         return res
 
+    def _sliced_loss_fns(self, task: MetaTask, examples: list[Example]) -> tuple[LossFn, LossFn]:
+        """(probe, part) over this process's slice of ``examples``. ``probe`` gives the whole batch's mean loss as a
+        value (summed over the processes: for the no-grad ZO probes); ``part`` this process's differentiable share
+        of it, its mean weighted by its count over the whole batch's, so that the shares sum to the whole batch's
+        mean and the summed meta-gradients are the whole batch's. On one process both are ``_loss_fn``."""
+        reduce_fn = sum_over_processes(self.trainer)
+        if reduce_fn is None:
+            fn = self._loss_fn(task, examples)
+            return fn, fn
+        batch = self.scorer.collate(shard(examples, self.global_rank, self.trainer.world_size)).to(self.device)
+        count = torch.as_tensor(self.scorer.loss_count(batch, task.loss_kind), dtype=torch.float32, device=self.device)
+        weight = count / reduce_fn(count.clone())
+
+        def probe(model: Any) -> Tensor:
+            return batch_mean(BatchLoss(self.scorer.loss(model, batch, task.loss_kind), count), reduce_fn)
+
+        def part(model: Any) -> Tensor:
+            return self.scorer.loss(model, batch, task.loss_kind) * weight
+
+        return probe, part
+
+    def _sum_meta_gradient(self) -> None:
+        """The net's gradients summed over the processes (one all-reduce of the small net's flat gradient)."""
+        reduce_fn = sum_over_processes(self.trainer)
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if reduce_fn is None or not grads:
+            return
+        total = reduce_fn(torch.cat([g.reshape(-1) for g in grads]))
+        for g, new in zip(grads, total.split([g.numel() for g in grads]), strict=True):
+            g.copy_(new.view_as(g))
+
     def _objective(self, state: TaskState, inners: list[LossFn], outer: LossFn, seeds: Sequence[int]) -> MetaResult:
         cfg = self.cfg
         if cfg.objective in ("expected", "distill"):
@@ -159,17 +198,22 @@ class MetaTrainModule(L.LightningModule):
         plan = self._plan(step)
         task = self.tasks[plan.task]
         state = self.states[task.name]
-        inners = [self._loss_fn(task, [task.train[i] for i in idx]) for idx in plan.inner]
-        outer = inners[-1] if plan.outer is None else self._loss_fn(task, [task.dev[i] for i in plan.outer])
+        inner_examples = [[task.train[i] for i in idx] for idx in plan.inner]
+        inners = [self._sliced_loss_fns(task, ex)[0] for ex in inner_examples]
+        outer_examples = inner_examples[-1] if plan.outer is None else [task.dev[i] for i in plan.outer]
+        outer = self._sliced_loss_fns(task, outer_examples)[1]
 
         # 2-3: the meta-objective and the net's update
         res = self._objective(state, inners, outer, plan.z_seeds)
-        meta_loss = float(res.meta_loss.detach())
+        reduce_fn = sum_over_processes(self.trainer)
+        meta_value = res.meta_loss.detach().float()
+        meta_loss = float(meta_value if reduce_fn is None else reduce_fn(meta_value.clone()))
         if not math.isfinite(meta_loss):
             raise L2ZOError(f"non-finite meta-loss at step {step} on {task.name}; lower --inner-lr or --meta-lr")
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(res.meta_loss)
+        self._sum_meta_gradient()
         clip = self.cfg.meta_grad_clip if self.cfg.meta_grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip))
         opt.step()
@@ -179,7 +223,9 @@ class MetaTrainModule(L.LightningModule):
         eff = res.sigma.eff.detach()
         if plan.teacher:
             lr = teacher_lr(cfg.teacher_lr, step, cfg.reset_every)
-            traj_loss = teacher_step(self.model, self.blocks, self.teacher, lambda: inners[0](self.model), lr,
+            # Every process takes the teacher's step on the whole batch: the same step, and no gradient traffic.
+            whole = self._loss_fn(task, inner_examples[0])
+            traj_loss = teacher_step(self.model, self.blocks, self.teacher, lambda: whole(self.model), lr,
                                      cfg.teacher_clip)  # fmt: skip
         else:
             on_policy_step(self.blocks, res.probe, eff.tolist(), cfg.inner_lr, self.zsrc)

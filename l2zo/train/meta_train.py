@@ -44,6 +44,8 @@ from l2zo.tasks.scoring import CandidateScorer
 from l2zo.train.lifecycle import StopOnSignal, trainer_call
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.meta_module import STATE_KEY, MetaTask, MetaTrainModule
+from l2zo.train.replicas import ReplicaChecksum
+from l2zo.train.strategies import make_strategy, refuse_closureless_precision, replica_paths
 from l2zo.utils.io import write_json_atomic, write_yaml_atomic
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
 from l2zo.utils.runstatus import RUNNING, RunInterrupted, SignalGuard, one_line, record_end, signal_guard
@@ -55,9 +57,10 @@ LAST_CHECKPOINT = "last.ckpt"
 # What torch.load raises for a truncated, foreign or unsafe file.
 _UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
 # Config keys a resumed run may change: the step budget, where the run folder and the artifact go, and how
-# often checkpoints and histograms are written. Anything else would make the artifact's record a history
+# often checkpoints and histograms are written, and the devices (a data-parallel meta-step is the one-process
+# meta-step up to float reduction order). Anything else would make the artifact's record a history
 # that did not happen.
-RESUME_MAY_CHANGE = ("steps", "logdir", "output", "checkpoint_every", "histogram_every", "progress")
+RESUME_MAY_CHANGE = ("steps", "logdir", "output", "checkpoint_every", "histogram_every", "progress", "dist")
 
 
 class _Ticker(IterableDataset):
@@ -128,6 +131,16 @@ def check_resume(cfg: MetaTrainConfig, resume: str) -> None:
 
 def check_inputs(cfg: MetaTrainConfig, resume: str | None, overwrite: bool) -> None:
     """Everything that can be refused before the run folder exists (a refusal leaves nothing behind)."""
+    if cfg.dist.world_size > 1:
+        if cfg.dist.strategy != "ddp":
+            raise L2ZOError(f"meta-train runs on many processes data-parallel: use --strategy ddp, not "
+                            f"{cfg.dist.strategy}")  # fmt: skip
+        if cfg.differentiable_g:
+            raise L2ZOError("--differentiable-g differentiates the probe's losses, which --strategy ddp sums over "
+                            "the processes as values: use one of them")  # fmt: skip
+        if cfg.data.batch_size < cfg.dist.world_size:
+            raise L2ZOError(f"--batch-size ({cfg.data.batch_size}) must be at least the number of processes "
+                            f"({cfg.dist.world_size}): each needs a slice of every batch")  # fmt: skip
     logdir = Path(cfg.logdir)
     if logdir.resolve().is_relative_to(SHIPPED_ROOT.resolve()):
         raise L2ZOError(f"--logdir {logdir} is inside {SHIPPED_ROOT}: run folders and checkpoints go under runs/")
@@ -162,9 +175,14 @@ def make_meta_trainer(cfg: MetaTrainConfig, logdir: Path, logger: TensorBoardLog
     _quiet_lightning()
     ckpt = ModelCheckpoint(dirpath=logdir / CHECKPOINT_DIR, filename="{step}", every_n_train_steps=cfg.checkpoint_every,
                            save_top_k=1, save_last=True, save_on_train_epoch_end=False)  # fmt: skip
-    return L.Trainer(
+    if cfg.dist.world_size > 1:
+        callbacks = [*(callbacks or []), ReplicaChecksum(cfg.dist.checksum_every)]
+    trainer = L.Trainer(
         accelerator={"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[cfg.data.device],
-        devices=1,
+        devices=cfg.dist.devices,
+        num_nodes=cfg.dist.num_nodes,
+        strategy=make_strategy(cfg.dist),
+        use_distributed_sampler=False,  # a ticker: each step's data is planned, then sliced per process
         precision=cfg.data.precision,  # "32" as the paper; bf16-mixed keeps fp32 master weights, net and losses
         max_steps=cfg.steps,
         max_epochs=-1,
@@ -176,12 +194,15 @@ def make_meta_trainer(cfg: MetaTrainConfig, logdir: Path, logger: TensorBoardLog
         enable_model_summary=False,
         enable_progress_bar=cfg.progress,
     )
+    refuse_closureless_precision(trainer.precision_plugin)
+    return trainer
 
 
 def run_meta_train(cfg: MetaTrainConfig, *, resume: str | None = None, overwrite: bool = False) -> Path:
     """Meta-train (or resume from a Lightning checkpoint ``resume``) and write the artifact; returns its path."""
     quiet_libraries()
-    with signal_guard() as guard:
+    # On many processes each runs this; rank 0 alone writes the run folder and the artifact.
+    with signal_guard() as guard, replica_paths(cfg, "logdir", "output") as cfg:
         check_inputs(cfg, resume, overwrite)
         tasks = load_meta_tasks(cfg)
         loaded = load_model(cfg.data.model, attn_implementation=cfg.attn_implementation)

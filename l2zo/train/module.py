@@ -21,7 +21,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from l2zo.optim.base import BatchLoss, ZOOptimizer
 from l2zo.tasks.scoring import CandidateScorer, ScoringBatch
+from l2zo.train.strategies import sum_over_processes
 from l2zo.utils.memory import peak_memory_mb
 
 OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]
@@ -128,6 +130,8 @@ class FinetuneModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # The model is already on its device here, so optimizer state is allocated there.
         opt = self._build_optimizer(self.model)
+        if isinstance(opt, ZOOptimizer):  # data-parallel: every query sees the loss over all processes' slices
+            opt.reduce_fn = sum_over_processes(self.trainer)
         if self.needs_anchor_batch:  # variance-reduced methods (mezo-svrg) need a fixed large batch
             opt.set_anchor_loss_fn(self._large_batch_loss_fn())
         if self.lr_schedule == "linear":
@@ -166,7 +170,9 @@ class FinetuneModule(L.LightningModule):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if self.zeroth_order:
-            loss = pl_opt.step(lambda: self._loss(batch))
+            # The count lets a data-parallel step weigh this process's slice (ZOOptimizer.reduce_fn).
+            count = self.scorer.loss_count(batch, self.loss_kind) if isinstance(opt, ZOOptimizer) else None
+            loss = pl_opt.step(lambda: self._loss(batch) if count is None else BatchLoss(self._loss(batch), count))
         else:
             self.model.train()
 
@@ -207,6 +213,9 @@ class FinetuneModule(L.LightningModule):
             self._sums[k] += float(out[k])
 
     def _eval_end(self, prefix: str) -> dict[str, float]:
+        if self.trainer.world_size > 1:  # each process evaluated its slice of the split: the sums of all of them
+            local = torch.tensor([self._sums[k] for k in self._sums], dtype=torch.float64, device=self.device)
+            self._sums = dict(zip(self._sums, self.trainer.strategy.reduce(local, reduce_op="sum").tolist()))
         n = max(self._sums["count"], 1.0)
         metrics = {f"{prefix}/loss": self._sums["loss_sum"] / n, f"{prefix}/acc": self._sums["correct"] / n}
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val", logger=False)

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from l2zo.config import FinetuneConfig, config_to_dict
+from l2zo.config import DistributedArgs, FinetuneConfig, config_to_dict
 from l2zo.config.checks import flag
 from l2zo.errors import L2ZOError
 from l2zo.train.checkpoints import last_checkpoint, read_checkpoint
@@ -22,7 +22,9 @@ from l2zo.utils.runstatus import OK
 RUN_KEY = "l2zo_finetune_run"  # the run's part of a checkpoint: its config and wall time so far
 # Config keys a resumed run may change: the step budget, and knobs that change neither the batches, the
 # updates nor the evaluations (how often checkpoints are written, the progress bar, saving the final model).
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "progress", "save_model")
+# The devices too: a data-parallel run resumes on one process (the same run up to float summation order).
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "progress", "save_model", "dist.devices", "dist.num_nodes",
+                     "dist.strategy", "dist.checksum_every")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,9 @@ def check_resume(cfg: FinetuneConfig, logdir: Path) -> ResumePoint:
     run = ckpt.get(RUN_KEY)
     if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
         raise L2ZOError(f"--resume: {path} was not written by `l2zo finetune`; start the run again with --overwrite")
-    saved, now = _flat(run["config"], cfg), _flat(config_to_dict(cfg), cfg)
+    # A run saved before --devices existed ran on one process: its dist group is the default.
+    saved = _flat({"dist": dataclasses.asdict(DistributedArgs()), **run["config"]}, cfg)
+    now = _flat(config_to_dict(cfg), cfg)
     keys = [*now, *(k for k in saved if k not in now)]
     # logdir: the checkpoint is in it (a run folder may have been moved).
     diff = [k for k in keys if k not in (*RESUME_MAY_CHANGE, "logdir") and saved.get(k) != now.get(k)]

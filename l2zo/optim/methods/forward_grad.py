@@ -102,6 +102,7 @@ class ForwardGrad(ZOOptimizer):
     """
 
     hparams_cls = ForwardGradHParams
+    data_parallel = False  # it differentiates the closure (a JVP): a sum of loss values over processes is not that
 
     def __init__(self, params: ParamsLike, **kwargs: Any) -> None:
         if not isinstance(params, nn.Module):
