@@ -1,7 +1,7 @@
 """Typed run configs: dataclasses whose fields are the YAML keys and the flags (served by jsonargparse).
 
-``DataArgs`` (model and data) is one nested config shared by finetune, compare and meta-train; each field's
-docstring is its ``--help`` text. ``l2zo.config.parser`` turns a dataclass into a command line.
+``DataArgs`` (model and data) and ``PeftArgs`` (an adapter) are nested configs shared by finetune, compare and
+meta-train; each field's docstring is its ``--help`` text. ``l2zo.config.parser`` turns a dataclass into a command line.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from l2zo.config.checks import PRECISIONS, SCHEDULES, Device, Precision, Schedule, check_choice, check_fields
 from l2zo.config.data import DataArgs
 from l2zo.config.finetune import FinetuneConfig
+from l2zo.config.peft import PEFT_KEYS, PEFT_SCHEMES, PeftArgs
 from l2zo.config.values import parse_kv, parse_pair, parse_scalar, read_yaml_mapping, split_list
 
 
@@ -34,6 +35,9 @@ __all__ = [
     "DataArgs",
     "Device",
     "FinetuneConfig",
+    "PEFT_KEYS",
+    "PEFT_SCHEMES",
+    "PeftArgs",
     "Precision",
     "Schedule",
     "check_choice",
