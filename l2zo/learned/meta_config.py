@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from l2zo.config import DataArgs, check_fields, parse_scalar, split_list
+from l2zo.config import DataArgs, PeftArgs, check_fields, parse_scalar, split_list
 from l2zo.errors import L2ZOError
 from l2zo.tasks.synthetic import SYNTH_META_TRAIN
 
@@ -32,6 +32,8 @@ class MetaTrainConfig:
     # -- what to meta-train on
     data: DataArgs = dataclasses.field(default_factory=_meta_data)
     """the base model (the artifact is keyed to its blocks) and each task's data"""
+    adapter: PeftArgs = dataclasses.field(default_factory=PeftArgs)
+    """a PEFT adapter: the net then learns a sigma per adapter tensor, and the artifact binds to this adapter"""
     tasks: list[str] | str = dataclasses.field(default_factory=lambda: list(SYNTH_META_TRAIN))
     """task family: comma-separated task names or a YAML list (default: the synth-* meta-training tasks)"""
     task_weights: list[float] | str | None = None
