@@ -200,9 +200,11 @@ def test_compare_puts_full_fine_tuning_and_lora_side_by_side(tmp_path):
         (["--peft", "adalora"], "bad --peft 'adalora'; valid choices: none, lora, prefix, prompt"),
         (["--peft", "lora", "--peft-dropout", "1.5"], r"--peft-dropout must be in \[0, 1\), got 1.5"),
         (["--peft", "prompt", "--peft-virtual-tokens", "0"], "--peft-virtual-tokens must be positive"),
-        (["--peft", "lora", "--peft-target-modules", "q_proj,attn_qkv"],
-         "bad --peft-target-modules 'attn_qkv': no module of this model is named so; its layers with a weight "
-         "matrix: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+        (
+            ["--peft", "lora", "--peft-target-modules", "q_proj,attn_qkv"],
+            "bad --peft-target-modules 'attn_qkv': no module of this model is named so; its layers with a weight "
+            "matrix: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+        ),
     ],
 )
 def test_bad_peft_options_are_one_line_errors(tmp_path, capsys, argv, message):
