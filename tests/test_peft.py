@@ -15,7 +15,7 @@ from l2zo.cli.main import main
 from l2zo.compare.run import hparams_that_run, make_plan
 from l2zo.compare.spec import CompareConfig
 from l2zo.config import DataArgs, FinetuneConfig, PeftArgs
-from l2zo.engine import eval_mode, partition
+from l2zo.engine import block_kind, eval_mode, partition
 from l2zo.errors import L2ZOError
 from l2zo.learned import NetSpec, VarianceNet, save_artifact
 from l2zo.models import load_model
@@ -62,6 +62,7 @@ def test_lora_moves_only_the_adapter_lowers_the_loss_and_reloads_with_peft(negat
     blocks = partition(model)
     assert blocks and all(".lora_A." in b.name or ".lora_B." in b.name for b in blocks)
     assert {b.name.split(".")[-4] for b in blocks} == {"q_proj", "v_proj"}  # peft's default for Llama
+    assert {block_kind(b.name) for b in blocks} == {"q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"}
     base0, adapter0 = _split(model)
     losses = _zo_steps(model, scorer, examples, loss_kind, steps=12, lr=0.5, eps=1e-2)
     base1, adapter1 = _split(model)

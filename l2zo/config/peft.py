@@ -31,8 +31,8 @@ class PeftArgs:
     """LoRA dropout on the adapter's input (off in the ZO probes, which run in eval mode)"""
     peft_target_modules: list[str] | str | None = None
     """LoRA: names of the modules to adapt (comma-separated or a YAML list; a name matches a module whose dotted
-    path ends with it); default: peft's choice for the architecture (Llama: q_proj,v_proj), else every linear
-    layer but the output head"""
+    path ends with it), or all-linear (every linear layer but the output head); default: peft's choice for the
+    architecture (Llama: q_proj,v_proj), else all-linear"""
     peft_virtual_tokens: int = 5
     """prefix and prompt tuning: number of virtual tokens (MeZO's prefix: 5)"""
 

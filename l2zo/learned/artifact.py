@@ -292,7 +292,7 @@ def _first_difference(src: Sequence[tuple[str, tuple[int, ...]]], dst: Sequence[
     return "no block differs (fingerprint collision?)"
 
 
-def _adapter_text(adapter: Mapping[str, Any] | None) -> str:
+def adapter_text(adapter: Mapping[str, Any] | None) -> str:
     """'full fine-tuning', 'a lora adapter (r=8 on q_proj,v_proj)', 'a prefix adapter (5 virtual tokens)'."""
     if not adapter:
         return "full fine-tuning"
@@ -327,18 +327,18 @@ def check_adapter(path: str | Path, manifest: Mapping[str, Any], adapter: Mappin
     name = base.get("name", "?")
     scheme = lambda a: a.get("peft") if a else None  # noqa: E731
     if scheme(theirs) != scheme(adapter):
-        raise L2ZOError(f"artifact {path} was meta-trained for {_adapter_text(theirs)} of {name}; this run uses "
-                        f"{_adapter_text(adapter)}: run {_peft_flags(theirs)}, or meta-train an artifact "
+        raise L2ZOError(f"artifact {path} was meta-trained for {adapter_text(theirs)} of {name}; this run uses "
+                        f"{adapter_text(adapter)}: run {_peft_flags(theirs)}, or meta-train an artifact "
                         f"{_peft_flags(adapter)}")  # fmt: skip
     if adapter is None:
         return
     if theirs.get("base_fingerprint") != adapter.get("base_fingerprint"):
-        raise L2ZOError(f"artifact {path} was meta-trained for {_adapter_text(theirs)} on {name}, a base model of "
+        raise L2ZOError(f"artifact {path} was meta-trained for {adapter_text(theirs)} on {name}, a base model of "
                         "another architecture than this run's; meta-train one on this model")  # fmt: skip
     differs = [k for k in LAYOUT_KEYS if theirs.get(k) != adapter.get(k)]
     if differs and not partial:
-        raise L2ZOError(f"artifact {path} was meta-trained for {_adapter_text(theirs)}; this run trains "
-                        f"{_adapter_text(adapter)}: run {_peft_flags(theirs)}")  # fmt: skip
+        raise L2ZOError(f"artifact {path} was meta-trained for {adapter_text(theirs)}; this run trains "
+                        f"{adapter_text(adapter)}: run {_peft_flags(theirs)}")  # fmt: skip
 
 
 def load_artifact(

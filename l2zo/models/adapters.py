@@ -33,10 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from l2zo.config.peft import PeftArgs
-from l2zo.engine.blocks import fingerprint, partition
+from l2zo.engine.blocks import ADAPTER_NAME, fingerprint, partition
 from l2zo.errors import L2ZOError
-
-ADAPTER_NAME = "default"  # peft's own default name; it appears in the adapter's parameter names
 
 
 @dataclass
@@ -138,8 +136,10 @@ def peft_config(model: nn.Module, args: PeftArgs) -> Any:
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     if args.peft == "lora":
-        targets = args.peft_target_modules
-        if targets is not None:
+        targets: list[str] | str | None = args.peft_target_modules
+        if targets == ["all-linear"]:  # peft's own: every linear layer but the output head
+            targets = "all-linear"
+        elif targets is not None:
             _check_targets(model, targets)
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.peft_rank, lora_alpha=args.peft_alpha,
                           lora_dropout=args.peft_dropout, target_modules=targets or default_targets(model))  # fmt: skip
