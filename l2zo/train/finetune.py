@@ -153,7 +153,8 @@ def with_adapter(loaded: LoadedModel, cfg: FinetuneConfig) -> AdaptedModel | Non
 
 
 def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any, data: TaskData, loaded: Any,
-         adapted: AdaptedModel | None, logdir: Path, guard: SignalGuard, start: ResumePoint | None) -> dict[str, Any]:  # fmt: skip
+         adapted: AdaptedModel | None, logdir: Path, guard: SignalGuard,
+         start: ResumePoint | None) -> dict[str, Any]:  # fmt: skip
     summary: dict[str, Any] = {
         "status": RUNNING,
         "model": cfg.data.model,
