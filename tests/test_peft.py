@@ -117,7 +117,8 @@ def test_prefix_and_prompt_tuning_train_the_virtual_tokens_only(negation, scheme
 def test_finetune_lora_uses_mezo_lora_defaults_and_saves_the_adapter(tmp_path):
     logdir = tmp_path / "lora"
     argv = ["finetune", "--model", "tiny", "--task", "synth-negation", "--steps", "2", "--eval-every", "2",
-            "--peft", "lora", "--peft-rank", "4", "--lr", "1e-3", "--save-model", "--logdir", str(logdir), *SMALL]  # fmt: skip
+            "--peft", "lora", "--peft-rank", "4", "--lr", "1e-3", "--save-model",
+            "--logdir", str(logdir), *SMALL]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["status"] == "ok"
@@ -151,7 +152,8 @@ def _save_artifact(path: Path, model: torch.nn.Module) -> None:
     adapter = getattr(model, "l2zo_adapter", None)
     save_artifact(path, VarianceNet(NetSpec(), [b.name for b in blocks], seed=3), blocks,
                   base_model={**base, **({"adapter": adapter} if adapter else {})},
-                  meta_config={}, meta_record={"steps": 1}, normalization={"rule": "numel", "batch_size": 8})  # fmt: skip
+                  meta_config={}, meta_record={"steps": 1},
+                  normalization={"rule": "numel", "batch_size": 8})  # fmt: skip
 
 
 def test_artifacts_bind_to_full_fine_tuning_or_to_their_adapter(tmp_path):
@@ -167,7 +169,8 @@ def test_artifacts_bind_to_full_fine_tuning_or_to_their_adapter(tmp_path):
                        r"without --peft, or meta-train an artifact with --peft lora --peft-rank 4"):  # fmt: skip
         build_optimizer("learned", lora, artifact=str(full_art))
     with pytest.raises(L2ZOError, match=r"meta-trained for a lora adapter \(r=4 on q_proj,v_proj\).*this run uses "
-                       r"full fine-tuning: run with --peft lora --peft-rank 4 --peft-target-modules q_proj,v_proj"):  # fmt: skip
+                       r"full fine-tuning: run with --peft lora --peft-rank 4 "
+                       r"--peft-target-modules q_proj,v_proj"):  # fmt: skip
         build_optimizer("learned", tiny_llama(), artifact=str(lora_art))
     other_rank = apply_peft(tiny_llama(), PeftArgs(peft="lora", peft_rank=2), seed=0).model
     with pytest.raises(L2ZOError, match=r"this run trains a lora adapter \(r=2 on q_proj,v_proj\): run with --peft "

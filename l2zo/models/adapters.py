@@ -57,7 +57,7 @@ class AdaptedModel:
 
 
 class PromptLearningLM(nn.Module):
-    """A prefix- or prompt-tuning ``PeftModel`` with the forward the scorer calls (``position_ids``, ``logits_to_keep``).
+    """A prefix- or prompt-tuning ``PeftModel`` with the forward the scorer calls (position_ids, logits_to_keep).
 
     Prefix tuning: peft offsets ``position_ids`` past its prefix itself. Prompt tuning: peft drops ``position_ids``
     (the virtual tokens precede the input), which would shift a left-padded sequence by its padding; here the
