@@ -28,6 +28,8 @@ def _fmt(value: Any) -> str:
 
 
 def _print_summary(manifest: dict[str, Any]) -> None:
+    from l2zo.learned.artifact import adapter_text
+
     base, net, norm = manifest["base_model"], manifest["net"], manifest["normalization"]
     meta = manifest.get("meta_training", {})
     rows = {
@@ -35,6 +37,7 @@ def _print_summary(manifest: dict[str, Any]) -> None:
         f"written by l2zo {manifest.get('l2zo_version', '?')} on {manifest.get('created', '?')}",
         "base model": f"{base.get('name', '?')} @ {base.get('revision') or '-'}, {base['num_blocks']} blocks, "
         f"fingerprint {base['fingerprint'][:19]}...",
+        "adapter": adapter_text(base.get("adapter")),
         "net": ", ".join(f"{k}={v}" for k, v in net.items() if k not in ("feature_names",)),
         "features": _fmt(net.get("feature_names")),
         "normalization": f"{norm['rule']} (batch_size {norm.get('batch_size', '?')})",

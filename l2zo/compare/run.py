@@ -42,7 +42,7 @@ from l2zo.compare.spec import (
     parse_sweep,
 )
 from l2zo.compare.tuning import TUNE_DIR, TunePoint, grids_for, pick_lr
-from l2zo.config import FinetuneConfig
+from l2zo.config import PEFT_KEYS, FinetuneConfig, PeftArgs
 from l2zo.errors import L2ZOError
 from l2zo.optim.registry import build_optimizer, get_optimizer_spec, optimizer_specs
 from l2zo.optim.run_hparams import optimizer_hparams
@@ -84,11 +84,12 @@ class Plan:
         return (root / TUNE_DIR if spec.phase == "tune" else root) / spec.label / f"seed{seed}"
 
     def finetune_config(self, spec: RunSpec, seed: int) -> FinetuneConfig:
-        hp = dict(spec.hparams)
+        hp, _ = split_peft(spec.hparams)
         artifact = hp.pop("artifact", None)
         steps = self.tune_steps if spec.phase == "tune" else self.base.steps
         return replace(self.base, optimizer=spec.optimizer, opt_args=hp, seed=seed, steps=steps,
-                       artifact=None if artifact is None else str(artifact), logdir=str(self.run_dir(spec, seed)))  # fmt: skip
+                       artifact=None if artifact is None else str(artifact), logdir=str(self.run_dir(spec, seed)),
+                       adapter=run_adapter(spec))  # fmt: skip
 
     def tune_specs(self, spec: RunSpec) -> list[RunSpec]:
         """The lr-tuning runs of ``spec`` (none when no grid covers it)."""
@@ -109,6 +110,22 @@ class Plan:
         return runs | {self.run_dir(t, self.tune_seed) for s in self.specs for t in self.tune_specs(s)}
 
 
+def run_adapter(spec: RunSpec) -> PeftArgs:
+    """The run's PEFT adapter: its ``peft*`` keys (``mezo:peft=lora:peft_rank=4``), taken out of its hyperparameters
+    by ``split_peft``; full fine-tuning without them."""
+    _, peft = split_peft(spec.hparams)
+    try:
+        return PeftArgs(**peft)
+    except L2ZOError as exc:
+        raise L2ZOError(f"--optimizers item {spec.label!r}: {exc}") from None
+
+
+def split_peft(hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer hyperparameters, PEFT keys) of a run's settings."""
+    return ({k: v for k, v in hparams.items() if k not in PEFT_KEYS},
+            {k: v for k, v in hparams.items() if k in PEFT_KEYS})  # fmt: skip
+
+
 def hparams_that_run(fcfg: FinetuneConfig) -> dict[str, Any]:
     """The optimizer's defaults overlaid with what the run sets (raises L2ZOError for a bad key)."""
     spec = get_optimizer_spec(fcfg.optimizer)
@@ -122,6 +139,7 @@ def make_plan(cfg: CompareConfig) -> Plan:
     device, batch size, folder; then build every optimizer once on the model (bad values, artifacts that do
     not fit)."""
     from l2zo.models import load_model
+    from l2zo.models.adapters import apply_peft
     from l2zo.train.finetune import check_inputs
 
     seeds = parse_seeds(cfg.seeds)
@@ -149,10 +167,17 @@ def make_plan(cfg: CompareConfig) -> Plan:
     _, data = load_task_data(cfg.data)  # task name, data files, split sizes
     check_inputs(first, data)
     model = load_model(cfg.data.model).model  # a wrong model name fails here, not as N failed runs
+    adapted: dict[str, Any] = {}  # one model per adapter (peft changes the model it wraps)
     for spec in plan.specs:
         fcfg = plan.finetune_config(spec, seeds[0])
         try:
-            build_optimizer(spec.optimizer, model, **optimizer_hparams(fcfg, get_optimizer_spec(spec.optimizer)))
+            target = model
+            if fcfg.adapter.enabled:
+                key = repr(fcfg.adapter)
+                if key not in adapted:
+                    adapted[key] = apply_peft(load_model(cfg.data.model).model, fcfg.adapter, seeds[0]).model
+                target = adapted[key]
+            build_optimizer(spec.optimizer, target, **optimizer_hparams(fcfg, get_optimizer_spec(spec.optimizer)))
         except L2ZOError as exc:
             raise L2ZOError(f"--optimizers item {spec.label!r}: {exc}") from None
     return plan

@@ -1,7 +1,9 @@
 """What ``l2zo compare`` runs: the compare config, the optimizer list, per-run hyperparameters, sweeps.
 
 ``--optimizers`` is a comma-separated list of items ``NAME[=ARTIFACT][:key=value[:key=value...]]``:
-``mezo``, ``learned=DIR`` (the learned optimizer with an artifact folder), ``mezo:lr=1e-4:eps=1e-3``.
+``mezo``, ``learned=DIR`` (the learned optimizer with an artifact folder), ``mezo:lr=1e-4:eps=1e-3``. The
+``peft*`` keys of ``l2zo finetune`` are per-run options too: ``mezo,mezo:peft=lora`` runs full fine-tuning and
+LoRA side by side (``mezo:peft=lora:peft_rank=4:peft_target_modules=q_proj k_proj``; see ``PeftArgs``).
 A bare ``key=value`` item (its key not an optimizer) continues the previous item, so
 ``mezo:lr=1e-4,eps=1e-3`` means the same as the colon form. In YAML, ``optimizers`` may also be a list
 whose entries are such strings or mappings ``{name: mezo, lr: 1e-4}`` (``artifact: DIR`` for learned).
@@ -41,8 +43,9 @@ class CompareConfig:
     dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
     """devices, nodes and the strategy of every run"""
     optimizers: list[OptimizerEntry] | str = "mezo"
-    """comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat; :label=L names its run); in YAML also a list of
-    such strings or of {name: NAME, key: value, ...} mappings"""
+    """comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat; keys: the optimizer's, the
+    PEFT ones, e.g. mezo,mezo:peft=lora, and label=L to name the run); in YAML also a list of such strings or of
+    {name: NAME, key: value, ...} mappings"""
     opt_config: dict[str, Any] | str | None = None
     """YAML file (or, in --config, a mapping): optimizer (or run label) -> {key: value}"""
     steps: int = 200

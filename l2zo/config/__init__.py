@@ -1,8 +1,8 @@
 """Typed run configs: dataclasses whose fields are the YAML keys and the flags (served by jsonargparse).
 
-``DataArgs`` (model and data) and ``DistributedArgs`` (devices and nodes) are nested configs shared by finetune,
-compare and meta-train; each field's docstring is its ``--help`` text. ``l2zo.config.parser`` turns a dataclass
-into a command line.
+``DataArgs`` (model and data), ``DistributedArgs`` (devices and nodes) and ``PeftArgs`` (an adapter) are nested
+configs shared by finetune, compare and meta-train; each field's docstring is its ``--help`` text.
+``l2zo.config.parser`` turns a dataclass into a command line.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from l2zo.config.checks import PRECISIONS, SCHEDULES, Device, Precision, Schedul
 from l2zo.config.data import DataArgs
 from l2zo.config.distributed import DistributedArgs
 from l2zo.config.finetune import FinetuneConfig
+from l2zo.config.peft import PEFT_KEYS, PEFT_SCHEMES, PeftArgs
 from l2zo.config.values import parse_kv, parse_pair, parse_scalar, read_yaml_mapping, split_list
 
 
@@ -37,6 +38,9 @@ __all__ = [
     "DistributedArgs",
     "Device",
     "FinetuneConfig",
+    "PEFT_KEYS",
+    "PEFT_SCHEMES",
+    "PeftArgs",
     "Precision",
     "Schedule",
     "check_choice",

@@ -8,6 +8,7 @@ from typing import Any
 from l2zo.config.checks import Schedule, check_fields
 from l2zo.config.data import DataArgs
 from l2zo.config.distributed import DistributedArgs
+from l2zo.config.peft import PeftArgs
 from l2zo.config.values import parse_kv, split_list
 from l2zo.errors import L2ZOError
 
@@ -20,6 +21,8 @@ class FinetuneConfig:
     """the model and the data"""
     dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
     """devices, nodes and the strategy"""
+    adapter: PeftArgs = dataclasses.field(default_factory=PeftArgs)
+    """a PEFT adapter to train instead of every weight"""
     optimizer: str = "mezo"
     """optimizer name (see `l2zo optimizers`)"""
     lr: float | None = None
@@ -46,7 +49,7 @@ class FinetuneConfig:
     logdir: str = "runs/finetune"
     """run folder: TensorBoard events, config.yaml, summary.json"""
     save_model: bool = False
-    """save the fine-tuned model into LOGDIR/model"""
+    """save the fine-tuned model into LOGDIR/model (with --peft: the adapter, in peft's save_pretrained format)"""
     checkpoint_every: int = 500
     """save a resumable checkpoint (LOGDIR/checkpoints/last.ckpt; only the last is kept, removed when the run
     finishes) every N steps, and when SIGTERM/SIGINT stops the run; 0: only then. A full model's checkpoint is

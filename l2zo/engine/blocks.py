@@ -130,15 +130,23 @@ def fingerprint(blocks: Sequence[Block]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+ADAPTER_NAME = "default"  # the name l2zo gives a peft adapter; peft puts it in its tensors' names
+
+
 def block_kind(name: str) -> str:
     """A coarse role for a block from its name, for summaries and role embeddings.
 
     Returns the last module name before ``.weight``/``.bias`` ("q_proj", "down_proj", "embed_tokens",
-    "input_layernorm", ...) with a ``.bias`` suffix for biases; generic, no model-specific table.
+    "input_layernorm", ...) with a ``.bias`` suffix for biases; generic, no model-specific table. A PEFT
+    adapter's tensor (its name holds the adapter name) is the adapted module and the adapter's part:
+    "q_proj.lora_A", "prompt_encoder.embedding".
     """
     parts = name.split(".")
     leaf = parts[-1]
-    owner = next((p for p in reversed(parts[:-1]) if not p.isdigit()), leaf)
+    owners = [p for p in parts[:-1] if not p.isdigit() and p != ADAPTER_NAME]
+    if ADAPTER_NAME in parts and len(owners) >= 2:
+        return ".".join(owners[-2:]) + (".bias" if leaf == "bias" else "")
+    owner = owners[-1] if owners else leaf
     return f"{owner}.bias" if leaf == "bias" else owner
 
 

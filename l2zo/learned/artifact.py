@@ -8,6 +8,10 @@ Loading never unpickles (safetensors, json, yaml.safe_load), checks the weights'
 architecture fingerprint (names and shapes of the blocks). The same fingerprint under another model
 name (a fine-tuned derivative) warns and loads; another architecture is refused, naming the first
 block that differs, unless ``partial=True`` (blocks matched by name and shape; the rest get sigma 1).
+
+An artifact meta-trained with a PEFT adapter (``--peft``) records it as ``base_model.adapter`` (scheme, layout,
+the base model's own fingerprint); its blocks are the adapter's tensors. It binds to that base architecture plus
+that adapter: a full fine-tuning artifact is refused on an adapter run and vice versa (``check_adapter``).
 """
 
 from __future__ import annotations
@@ -235,6 +239,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         bad += [
             f"base_model.{k}" for k, tp in (("blocks", list), ("fingerprint", str)) if not isinstance(base.get(k), tp)
         ]
+        if not isinstance(base.get("adapter") or {}, dict):
+            bad.append("base_model.adapter")
     if isinstance(norm, dict) and not isinstance(norm.get("rule"), str):
         bad.append("normalization.rule")
     if bad:
@@ -286,15 +292,74 @@ def _first_difference(src: Sequence[tuple[str, tuple[int, ...]]], dst: Sequence[
     return "no block differs (fingerprint collision?)"
 
 
+def adapter_text(adapter: Mapping[str, Any] | None) -> str:
+    """'full fine-tuning', 'a lora adapter (r=8 on q_proj,v_proj)', 'a prefix adapter (5 virtual tokens)'."""
+    if not adapter:
+        return "full fine-tuning"
+    if adapter.get("peft") == "lora":
+        targets = adapter.get("target_modules")
+        shown = ",".join(targets) if isinstance(targets, list) else str(targets)
+        return f"a lora adapter (r={adapter.get('r')} on {shown})"
+    return f"a {adapter.get('peft')} adapter ({adapter.get('num_virtual_tokens')} virtual tokens)"
+
+
+def _peft_flags(adapter: Mapping[str, Any] | None) -> str:
+    """'with' the flags that give a run ``adapter``'s layout, or 'without --peft'."""
+    if not adapter:
+        return "without --peft"
+    if adapter.get("peft") == "lora":
+        targets = adapter.get("target_modules")
+        shown = ",".join(targets) if isinstance(targets, list) else str(targets)
+        return f"with --peft lora --peft-rank {adapter.get('r')} --peft-target-modules {shown}"
+    return f"with --peft {adapter.get('peft')} --peft-virtual-tokens {adapter.get('num_virtual_tokens')}"
+
+
+LAYOUT_KEYS = ("peft", "r", "target_modules", "num_virtual_tokens")  # an adapter's tensors follow from these
+
+
+def check_adapter(path: str | Path, manifest: Mapping[str, Any], adapter: Mapping[str, Any] | None,
+                  partial: bool = False) -> None:  # fmt: skip
+    """Refuse an artifact meta-trained for another adapter scheme (full fine-tuning included) or, with an adapter,
+    on another base architecture; without ``partial``, also for another adapter layout (rank, target modules,
+    virtual tokens). ``adapter``: the run's ``model.l2zo_adapter`` record (None: full fine-tuning)."""
+    base = manifest["base_model"]
+    theirs = base.get("adapter") or None
+    name = base.get("name", "?")
+    scheme = lambda a: a.get("peft") if a else None  # noqa: E731
+    if scheme(theirs) != scheme(adapter):
+        raise L2ZOError(f"artifact {path} was meta-trained for {adapter_text(theirs)} of {name}; this run uses "
+                        f"{adapter_text(adapter)}: run {_peft_flags(theirs)}, or meta-train an artifact "
+                        f"{_peft_flags(adapter)}")  # fmt: skip
+    if adapter is None:
+        return
+    if theirs.get("base_fingerprint") != adapter.get("base_fingerprint"):
+        raise L2ZOError(f"artifact {path} was meta-trained for {adapter_text(theirs)} on {name}, a base model of "
+                        "another architecture than this run's; meta-train one on this model")  # fmt: skip
+    differs = [k for k in LAYOUT_KEYS if theirs.get(k) != adapter.get(k)]
+    if differs and not partial:
+        raise L2ZOError(f"artifact {path} was meta-trained for {adapter_text(theirs)}; this run trains "
+                        f"{adapter_text(adapter)}: run {_peft_flags(theirs)}")  # fmt: skip
+
+
 def load_artifact(
-    path: str | Path, blocks: Sequence[Block], *, model_name: str | None = None, partial: bool = False
+    path: str | Path,
+    blocks: Sequence[Block],
+    *,
+    model_name: str | None = None,
+    partial: bool = False,
+    adapter: Mapping[str, Any] | None = None,
 ) -> LoadedArtifact:
     """Load an artifact for ``blocks`` (the target model's blocks, in optimizer order).
 
+    ``adapter``: the run's PEFT adapter record (``l2zo.models.adapters``; None: full fine-tuning). An artifact is
+    bound to its adapter scheme, and with an adapter to the base architecture and the adapter's layout
+    (``check_adapter``), then to the blocks' names and shapes (the fingerprint).
+
     Raises:
-        L2ZOError: unknown format, bad checksum, or another architecture without ``partial``.
+        L2ZOError: unknown format, bad checksum, another adapter, or another architecture without ``partial``.
     """
     net, manifest = read_artifact(path)
+    check_adapter(path, manifest, adapter, partial)
     base = manifest["base_model"]
     src = [(str(n), tuple(int(d) for d in s)) for n, s in base["blocks"]]
     if fingerprint(blocks) == base["fingerprint"]:

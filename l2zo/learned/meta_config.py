@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from l2zo.config import DataArgs, DistributedArgs, check_fields, parse_scalar, split_list
+from l2zo.config import DataArgs, DistributedArgs, PeftArgs, check_fields, parse_scalar, split_list
 from l2zo.errors import L2ZOError
 from l2zo.tasks.synthetic import SYNTH_META_TRAIN
 
@@ -34,6 +34,8 @@ class MetaTrainConfig:
     """the base model (the artifact is keyed to its blocks) and each task's data"""
     dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
     """devices, nodes and the strategy"""
+    adapter: PeftArgs = dataclasses.field(default_factory=PeftArgs)
+    """a PEFT adapter: the net then learns a sigma per adapter tensor, and the artifact binds to this adapter"""
     tasks: list[str] | str = dataclasses.field(default_factory=lambda: list(SYNTH_META_TRAIN))
     """task family: comma-separated task names or a YAML list (default: the synth-* meta-training tasks)"""
     task_weights: list[float] | str | None = None

@@ -51,9 +51,15 @@ def coerce_hparams(optimizer: str, schema: Any, values: dict[str, Any]) -> dict[
 
 
 def optimizer_hparams(cfg: FinetuneConfig, spec: OptimizerSpec) -> dict[str, Any]:
-    """The hyperparameters to pass to the optimizer: explicit flags, opt_args, seed and block patterns."""
+    """The hyperparameters to pass to the optimizer: explicit flags, opt_args, seed and block patterns; with a PEFT
+    adapter, MeZO's lr and eps for its scheme where the user gave none (``l2zo.config.peft.scheme_defaults``)."""
+    from l2zo.config.peft import scheme_defaults
+    from l2zo.optim.hparams import ZOHParams, field_defaults
+
     hp: dict[str, Any] = {k: getattr(cfg, k) for k in ("lr", "eps", "weight_decay") if getattr(cfg, k) is not None}
     hp.update(cfg.opt_args)
+    for key, value in scheme_defaults(cfg.adapter.peft, spec.defaults, field_defaults(ZOHParams)).items():
+        hp.setdefault(key, value)
     allowed = spec.hyperparameters()
     for key, value in (
         ("seed", cfg.seed),

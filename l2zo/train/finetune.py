@@ -28,7 +28,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from l2zo.config import FinetuneConfig, config_to_dict
 from l2zo.errors import L2ZOError
 from l2zo.models import load_model
-from l2zo.models.loading import check_device
+from l2zo.models.adapters import AdaptedModel, apply_peft
+from l2zo.models.loading import LoadedModel, check_device
 from l2zo.optim.base import ZOOptimizer
 from l2zo.optim.registry import OptimizerSpec, build_optimizer, get_optimizer_spec
 from l2zo.optim.run_hparams import optimizer_hparams
@@ -153,6 +154,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
         task, data = load_task_data(cfg.data)
         check_inputs(cfg, data)
         loaded = load_model(cfg.data.model)
+        adapted = with_adapter(loaded, cfg)
         # Built once here, discarded: a bad hyperparameter value or an artifact that does not fit the model is
         # refused before the run folder exists. Constructors draw no random numbers and allocate no state.
         check_data_parallel(cfg, build_optimizer(cfg.optimizer, loaded.model, **hp), resume)
@@ -166,11 +168,24 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
                     )
                 clear_run(folder.path)
             folder.started = True
-            return _run(cfg, spec, hp, task, data, loaded, folder.path, guard, start)
+            return _run(cfg, spec, hp, task, data, loaded, adapted, folder.path, guard, start)
+
+
+def with_adapter(loaded: LoadedModel, cfg: FinetuneConfig) -> AdaptedModel | None:
+    """``--peft``: wrap the loaded model with the adapter (initialised from the run seed) and train that; the
+    loaded model's ``model`` becomes what the optimizer and the scorer run. None without ``--peft``."""
+    if not cfg.adapter.enabled:
+        return None
+    adapted = apply_peft(loaded.model, cfg.adapter, seed=cfg.seed)
+    loaded.model = adapted.model
+    n_train = sum(p.numel() for p in adapted.model.parameters() if p.requires_grad)
+    log.info("%s: %d trainable parameters", cfg.adapter.describe(), n_train)
+    return adapted
 
 
 def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any, data: TaskData, loaded: Any,
-         logdir: Path, guard: SignalGuard, start: ResumePoint | None) -> dict[str, Any]:  # fmt: skip
+         adapted: AdaptedModel | None, logdir: Path, guard: SignalGuard,
+         start: ResumePoint | None) -> dict[str, Any]:  # fmt: skip
     summary: dict[str, Any] = {
         "status": RUNNING,
         "model": cfg.data.model,
@@ -181,6 +196,7 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
         "data_notes": data.notes,
         "split_sizes": {"train": len(data.train), "dev": len(data.dev), "test": len(data.test)},
         "optimizer": cfg.optimizer,
+        "peft": None if adapted is None else adapted.record,
         "hparams": {k: v for k, v in {**spec.defaults, **hp}.items()},
         "steps": cfg.steps,
         "batch_size": cfg.data.batch_size,
@@ -239,7 +255,10 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
             raise L2ZOError(f"the run diverged: {diverged}; lower --lr (or --eps)")
         if cfg.save_model:
             with atomic_dir(logdir / "model", overwrite=True) as tmp:
-                loaded.model.save_pretrained(tmp)
+                if adapted is None:
+                    loaded.model.save_pretrained(tmp)
+                else:  # the adapter only: PeftModel.from_pretrained(base model, LOGDIR/model) loads it
+                    adapted.save(tmp)
                 loaded.tokenizer.save_pretrained(tmp)
             summary["model_saved_to"] = str(logdir / "model")
     except BaseException as exc:

@@ -37,6 +37,7 @@ from l2zo.learned.features import FeatureSpec
 from l2zo.learned.meta_config import MetaTrainConfig
 from l2zo.learned.net import NetSpec, VarianceNet
 from l2zo.models import load_model
+from l2zo.models.adapters import apply_peft
 from l2zo.models.loading import check_device
 from l2zo.models.tiny import SHIPPED_ROOT
 from l2zo.tasks.loading import load_task_data
@@ -206,6 +207,8 @@ def run_meta_train(cfg: MetaTrainConfig, *, resume: str | None = None, overwrite
         check_inputs(cfg, resume, overwrite)
         tasks = load_meta_tasks(cfg)
         loaded = load_model(cfg.data.model, attn_implementation=cfg.attn_implementation)
+        if cfg.adapter.enabled:  # the blocks (and the artifact) are then the adapter's tensors
+            loaded.model = apply_peft(loaded.model, cfg.adapter, seed=cfg.seed).model
         with locked_run_folder(cfg.logdir) as folder:
             if resume is None and holds_run(folder.path):
                 if not overwrite:
@@ -285,12 +288,19 @@ def _write_artifact(cfg: MetaTrainConfig, module: MetaTrainModule, loaded: Any, 
     }
     path = save_artifact(
         cfg.output, module.net, module.blocks,
-        base_model={"name": cfg.data.model, "revision": loaded.revision, "name_or_path": loaded.name_or_path},
+        base_model={"name": cfg.data.model, "revision": loaded.revision, "name_or_path": loaded.name_or_path,
+                    **_adapter_key(loaded.model)},
         meta_config=config_to_dict(cfg), meta_record=record,
         normalization={"rule": cfg.normalization, "batch_size": cfg.data.batch_size},
         sigma=sigma, model=loaded.model, overwrite=overwrite,
     )  # fmt: skip
     return path, record
+
+
+def _adapter_key(model: Any) -> dict[str, Any]:
+    """``{"adapter": record}`` for a model with a PEFT adapter (``l2zo.models.adapters``), else nothing."""
+    record = getattr(model, "l2zo_adapter", None)
+    return {"adapter": record} if record else {}
 
 
 def _mean(values: list[float]) -> float | None:

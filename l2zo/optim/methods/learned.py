@@ -240,7 +240,8 @@ def _build_learned(model: nn.Module, hp: LearnedHParams, artifact: str | None, r
     if artifact is None:
         raise L2ZOError("optimizer 'learned' needs an artifact folder: pass --artifact DIR (see `l2zo inspect DIR`)")
     blocks = partition(model, run["include"], run["exclude"])
-    loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(hp.partial))
+    loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(hp.partial),
+                           adapter=getattr(model, "l2zo_adapter", None))  # set by l2zo.models.adapters  # fmt: skip
     norm = _normalization(None, hp.batch_size, loaded.manifest["normalization"])
     return LearnedZO(model, loaded.net, sigma_fallback=loaded.sigma_fallback, **norm, **run)
 
