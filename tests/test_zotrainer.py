@@ -230,7 +230,10 @@ def test_bad_setups_are_refused_in_one_line(tiny, tmp_path):
     adapter = ZOStepAdapter(MeZO(model))
     with pytest.raises(L2ZOError, match="closure"):
         adapter.step()  # a loop's closure-less step with no ZO step before it is an error, not a no-op
-    assert parse_zo_optimizer("learned=a/b:lr=1e-4:eps=0.01") == ("learned", {"artifact": "a/b", "lr": 1e-4, "eps": 0.01})
+    assert parse_zo_optimizer("learned=a/b:lr=1e-4:eps=0.01") == (
+        "learned",
+        {"artifact": "a/b", "lr": 1e-4, "eps": 0.01},
+    )
 
 
 def test_the_readme_example_switches_a_trainer_script_to_mezo(tmp_path):

@@ -187,7 +187,9 @@ class ZOTrainerMixin:
         opt: Any = self.optimizer
         while not isinstance(opt, ZOStepAdapter):  # a train() after the first: accelerate's wrapper around it
             if not hasattr(opt, "optimizer"):
-                raise L2ZOError(f"ZOTrainer's optimizer was replaced by a {type(opt).__name__}; pass it as zo_optimizer")
+                raise L2ZOError(
+                    f"ZOTrainer's optimizer was replaced by a {type(opt).__name__}; pass it as zo_optimizer"
+                )
             opt = opt.optimizer
         self._zo_adapter = opt
         return self.optimizer
