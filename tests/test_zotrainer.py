@@ -174,9 +174,9 @@ class ZOSmoothedLossTrainer(ZOTrainerMixin, SmoothedLossTrainer):
 def test_the_mixin_composes_with_another_trainer_subclass(tiny, tmp_path):
     loaded, train, dev, collate = tiny
     model = fresh_model()
-    opt = MeZO(model, lr=1e-4, eps=1e-3, seed=5)  # an already built l2zo optimizer
+    opt = MeZO(model, lr=1e-4, eps=1e-3, seed=5)  # an already built l2zo optimizer, passed the Trainer's way
     trainer = ZOSmoothedLossTrainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=train,
-                                    data_collator=collate, zo_optimizer=opt)  # fmt: skip
+                                    data_collator=collate, optimizers=(opt, None))  # fmt: skip
     trainer.train()
     assert trainer.zo_optimizer is opt and opt.step_count == 3
     assert trainer.loss_calls == 6  # the subclass's loss, twice a step, labels intact for the second probe
@@ -199,10 +199,12 @@ def test_the_trainers_lr_scheduler_drives_the_zo_lr(tiny, tmp_path):
     model = fresh_model()
     recorder = LrRecorder()
     args = training_args(tmp_path, max_steps=4, lr_scheduler_type="linear", warmup_steps=2, learning_rate=1e-4)
-    trainer = ZOTrainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[recorder])
+    zo = MeZO(model, lr=2e-4, eps=1e-3)  # built: its own lr is the scheduler's base lr (args.learning_rate is not)
+    trainer = ZOTrainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[recorder],
+                        zo_optimizer=zo)  # fmt: skip
     trainer.train()
-    zo = trainer.zo_optimizer
-    assert recorder.lrs == pytest.approx([0.0, 5e-5, 1e-4, 5e-5])  # warm-up then linear decay, as the ZO step read it
+    assert trainer.zo_optimizer is zo
+    assert recorder.lrs == pytest.approx([0.0, 1e-4, 2e-4, 1e-4])  # warm-up then linear decay, as the ZO step read it
     assert all(g["lr"] == pytest.approx(0.0) for g in zo.param_groups)  # decayed to 0 after the last step
     theta_end = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     # lr 0 at step 0: the probe's perturbations cancel and theta is back (to fp32 rounding); lr > 0 after: it moves.
@@ -221,6 +223,8 @@ def test_bad_setups_are_refused_in_one_line(tiny, tmp_path):
             ZOTrainer(**kw, zo_optimizer=zo_optimizer)
     with pytest.raises(L2ZOError, match="once"):
         ZOTrainer(**kw, zo_optimizer="mezo", optimizers=(MeZO(model), None))
+    with pytest.raises(L2ZOError, match="another model"):
+        ZOTrainer(**kw, zo_optimizer=MeZO(fresh_model())).train()
     with pytest.raises(L2ZOError, match="no hyperparameter 'momentum'"):
         ZOTrainer(**kw, zo_optimizer="mezo:momentum=0.9").train()
     with pytest.raises(L2ZOError, match="fp16"):
@@ -239,3 +243,20 @@ def test_bad_setups_are_refused_in_one_line(tiny, tmp_path):
 def test_the_readme_example_switches_a_trainer_script_to_mezo(tmp_path):
     result = EXAMPLE.main(["--steps", "20", "--output-dir", str(tmp_path), "--train", "128", "--dev", "32"])
     assert result["after"] < result["before"] - 0.1, result
+
+
+def test_a_run_resumed_from_a_trainer_checkpoint_ends_bit_for_bit_where_the_whole_run_does(tiny, tmp_path):
+    """The Trainer's optimizer.pt is the l2zo optimizer's state (step count, seed, the learned net's features)."""
+    loaded, train, dev, collate = tiny
+    zo = f"learned={ARTIFACT}"
+    whole, resumed = fresh_model(), fresh_model()
+    args = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    ZOTrainer(model=whole, args=training_args(tmp_path / "a", **args), train_dataset=train, data_collator=collate,
+              zo_optimizer=zo).train()  # fmt: skip
+    trainer = ZOTrainer(model=resumed, args=training_args(tmp_path / "b", **args), train_dataset=train,
+                        data_collator=collate, zo_optimizer=zo)  # fmt: skip
+    counter = ForwardCounter(resumed)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert counter.close() == 4 and trainer.zo_optimizer.step_count == 4  # steps 2 and 3 only
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -181,9 +181,17 @@ class ZOTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer: a ``ZOStepAdapter`` around the l2zo optimizer (built over the unwrapped model)."""
         self._check_zo_setup()
+        self._zo_window = []  # a window an interrupted train() left half-filled is not carried into this one
         if self.optimizer is None or isinstance(self.optimizer, ZOOptimizer):
             self._zo_built = self.optimizer if isinstance(self.optimizer, ZOOptimizer) else self._zo_built
-            self.optimizer = ZOStepAdapter(self._build_zo(self.model if model is None else model))
+            opt_model = self.model if model is None else model
+            zo = self._build_zo(opt_model)
+            own = {id(p) for p in opt_model.parameters()}
+            if any(id(b.param) not in own for b in zo.blocks):
+                raise L2ZOError(
+                    "the l2zo optimizer was built over another model than the Trainer's; build it over model"
+                )
+            self.optimizer = ZOStepAdapter(zo)
         opt: Any = self.optimizer
         while not isinstance(opt, ZOStepAdapter):  # a train() after the first: accelerate's wrapper around it
             if not hasattr(opt, "optimizer"):
