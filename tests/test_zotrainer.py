@@ -260,3 +260,19 @@ def test_a_run_resumed_from_a_trainer_checkpoint_ends_bit_for_bit_where_the_whol
     assert counter.close() == 4 and trainer.zo_optimizer.step_count == 4  # steps 2 and 3 only
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_bf16_mixed_precision_probes_under_autocast(tiny, tmp_path):
+    """bf16=True: accelerate's autocast is on in every probe, and the two probes differ (no stale weight cache)."""
+    loaded, train, dev, collate = tiny
+    model = fresh_model()
+    autocast: list[bool] = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: autocast.append(torch.is_autocast_enabled("cpu")))
+    trainer = ZOTrainer(model=model, args=training_args(tmp_path, max_steps=2, bf16=True), train_dataset=train,
+                        data_collator=collate)  # fmt: skip
+    trainer.train()
+    handle.remove()
+    probe = trainer.zo_optimizer.last_probe
+    assert autocast == [True] * 4 and trainer.zo_optimizer.step_count == 2
+    assert probe is not None and probe.loss_plus != probe.loss_minus
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())  # fp32 master weights
