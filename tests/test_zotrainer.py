@@ -226,7 +226,9 @@ def test_bad_setups_are_refused_in_one_line(tiny, tmp_path):
     with pytest.raises(L2ZOError, match="another model"):
         ZOTrainer(**kw, zo_optimizer=MeZO(fresh_model())).train()
     with pytest.raises(L2ZOError, match="no hyperparameter 'momentum'"):
-        ZOTrainer(**kw, zo_optimizer="mezo:momentum=0.9").train()
+        ZOTrainer(**kw, zo_optimizer="mezo:momentum=0.9")  # at construction, before any training
+    with pytest.raises(L2ZOError, match="eps"):
+        ZOTrainer(**kw, zo_optimizer="mezo", zo_args={"eps": "large"})
     with pytest.raises(L2ZOError, match="fp16"):
         fp16 = training_args(tmp_path, max_steps=1)
         fp16.fp16 = True  # set after construction: TrainingArguments itself refuses fp16 on a CPU

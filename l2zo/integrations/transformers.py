@@ -93,6 +93,17 @@ def _checked_spec(name: str) -> OptimizerSpec:
     return spec
 
 
+def _checked_args(spec: OptimizerSpec, hp: dict[str, Any]) -> dict[str, Any]:
+    """``hp`` with every key one ``spec`` takes and every value typed by its hyperparameter dataclass."""
+    allowed = spec.hyperparameters()
+    bad = sorted(set(hp) - set(allowed))
+    if bad:
+        raise L2ZOError(
+            f"optimizer {spec.name!r} has no hyperparameter {', '.join(map(repr, bad))}; valid: {', '.join(allowed)}"
+        )
+    return coerce_hparams(spec.name, spec.hparams, hp)
+
+
 class ZOTrainerMixin:
     """Zeroth-order steps for a ``transformers.Trainer`` subclass: put it first, ``class X(ZOTrainerMixin, Base)``.
 
@@ -120,7 +131,7 @@ class ZOTrainerMixin:
         if isinstance(zo_optimizer, str):
             name, inline = parse_zo_optimizer(zo_optimizer)
             self.zo_spec: OptimizerSpec | None = _checked_spec(name)
-            self.zo_args: dict[str, Any] = {**inline, **dict(zo_args or {})}
+            self.zo_args: dict[str, Any] = _checked_args(self.zo_spec, {**inline, **dict(zo_args or {})})
         elif isinstance(zo_optimizer, ZOOptimizer):
             if zo_args:
                 raise L2ZOError("zo_args go with an optimizer name; a built optimizer already has its hyperparameters")
@@ -168,12 +179,7 @@ class ZOTrainerMixin:
             hp.setdefault("seed", args.seed)
         if "weight_decay" in allowed and args.weight_decay:
             hp.setdefault("weight_decay", args.weight_decay)
-        bad = sorted(set(hp) - set(allowed))
-        if bad:
-            raise L2ZOError(
-                f"optimizer {spec.name!r} has no hyperparameter {', '.join(map(repr, bad))}; valid: {', '.join(allowed)}"
-            )
-        opt = build_optimizer(spec.name, model, **coerce_hparams(spec.name, spec.hparams, hp))
+        opt = build_optimizer(spec.name, model, **_checked_args(spec, hp))
         if not isinstance(opt, ZOOptimizer):
             raise L2ZOError(f"optimizer {spec.name!r} is not an l2zo ZO optimizer; use transformers.Trainer")
         return opt
