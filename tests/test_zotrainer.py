@@ -17,7 +17,7 @@ from l2zo.errors import L2ZOError
 from l2zo.integrations.step_adapter import ZOStepAdapter
 from l2zo.integrations.transformers import ZOTrainer, ZOTrainerMixin, parse_zo_optimizer
 from l2zo.models import load_model
-from l2zo.optim import MeZO
+from l2zo.optim import MeZO, optimizer_specs
 from l2zo.optim.methods.learned import LearnedZO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,3 +278,26 @@ def test_bf16_mixed_precision_probes_under_autocast(tiny, tmp_path):
     assert autocast == [True] * 4 and trainer.zo_optimizer.step_count == 2
     assert probe is not None and probe.loss_plus != probe.loss_minus
     assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())  # fp32 master weights
+
+
+# fixed-sigma needs a sigma file from `l2zo probe-blocks` and mezo-svrg an anchor batch (refused above); fo-* are backprop.
+EVERY_ZO = [
+    n for n, s in optimizer_specs().items() if s.zeroth_order and not s.needs_anchor_batch and n != "fixed-sigma"
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EVERY_ZO)
+def test_every_zo_optimizer_runs_through_zotrainer_at_its_forward_count(name, tiny, tmp_path):
+    loaded, train, dev, collate = tiny
+    model = fresh_model()
+    if name == "forward-grad":
+        model.set_attn_implementation("eager")  # its JVP needs forward-mode AD, which CPU SDPA lacks
+    zo = f"learned={ARTIFACT}" if name == "learned" else name
+    trainer = ZOTrainer(model=model, args=training_args(tmp_path, max_steps=2, learning_rate=1e-5), train_dataset=train,
+                        data_collator=collate, zo_optimizer=zo)  # fmt: skip
+    counter = ForwardCounter(model)
+    trainer.train()
+    assert counter.close() == 2 * optimizer_specs()[name].forwards_per_step
+    assert trainer.zo_optimizer.step_count == 2
+    assert all(p.grad is None for p in model.parameters())
