@@ -1,0 +1,220 @@
+"""Sharded ZO: z for row shards (pure), FSDP2 on 2 CPU processes with gloo against one unsharded process.
+
+The 2-process test runs this file as a script, once per rank (``python tests/test_fsdp.py RANK ...``), with the
+environment a launcher sets (MASTER_ADDR/PORT on a free port, WORLD_SIZE, RANK, LOCAL_RANK): Lightning then
+takes the processes as given and runs ``ShardedZOStrategy`` in them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from l2zo.engine import Z_CHUNK, Block, ZSource, axpby_z_
+from l2zo.engine.seeding import shard_chunks
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+# ---------------------------------------------------------------------------- z for row shards (no processes)
+
+
+@dataclass(frozen=True, eq=False)
+class RowShard(Block):
+    """A block of which this 'process' holds rows [r0, r1): what ``Block`` reports for an FSDP2 DTensor."""
+
+    rows: torch.Tensor | None = None
+    offset: int = 0
+    total: int = 0
+
+    @property
+    def local(self) -> torch.Tensor:
+        return self.rows
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.offset, self.total
+
+
+def row_shards(full: torch.Tensor, world: int, index: int) -> list[RowShard]:
+    """The FSDP2 shards of ``full`` over ``world`` ranks (torch.chunk on dim 0: uneven, the last may be empty)."""
+    rows, row = full.shape[0], full[0].numel()
+    size = -(-rows // world)
+    out = []
+    for r in range(world):
+        r0, r1 = min(r * size, rows), min((r + 1) * size, rows)
+        out.append(RowShard(index, f"w{index}", full, full[r0:r1].clone(), r0 * row, full.numel()))
+    return out
+
+
+# 5 rows of 700_001 entries: 3.5M entries, 4 chunks; row cuts at 1.4M, 2.1M and 2.8M fall inside chunks.
+SHAPE = (5, 700_001)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_shard_z_is_the_unsharded_z_bit_for_bit(world):
+    """The concatenated shards' z equals the whole block's z, for uneven shards (5 rows on 2, 3, 4 ranks: an
+    empty one on 4) whose boundaries cut chunks; each shard draws at most two chunks it uses in part."""
+    full = torch.empty(SHAPE)
+    z = ZSource(workers=1).full(full, seed=123, block_index=4)
+    parts = []
+    for shard in row_shards(full, world, 4):
+        n = shard.local.numel()
+        plan = shard_chunks(n, *shard.span)
+        assert sum(end - start for _, _, _, start, end in plan) == n
+        assert sum(1 for _, size, _, start, end in plan if end - start < size) <= 2
+        parts.append(ZSource(workers=1).full(shard.local, 123, 4, shard.span).view(-1))
+    assert torch.equal(torch.cat(parts), z.view(-1))
+
+
+@pytest.mark.parametrize("workers, cache", [(1, False), (2, False), (2, True)])
+def test_shard_updates_are_the_unsharded_updates_bit_for_bit(workers, cache):
+    """theta <- d*theta + c*z(seed) on the shards (the engine's pass: threads, cached z) leaves exactly the rows
+    of the same pass on the whole tensor, over two steps; a small second block stays in one chunk."""
+    g = torch.Generator().manual_seed(0)
+    fulls = [torch.randn(SHAPE, generator=g), torch.randn(7, 3, generator=g)]
+    whole = [Block(i, f"w{i}", t.clone()) for i, t in enumerate(fulls)]
+    ranks = list(zip(*(row_shards(t, 3, i) for i, t in enumerate(fulls))))  # per rank: its shard of each block
+    for seed in (11, 12):
+        axpby_z_(whole, seed, ZSource(workers=1), coef=[0.5, -0.25], decay=[0.9, 1.0])
+        for shards in ranks:
+            axpby_z_(shards, seed, ZSource(workers=workers, cache=cache), coef=[0.5, -0.25], decay=[0.9, 1.0])
+    for i, b in enumerate(whole):
+        assert torch.equal(torch.cat([shards[i].local for shards in ranks]), b.param)
+
+
+def test_shard_chunks_unsharded_is_every_whole_chunk():
+    """Without a shard the plan is the chunks of the unsharded definition of z, every one whole."""
+    n = 2 * Z_CHUNK + 5
+    assert shard_chunks(n) == [(0, Z_CHUNK, 0, 0, Z_CHUNK), (1, Z_CHUNK, 0, Z_CHUNK, 2 * Z_CHUNK),
+                               (2, 5, 0, 2 * Z_CHUNK, n)]  # fmt: skip
+    assert shard_chunks(0, 0, 10) == []
+    with pytest.raises(ValueError):
+        shard_chunks(5, 8, 10)
+
+
+# ------------------------------------------------------------------- FSDP2 on 2 processes vs one process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _train(rank: int, world: int, split: bool, strategy: Any) -> dict[str, Any]:
+    """MeZO on tiny/synth-color for STEPS steps; returns each step's (L+, L-) and the full weights after.
+
+    ``split``: rank r trains on examples r, r + world, ... of each batch (its data shard, uneven: 11 examples);
+    else every rank sees the whole batch.
+    """
+    import lightning as L
+
+    from l2zo.config import FinetuneConfig
+    from l2zo.config.parser import build_config
+    from l2zo.models import load_model
+    from l2zo.optim.registry import build_optimizer
+    from l2zo.tasks.loading import load_task_data
+    from l2zo.tasks.scoring import CandidateScorer
+    from l2zo.train.data import SeededBatches, TaskDataModule
+    from l2zo.train.module import FinetuneModule
+
+    cfg = build_config(FinetuneConfig, overrides={"model": "tiny", "task": "synth-color", "num_train": 44,
+                                                  "num_dev": 4, "num_test": 4, "max_length": 48})  # fmt: skip
+    _, data = load_task_data(cfg.data)
+    loaded = load_model("tiny")
+    scorer = CandidateScorer(loaded.tokenizer, max_length=48)
+
+    class ShardBatches(SeededBatches):
+        def __iter__(self):
+            for batch in super().__iter__():
+                yield batch[rank::world] if split else batch
+
+    class Data(TaskDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(self.data.train, batch_sampler=ShardBatches(len(self.data.train), 11, 0),
+                                               collate_fn=self.scorer.collate)  # fmt: skip
+
+    probes: list[tuple[float, float]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            p = trainer.optimizers[0].last_probe
+            probes.append((float(p.loss_plus), float(p.loss_minus)))
+
+    initial = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    module = FinetuneModule(loaded.model, scorer, "classification",
+                            lambda m: build_optimizer("mezo", m, lr=1e-3, eps=1e-3, seed=7),
+                            zeroth_order=True, forwards_per_step=2, total_steps=STEPS)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, max_epochs=-1,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[Record()])  # fmt: skip
+    trainer.fit(module, datamodule=Data(data, scorer, 11, 4, 0))
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for n, p in module.model.named_parameters()}  # fmt: skip
+    sharded = sorted({type(p).__name__ for p in module.model.parameters()})
+    return {"probes": probes, "weights": weights, "initial": initial, "param_types": sharded}
+
+
+def _worker(rank: int, world: int, out: str) -> None:
+    """One rank of the FSDP2 runs (started by the test below as a script)."""
+    from l2zo.train.sharded import make_fsdp_strategy
+
+    torch.set_num_threads(1)
+    results = {split: _train(rank, world, split, make_fsdp_strategy()) for split in (False, True)}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path):
+    """FSDP2 over 2 gloo processes (uneven row shards: 875 embedding rows) gives one unsharded process's L+, L-
+    and weights after a few MeZO steps: bit for bit when every rank sees the whole batch; to fp32 reduction
+    tolerance when each rank has its own, uneven, share of the batch (6 and 5 of 11 examples, losses reduced as
+    (sum of loss * count, count)). The two ranks always see the same L+ and L-."""
+    port, world = _free_port(), 2
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+           "NODE_RANK": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, __file__, str(r), str(world), str(tmp_path)],
+                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for r in range(world)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks: CPU kernels may round differently with other thread counts
+    try:
+        reference = _train(0, 1, False, "auto")
+    finally:
+        torch.set_num_threads(threads)
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+    assert ranks[0][False]["param_types"] == ["DTensor"]  # really sharded
+    assert reference["param_types"] == ["Parameter"]
+    for split in (False, True):
+        assert ranks[0][split]["probes"] == ranks[1][split]["probes"]
+        assert len(ranks[0][split]["probes"]) == STEPS
+    same = ranks[0][False]
+    assert same["probes"] == reference["probes"]
+    assert all(torch.equal(same["weights"][n], w) for n, w in reference["weights"].items())
+    split = ranks[0][True]
+    flat = [loss for probe in split["probes"] for loss in probe]
+    assert flat == pytest.approx([loss for probe in reference["probes"] for loss in probe], rel=1e-5)
+    for n, w in reference["weights"].items():
+        torch.testing.assert_close(split["weights"][n], w, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(w, reference["initial"][n]) for n, w in reference["weights"].items())  # all trained
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
