@@ -216,5 +216,31 @@ def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path):
     assert all(not torch.equal(w, reference["initial"][n]) for n, w in reference["weights"].items())  # all trained
 
 
+# ----------------------------------------------------------------------------------- --device-map auto
+
+
+def test_device_map_spreads_layers_over_gpus_and_refuses_offload():
+    """The planned map (computed on an empty model, no GPU needed) keeps decoder layers whole on GPUs; a map that
+    would put any module on the host is refused with one line, before any weight is loaded."""
+    from l2zo.errors import L2ZOError
+    from l2zo.models import load_model
+    from l2zo.models.loading import plan_device_map
+    from l2zo.models.tiny import tiny_dir
+
+    where = str(tiny_dir("tiny"))  # ~3.4 MB of fp32 weights
+    plan = plan_device_map(where, {0: "3MB", 1: "3MB"}, local_files_only=True)
+    assert set(plan.values()) == {0, 1}
+    assert "model.layers.0" in plan  # a layer is placed whole, not split across devices
+    for max_memory in ({0: "1MB", "cpu": "1GB"}, {0: "1MB", 1: "1MB", "cpu": "1GB", "disk": "1GB"}, None):
+        # None: what this machine's GPUs have free; on a machine without GPUs, everything would stay on the host.
+        if max_memory is None and torch.cuda.is_available():
+            continue
+        with pytest.raises(L2ZOError, match=r"--device-map auto would offload .* to the host") as err:
+            load_model("tiny", device_map="auto", max_memory=max_memory)
+        assert "\n" not in str(err.value)
+    with pytest.raises(L2ZOError, match="not a choice"):
+        load_model("tiny", device_map="balanced")
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
