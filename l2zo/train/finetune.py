@@ -42,6 +42,7 @@ from l2zo.train.lifecycle import FailOnNonFiniteLoss, trainer_call
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
 from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
+from l2zo.train.sharded import make_device_map_strategy
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
@@ -63,6 +64,7 @@ def make_trainer(
         callbacks=callbacks,
         accelerator=accelerator,
         devices=1,
+        strategy=make_device_map_strategy() if cfg.data.device_map else "auto",
         precision=cfg.data.precision,
         max_steps=cfg.steps,
         max_epochs=-1,
@@ -96,6 +98,9 @@ def _with_z_source(opt: torch.optim.Optimizer, cache_z: bool) -> torch.optim.Opt
 def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
     """What can be refused before a model is loaded: the device, the batch size, the run folder."""
     check_device(cfg.data.device)
+    if cfg.data.device_map and cfg.data.device == "cpu":
+        raise L2ZOError("--device-map auto spreads the model over GPUs and --device cpu keeps it on the host: "
+                        "drop one of them")  # fmt: skip
     if cfg.data.batch_size > len(data.train):
         # Refused rather than capped: a capped batch would make summary.json report a batch size that never ran.
         raise L2ZOError(f"--batch-size {cfg.data.batch_size} is larger than the {len(data.train)} training examples; "
@@ -121,7 +126,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
         hp = optimizer_hparams(cfg, spec)
         task, data = load_task_data(cfg.data)
         check_inputs(cfg, data)
-        loaded = load_model(cfg.data.model)
+        loaded = load_model(cfg.data.model, device_map=cfg.data.device_map)
         # Built once here, discarded: a bad hyperparameter value or an artifact that does not fit the model is
         # refused before the run folder exists. Constructors draw no random numbers and allocate no state.
         build_optimizer(cfg.optimizer, loaded.model, **hp)

@@ -26,7 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -152,6 +152,30 @@ def _reshard(model: nn.Module | None) -> None:
 def make_fsdp_strategy(process_group_backend: str | None = None, timeout: timedelta | None = None) -> ShardedZOStrategy:
     """The strategy of ``--strategy fsdp`` (gloo on CPU, nccl on GPU unless ``process_group_backend`` says)."""
     return ShardedZOStrategy(process_group_backend=process_group_backend, timeout=timeout)
+
+
+class DeviceMapStrategy(SingleDeviceStrategy):
+    """One process with a model that ``--device-map auto`` spread over the GPUs: Lightning must not move it.
+
+    The root device (where batches go) is the first parameter's, the input embeddings'; transformers' hooks move
+    the activations from layer to layer. The ZO engine perturbs each weight on its own device.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+    def setup(self, trainer: L.Trainer) -> None:
+        assert self.model is not None
+        self._root_device = next(self.model.parameters()).device
+        super().setup(trainer)
+
+    def model_to_device(self) -> None:
+        pass  # placed by the device map
+
+
+def make_device_map_strategy() -> DeviceMapStrategy:
+    """The strategy of ``--device-map auto`` (one process; see :class:`DeviceMapStrategy`)."""
+    return DeviceMapStrategy()
 
 
 def configure_sharding(module: L.LightningModule, model: nn.Module) -> None:
