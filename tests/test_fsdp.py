@@ -114,9 +114,11 @@ def _free_port() -> int:
 def _train(rank: int, world: int, split: bool, strategy: Any) -> dict[str, Any]:
     """MeZO on tiny/synth-color for STEPS steps; returns each step's (L+, L-) and the full weights after.
 
-    ``split``: rank r trains on examples r, r + world, ... of each batch (its data shard, uneven: 11 examples);
-    else every rank sees the whole batch.
+    ``split``: rank r trains on examples r, r + world, ... of each batch of 8 (its data shard); else every rank sees
+    the whole batch (8 examples: a power of two, so that the reduced mean, sum(loss * 8) / 16, is the loss
+    exactly, whatever the float width of the reduction).
     """
+    size = 8
     import lightning as L
 
     from l2zo.config import FinetuneConfig
@@ -141,8 +143,8 @@ def _train(rank: int, world: int, split: bool, strategy: Any) -> dict[str, Any]:
 
     class Data(TaskDataModule):
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(self.data.train, batch_sampler=ShardBatches(len(self.data.train), 11, 0),
-                                               collate_fn=self.scorer.collate)  # fmt: skip
+            batches = ShardBatches(len(self.data.train), size, seed=0)
+            return torch.utils.data.DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.scorer.collate)
 
     probes: list[tuple[float, float]] = []
 
@@ -159,7 +161,7 @@ def _train(rank: int, world: int, split: bool, strategy: Any) -> dict[str, Any]:
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[Record()])  # fmt: skip
-    trainer.fit(module, datamodule=Data(data, scorer, 11, 4, 0))
+    trainer.fit(module, datamodule=Data(data, scorer, size, 4, 0))
     weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                for n, p in module.model.named_parameters()}  # fmt: skip
     sharded = sorted({type(p).__name__ for p in module.model.parameters()})
@@ -178,16 +180,21 @@ def _worker(rank: int, world: int, out: str) -> None:
 def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path):
     """FSDP2 over 2 gloo processes (uneven row shards: 875 embedding rows) gives one unsharded process's L+, L-
     and weights after a few MeZO steps: bit for bit when every rank sees the whole batch; to fp32 reduction
-    tolerance when each rank has its own, uneven, share of the batch (6 and 5 of 11 examples, losses reduced as
-    (sum of loss * count, count)). The two ranks always see the same L+ and L-."""
+    tolerance when each rank has its own half of the batch (losses reduced as (sum of loss * count, count)).
+    The two ranks always see the same L+ and L-."""
     port, world = _free_port(), 2
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
            "NODE_RANK": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(r), str(world), str(tmp_path)],
-                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), str(world), str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         for r in range(world)
     ]
     threads = torch.get_num_threads()
@@ -214,6 +221,22 @@ def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path):
     for n, w in reference["weights"].items():
         torch.testing.assert_close(split["weights"][n], w, rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(w, reference["initial"][n]) for n, w in reference["weights"].items())  # all trained
+
+
+def test_only_mezo_like_optimizers_run_sharded():
+    """A row shard can run a step that is MeZO's with a sigma per block; per-entry state (zo-adam), its own
+    directions (lozo) or a sigma from weight statistics (learned-random) are refused with the fix."""
+    from l2zo.errors import L2ZOError
+    from l2zo.optim.registry import build_optimizer
+    from l2zo.train.sharded import check_shardable
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    check_shardable(build_optimizer("mezo", model))
+    check_shardable(torch.optim.SGD(model.parameters(), lr=0.1))  # first order: FSDP2 reduces the gradients
+    for name in ("zo-adam", "lozo", "learned-random"):
+        with pytest.raises(L2ZOError, match="--strategy ddp"):
+            check_shardable(build_optimizer(name, model))
 
 
 # ----------------------------------------------------------------------------------- --device-map auto

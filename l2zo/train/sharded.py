@@ -126,7 +126,9 @@ class ShardedZOStrategy(ModelParallelStrategy):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
         if isinstance(inner, ZOOptimizer) and dist.is_initialized():
-            closure = reduced_closure(closure, self._batch_count)
+            # Reduced here unless the loop already gave the optimizer a reduce (the data-parallel reduce_fn).
+            if getattr(inner, "reduce_fn", None) is None:
+                closure = reduced_closure(closure, self._batch_count)
             _reshard(self.model)  # the forwards must gather the shards the step writes into (see shard_model)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
@@ -149,8 +151,14 @@ def _reshard(model: nn.Module | None) -> None:
             module.reshard()
 
 
-def make_fsdp_strategy(process_group_backend: str | None = None, timeout: timedelta | None = None) -> ShardedZOStrategy:
-    """The strategy of ``--strategy fsdp`` (gloo on CPU, nccl on GPU unless ``process_group_backend`` says)."""
+def make_fsdp_strategy(
+    args: Any = None, *, process_group_backend: str | None = None, timeout: timedelta | None = None
+) -> ShardedZOStrategy:
+    """The strategy of ``--strategy fsdp`` (gloo on CPU, nccl on GPU unless ``process_group_backend`` says).
+
+    ``args``: the run's distributed arguments; unused, as the trainer passes the devices and nodes and every
+    process is one data-parallel shard.
+    """
     return ShardedZOStrategy(process_group_backend=process_group_backend, timeout=timeout)
 
 
