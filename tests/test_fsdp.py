@@ -111,14 +111,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _train(rank: int, world: int, split: bool, strategy: Any) -> dict[str, Any]:
-    """MeZO on tiny/synth-color for STEPS steps; returns each step's (L+, L-) and the full weights after.
+def _gather(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights (sharded ones gathered: a collective), as copies."""
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
+
+
+def _train(world: int, rank: int, strategy: Any, steps: int, *, split: bool = False, resume: Path | None = None,
+           save: Path | None = None, snapshot_at: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """MeZO on tiny/synth-color up to step ``steps``; returns each step's (L+, L-) and the full weights after.
 
     ``split``: rank r trains on examples r, r + world, ... of each batch of 8 (its data shard); else every rank sees
     the whole batch (8 examples: a power of two, so that the reduced mean, sum(loss * 8) / 16, is the loss
-    exactly, whatever the float width of the reduction).
+    exactly, whatever the float width of the reduction). ``resume``: continue from this checkpoint; ``save``:
+    write one at the end; ``snapshot_at``: also return the weights after that step.
     """
-    size = 8
     import lightning as L
 
     from l2zo.config import FinetuneConfig
@@ -143,29 +151,31 @@ def _train(rank: int, world: int, split: bool, strategy: Any) -> dict[str, Any]:
 
     class Data(TaskDataModule):
         def train_dataloader(self):
-            batches = ShardBatches(len(self.data.train), size, seed=0)
+            batches = ShardBatches(len(self.data.train), 8, seed=0, start=int(self.trainer.global_step))
             return torch.utils.data.DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.scorer.collate)
 
-    probes: list[tuple[float, float]] = []
+    out: dict[str, Any] = {"probes": [], "initial": _gather(loaded.model)}
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             p = trainer.optimizers[0].last_probe
-            probes.append((float(p.loss_plus), float(p.loss_minus)))
+            out["probes"].append((float(p.loss_plus), float(p.loss_minus)))
+            if trainer.global_step == snapshot_at:
+                out["snapshot"] = _gather(module.model)
 
-    initial = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     module = FinetuneModule(loaded.model, scorer, "classification",
                             lambda m: build_optimizer("mezo", m, lr=1e-3, eps=1e-3, seed=7),
-                            zeroth_order=True, forwards_per_step=2, total_steps=STEPS)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, max_epochs=-1,
+                            zeroth_order=True, forwards_per_step=2, total_steps=steps)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, max_epochs=-1,
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[Record()])  # fmt: skip
-    trainer.fit(module, datamodule=Data(data, scorer, size, 4, 0))
-    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-               for n, p in module.model.named_parameters()}  # fmt: skip
-    sharded = sorted({type(p).__name__ for p in module.model.parameters()})
-    return {"probes": probes, "weights": weights, "initial": initial, "param_types": sharded}
+    trainer.fit(module, datamodule=Data(data, scorer, 8, 4, 0), ckpt_path=resume)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    out["weights"] = _gather(module.model)
+    out["param_types"] = sorted({type(p).__name__ for p in module.model.parameters()})
+    return out
 
 
 def _worker(rank: int, world: int, out: str) -> None:
@@ -173,15 +183,20 @@ def _worker(rank: int, world: int, out: str) -> None:
     from l2zo.train.sharded import make_fsdp_strategy
 
     torch.set_num_threads(1)
-    results = {split: _train(rank, world, split, make_fsdp_strategy()) for split in (False, True)}
+    ckpt = Path(out) / "fsdp.ckpt"
+    results = {
+        "same": _train(world, rank, make_fsdp_strategy(), STEPS, save=ckpt),
+        "resumed": _train(world, rank, make_fsdp_strategy(), STEPS + 1, resume=ckpt),
+        "split": _train(world, rank, make_fsdp_strategy(), STEPS, split=True),
+    }
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
 def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path):
     """FSDP2 over 2 gloo processes (uneven row shards: 875 embedding rows) gives one unsharded process's L+, L-
-    and weights after a few MeZO steps: bit for bit when every rank sees the whole batch; to fp32 reduction
-    tolerance when each rank has its own half of the batch (losses reduced as (sum of loss * count, count)).
-    The two ranks always see the same L+ and L-."""
+    and weights after a few MeZO steps: bit for bit when every rank sees the whole batch, also after saving a
+    checkpoint and resuming from it for one more step; to fp32 reduction tolerance when each rank has its own half
+    of the batch (losses reduced as (sum of loss * count, count)). The two ranks always see the same L+ and L-."""
     port, world = _free_port(), 2
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
            "NODE_RANK": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -200,27 +215,27 @@ def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: CPU kernels may round differently with other thread counts
     try:
-        reference = _train(0, 1, False, "auto")
+        ref = _train(1, 0, "auto", STEPS + 1, snapshot_at=STEPS)
     finally:
         torch.set_num_threads(threads)
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
-    assert ranks[0][False]["param_types"] == ["DTensor"]  # really sharded
-    assert reference["param_types"] == ["Parameter"]
-    for split in (False, True):
-        assert ranks[0][split]["probes"] == ranks[1][split]["probes"]
-        assert len(ranks[0][split]["probes"]) == STEPS
-    same = ranks[0][False]
-    assert same["probes"] == reference["probes"]
-    assert all(torch.equal(same["weights"][n], w) for n, w in reference["weights"].items())
-    split = ranks[0][True]
+    assert ranks[0]["same"]["param_types"] == ["DTensor"]  # really sharded
+    assert ref["param_types"] == ["Parameter"]
+    assert all(not torch.equal(w, ref["initial"][n]) for n, w in ref["weights"].items())  # every weight trained
+    for run in ("same", "resumed", "split"):
+        assert ranks[0][run]["probes"] == ranks[1][run]["probes"]
+    same, resumed, split = ranks[0]["same"], ranks[0]["resumed"], ranks[0]["split"]
+    assert same["probes"] == ref["probes"][:STEPS]
+    assert all(torch.equal(same["weights"][n], w) for n, w in ref["snapshot"].items())
+    assert resumed["probes"] == ref["probes"][STEPS:]  # the resumed run's one step
+    assert all(torch.equal(resumed["weights"][n], w) for n, w in ref["weights"].items())
     flat = [loss for probe in split["probes"] for loss in probe]
-    assert flat == pytest.approx([loss for probe in reference["probes"] for loss in probe], rel=1e-5)
-    for n, w in reference["weights"].items():
+    assert flat == pytest.approx([loss for probe in ref["probes"][:STEPS] for loss in probe], rel=1e-5)
+    for n, w in ref["snapshot"].items():
         torch.testing.assert_close(split["weights"][n], w, rtol=1e-5, atol=1e-6)
-    assert all(not torch.equal(w, reference["initial"][n]) for n, w in reference["weights"].items())  # all trained
 
 
 def test_only_mezo_like_optimizers_run_sharded():

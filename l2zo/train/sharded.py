@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -132,6 +133,35 @@ class ShardedZOStrategy(ModelParallelStrategy):
             _reshard(self.model)  # the forwards must gather the shards the step writes into (see shard_model)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        # The weights the module chose (FinetuneModule.checkpoint_weights: its state_dict) are this rank's shards:
+        # the file gets them whole, gathered on every rank (a collective; every rank saves), written by rank 0.
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {k: _whole(v) for k, v in checkpoint["state_dict"].items()}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A one-file checkpoint (:meth:`save_checkpoint`): every rank reads it and keeps its rows of each weight."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        assert self.model is not None and self.lightning_module is not None
+        strict = self.lightning_module.strict_loading
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        set_model_state_dict(self.model, checkpoint["state_dict"], options=options)
+        for opt, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
+            inner = getattr(opt, "_optimizer", opt)
+            if isinstance(inner, ZOOptimizer):
+                inner.load_state_dict(state)  # the same on every rank (see optimizer_state)
+            else:  # first order: as Lightning's own loader of a one-file checkpoint
+                from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
+                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+                state = _rekey_optimizer_state_if_needed(state, self.model)
+                set_optimizer_state_dict(self.model, inner, state, options=options)
+        return checkpoint
+
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         # A ZO optimizer's state is its step count, seed and hyperparameters (check_shardable admits no per-entry
         # state), the same on every rank: saved as is. torch's sharded optimizer state dict would first run a
@@ -140,6 +170,13 @@ class ShardedZOStrategy(ModelParallelStrategy):
         if isinstance(inner, ZOOptimizer):
             return inner.state_dict()
         return super().optimizer_state(optimizer)
+
+
+def _whole(value: Any) -> Any:
+    """A sharded tensor gathered whole, on the CPU (collective); anything else as it is."""
+    if hasattr(value, "full_tensor"):
+        return value.full_tensor().cpu()
+    return value
 
 
 def _reshard(model: nn.Module | None) -> None:
