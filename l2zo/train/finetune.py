@@ -42,7 +42,7 @@ from l2zo.train.lifecycle import FailOnNonFiniteLoss, trainer_call
 from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
 from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
-from l2zo.train.sharded import make_device_map_strategy
+from l2zo.train.sharded import make_device_map_strategy, whole_state_dict
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
@@ -211,7 +211,7 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
             raise L2ZOError(f"the run diverged: {diverged}; lower --lr (or --eps)")
         if cfg.save_model:
             with atomic_dir(logdir / "model", overwrite=True) as tmp:
-                loaded.model.save_pretrained(tmp)
+                loaded.model.save_pretrained(tmp, state_dict=whole_state_dict(loaded.model))  # fsdp: gathered
                 loaded.tokenizer.save_pretrained(tmp)
             summary["model_saved_to"] = str(logdir / "model")
     except BaseException as exc:

@@ -172,6 +172,23 @@ class ShardedZOStrategy(ModelParallelStrategy):
         return super().optimizer_state(optimizer)
 
 
+def whole_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
+    """``model``'s state dict with its sharded tensors gathered whole on the CPU, for ``save_pretrained(...,
+    state_dict=...)``; None for a model with no sharded tensor (saved as it is). A collective: every rank calls it.
+    Tied weights stay one tensor (gathered once), so the saved model keeps them tied."""
+    state = model.state_dict()
+    if not any(hasattr(v, "full_tensor") for v in state.values()):
+        return None
+    gathered: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.to_local().data_ptr() if hasattr(v, "to_local") else v.data_ptr(), tuple(v.shape))  # tied: one key
+        if key not in gathered:
+            gathered[key] = _whole(v)
+        out[k] = gathered[key]
+    return out
+
+
 def _whole(value: Any) -> Any:
     """A sharded tensor gathered whole, on the CPU (collective); anything else as it is."""
     if hasattr(value, "full_tensor"):
