@@ -71,13 +71,19 @@ class Block:
         return self.param.dim() >= 2
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # torch.distributed may be absent (some builds); then no tensor is a DTensor. The import is cached by Python.
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+_DTENSOR: tuple[type, ...] | None = None  # (DTensor,), or () where torch.distributed is absent; imported on first use
 
-    return isinstance(t, DTensor)
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    global _DTENSOR
+    if _DTENSOR is None:
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR = (DTensor,)
+        else:
+            _DTENSOR = ()
+    return isinstance(t, _DTENSOR)
 
 
 def shard_span(param: torch.Tensor) -> tuple[int, int]:

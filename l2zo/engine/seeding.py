@@ -248,6 +248,10 @@ def shard_chunks(numel: int, offset: int = 0, total: int | None = None) -> list[
     Unsharded (offset 0, total numel): every chunk whole, ``lo`` 0. Only the first and last can be partial.
     """
     total = numel if total is None else total
+    if offset == 0 and total == numel:  # unsharded: every chunk whole
+        return [
+            (c, min(Z_CHUNK, numel - s), 0, s, min(s + Z_CHUNK, numel)) for c, s in enumerate(range(0, numel, Z_CHUNK))
+        ]
     if numel == 0:
         return []
     if offset < 0 or offset + numel > total:

@@ -9,7 +9,8 @@ unevenly when the rows do not divide) and its own shard of each batch. A step is
   the rank's data; the closure all-reduces (sum of loss * count, count), so every rank gets the same L+ and
   L-, hence the same projected gradient, and applies the same update to its rows.
 
-No gradient and no optimizer state is ever sharded or communicated: two scalars a forward.
+No gradient and no optimizer state exists to shard: besides FSDP2's all-gathers of the weights in each
+forward, the processes exchange two scalars a forward.
 
 Which optimizers run sharded: those whose step is MeZO's with a per-block scale that does not read the
 weights (``mezo``, ``fixed-sigma``, ...). Methods with per-entry state, their own directions or weight
