@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from l2zo.config.checks import Device, Precision, check_fields
 
@@ -35,6 +36,8 @@ class DataArgs:
     """32, or bf16-mixed: bf16 autocast over fp32 weights, losses in fp32"""
     device: Device = "auto"
     """auto, cpu or cuda"""
+    device_map: Literal["auto"] | None = None
+    """auto: spread the model's layers over this machine's GPUs (as MeZO); refused if a layer would be offloaded"""
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("num_train", "num_dev", "num_test", "max_length", "batch_size", "eval_batch_size"))

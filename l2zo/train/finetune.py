@@ -45,6 +45,7 @@ from l2zo.train.module import FinetuneModule
 from l2zo.train.replicas import ReplicaChecksum
 from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
 from l2zo.train.strategies import make_strategy, refuse_closureless_precision, replica_paths
+from l2zo.train.sharded import make_device_map_strategy, whole_state_dict
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder
@@ -67,9 +68,9 @@ def make_trainer(
     trainer = L.Trainer(
         callbacks=callbacks,
         accelerator=accelerator,
-        devices=cfg.dist.devices,
+        devices=1 if cfg.data.device_map else cfg.dist.devices,
         num_nodes=cfg.dist.num_nodes,
-        strategy=make_strategy(cfg.dist),
+        strategy=make_device_map_strategy() if cfg.data.device_map else make_strategy(cfg.dist),
         use_distributed_sampler=False,  # SeededBatches and the eval loaders slice the data per process themselves
         precision=cfg.data.precision,
         max_steps=cfg.steps,
@@ -114,6 +115,9 @@ def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
                 raise L2ZOError(f"{what} ({n}) must be at least the number of processes ({world}: --devices "
                                 f"{cfg.dist.devices} x --num-nodes {cfg.dist.num_nodes}): each needs a "
                                 "slice")  # fmt: skip
+    if cfg.data.device_map and cfg.data.device == "cpu":
+        raise L2ZOError("--device-map auto spreads the model over GPUs and --device cpu keeps it on the host: "
+                        "drop one of them")  # fmt: skip
     if cfg.data.batch_size > len(data.train):
         # Refused rather than capped: a capped batch would make summary.json report a batch size that never ran.
         raise L2ZOError(f"--batch-size {cfg.data.batch_size} is larger than the {len(data.train)} training examples; "
@@ -153,7 +157,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
         hp = optimizer_hparams(cfg, spec)
         task, data = load_task_data(cfg.data)
         check_inputs(cfg, data)
-        loaded = load_model(cfg.data.model)
+        loaded = load_model(cfg.data.model, device_map=cfg.data.device_map)
         adapted = with_adapter(loaded, cfg)
         # Built once here, discarded: a bad hyperparameter value or an artifact that does not fit the model is
         # refused before the run folder exists. Constructors draw no random numbers and allocate no state.
@@ -256,7 +260,7 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
         if cfg.save_model:
             with atomic_dir(logdir / "model", overwrite=True) as tmp:
                 if adapted is None:
-                    loaded.model.save_pretrained(tmp)
+                    loaded.model.save_pretrained(tmp, state_dict=whole_state_dict(loaded.model))  # fsdp: gathered
                 else:  # the adapter only: PeftModel.from_pretrained(base model, LOGDIR/model) loads it
                     adapted.save(tmp)
                 loaded.tokenizer.save_pretrained(tmp)

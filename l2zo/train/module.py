@@ -24,6 +24,7 @@ from torch import nn
 from l2zo.optim.base import BatchLoss, ZOOptimizer
 from l2zo.tasks.scoring import CandidateScorer, ScoringBatch
 from l2zo.train.strategies import sum_over_processes
+from l2zo.train.sharded import configure_sharding
 from l2zo.utils.memory import peak_memory_mb
 
 OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]
@@ -126,6 +127,10 @@ class FinetuneModule(L.LightningModule):
             if "cuda" in self._rng_to_restore and self.device.type == "cuda":
                 torch.cuda.set_rng_state(self._rng_to_restore["cuda"], self.device)
             self._rng_to_restore = None
+
+    def configure_model(self) -> None:
+        # --strategy fsdp shards the model here, before configure_optimizers builds the optimizer on the shards.
+        configure_sharding(self, self.model)
 
     def configure_optimizers(self) -> Any:
         # The model is already on its device here, so optimizer state is allocated there.
