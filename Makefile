@@ -26,8 +26,8 @@ test: $(STAMP)
 
 # The style CI enforces: ruff's lint rules (pyproject.toml) and its formatter.
 lint: $(STAMP)
-	$(BIN)/ruff check l2zo tests scripts
-	$(BIN)/ruff format --check l2zo tests scripts
+	$(BIN)/ruff check l2zo tests scripts examples
+	$(BIN)/ruff format --check l2zo tests scripts examples
 
 # Real-model tests: need the offline SmolLM2-135M-Instruct GGUF (`make smollm2`).
 test-slow: $(STAMP) smollm2

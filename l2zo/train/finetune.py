@@ -44,8 +44,8 @@ from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
 from l2zo.train.replicas import ReplicaChecksum
 from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
-from l2zo.train.strategies import make_strategy, refuse_closureless_precision, replica_paths
 from l2zo.train.sharded import make_device_map_strategy, whole_state_dict
+from l2zo.train.strategies import make_strategy, refuse_closureless_precision, replica_paths
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
 from l2zo.utils.rundir import check_writable_dir, clear_run, holds_run, locked_run_folder

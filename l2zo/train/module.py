@@ -23,8 +23,8 @@ from torch import nn
 
 from l2zo.optim.base import BatchLoss, ZOOptimizer
 from l2zo.tasks.scoring import CandidateScorer, ScoringBatch
-from l2zo.train.strategies import sum_over_processes
 from l2zo.train.sharded import configure_sharding
+from l2zo.train.strategies import sum_over_processes
 from l2zo.utils.memory import peak_memory_mb
 
 OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]
