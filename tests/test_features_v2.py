@@ -316,3 +316,58 @@ def test_the_shipped_tiny_artifact_in_the_optimizer_matches_the_papers_formula()
         torch.testing.assert_close(opt.raw_sigma(), _paper_sigma(SHIPPED[0], stats, lp, lm, prev), rtol=1e-5, atol=1e-6)
         opt.step(lambda: model(input_ids=ids, labels=ids).loss)
         prev, lp, lm = opt.sigma_prev, float(opt.last_probe.loss_plus), float(opt.last_probe.loss_minus)
+
+
+# ------------------------------------------------------------------------------------ meta-train -> finetune
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("features_model")
+    tiny_llama(vocab=300).save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_meta_train_with_every_feature_writes_an_artifact_the_learned_optimizer_runs(model_dir: Path,
+                                                                                    tmp_path: Path) -> None:  # fmt: skip
+    from l2zo.learned.static_stats import CurvatureTask, measure_static_curvature
+    from l2zo.models import load_model
+    from l2zo.optim.registry import build_optimizer
+    from l2zo.tasks.scoring import CandidateScorer
+    from l2zo.train.meta_train import load_meta_tasks, run_meta_train
+
+    overrides = {"model": str(model_dir), "tasks": ["synth-sentiment", "synth-parity"], "num_train": 24, "num_dev": 8,
+                 "batch_size": 4, "max_length": 40, "steps": 3, "reset_every": 2, "p_teacher": 0.5, "progress": False,
+                 "feature_log_numel": True, "feature_weight_norm": True, "feature_drift": True,
+                 "feature_curvature": "fisher", "feature_curvature_pairs": 1, "feature_grad_rms": True,
+                 "output": str(tmp_path / "artifact"), "logdir": str(tmp_path / "run")}  # fmt: skip
+    cfg = build_config(MetaTrainConfig, overrides=overrides)
+    path = run_meta_train(cfg)
+    manifest = read_manifest(path)
+    assert manifest["net"]["feature_names"] == list(ALL_ON.names())
+    record = manifest["meta_training"]["static_curvature"]
+    assert record["kind"] == "fisher" and record["pairs"] == 2 and min(record["per_element"]) > 0
+    net, _ = read_artifact(path)
+    assert torch.equal(net.static_curvature, torch.tensor(record["feature"], dtype=torch.float32))
+    # The stored curvature is the measurement on the pretrained weights and the meta-training tasks' batches.
+    loaded = load_model(str(model_dir), attn_implementation="eager")
+    blocks = partition(loaded.model)
+    tasks = [CurvatureTask(t.name, t.loss_kind, t.train) for t in load_meta_tasks(cfg)]
+    again = measure_static_curvature(loaded.model, blocks, tasks, CandidateScorer(loaded.tokenizer, 40),
+                                     kind="fisher", batch_size=4, pairs=1, seed=cfg.seed)  # fmt: skip
+    assert torch.equal(again.feature, net.static_curvature)
+    # `l2zo finetune --optimizer learned --artifact DIR` builds this optimizer: the same features, nothing measured.
+    opt = build_optimizer("learned", loaded.model, artifact=str(path), lr=1e-3, eps=1e-3, seed=0)
+    assert isinstance(opt, LearnedZO) and opt.drift is not None
+    feats = opt.features()
+    assert feats.shape == (len(blocks), 10) and torch.equal(feats[:, 8], net.static_curvature)
+    assert bool((feats[:, 7] == 0).all())  # no drift before the first step
+    ids = _batch(0, vocab=300)
+    opt.step(lambda: lm_loss(loaded.model, ids))
+    assert bool(torch.isfinite(opt.last_sigma).all()) and float(opt.features()[:, 9][0]) > 0
+    # learned-random with this artifact: a fresh net, the same spec and the artifact's measured curvature.
+    rnd = build_optimizer("learned-random", loaded.model, artifact=str(path), lr=1e-3, eps=1e-3, seed=0, net_seed=7)
+    assert rnd.net.spec == net.spec and torch.equal(rnd.net.static_curvature, net.static_curvature)
