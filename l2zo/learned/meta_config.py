@@ -89,7 +89,7 @@ class MetaTrainConfig:
     feature_curvature: Literal["none", "fisher", "hessian"] = "none"
     """adds the static per-element curvature, measured once on the base model and stored in the artifact: fisher
     (tr(F_b)/n_b, classification tasks) or hessian (Hutchinson tr(H_b)/n_b)"""
-    feature_curvature_pairs: int = 4
+    feature_curvature_pairs: int = 2
     """batch pairs per task for the static curvature measurement"""
     feature_grad_rms: bool = False
     """adds log1p of the running RMS of the projected gradient (global; no extra forward)"""

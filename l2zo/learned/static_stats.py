@@ -67,7 +67,7 @@ def curvature_feature(curvature: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def measure_static_curvature(model: nn.Module, blocks: Sequence[Block], tasks: Sequence[CurvatureTask], scorer: Any,
-                             *, kind: str, batch_size: int, pairs: int = 4, probes: int = 8, fisher_samples: int = 4,
+                             *, kind: str, batch_size: int, pairs: int = 2, probes: int = 8, fisher_samples: int = 2,
                              seed: int = 0) -> StaticCurvature:  # fmt: skip
     """Measure ``kind`` curvature with ``pairs`` independent batch pairs per task at the model's current weights.
 
