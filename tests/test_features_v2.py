@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from l2zo.blockstats.static import curvature_feature
 from l2zo.cli.main import build_parser
 from l2zo.config.parser import build_config, from_namespace
 from l2zo.engine import ZSource, partition
@@ -34,7 +35,6 @@ from l2zo.learned.features import (
 )
 from l2zo.learned.meta import SigmaNorm, TaskState, greedy_meta_loss, predict_sigma, task_features
 from l2zo.learned.meta_config import MetaTrainConfig
-from l2zo.learned.static_stats import curvature_feature
 from l2zo.learned.trajectory import PretrainedCopy
 from l2zo.optim.methods.learned import LearnedZO
 from tests.helpers import lm_loss, tiny_llama
@@ -333,7 +333,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_meta_train_with_every_feature_writes_an_artifact_the_learned_optimizer_runs(model_dir: Path,
                                                                                     tmp_path: Path) -> None:  # fmt: skip
-    from l2zo.learned.static_stats import CurvatureTask, measure_static_curvature
+    from l2zo.blockstats.static import CurvatureTask, measure_static_curvature
     from l2zo.models import load_model
     from l2zo.optim.registry import build_optimizer
     from l2zo.tasks.scoring import CandidateScorer

@@ -19,7 +19,7 @@ order of ``EXTRA_FEATURES``; ``FeatureSpec.names()`` is the list an artifact rec
     weight_norm       ||theta_b|| / sqrt(n_b)                          from ``weight_stats``' moments
     drift             ||theta_b - theta_b0|| / ||theta_b0||            DiZO; ``l2zo.learned.drift``
     static_curvature  log l_b - mean_c log l_c, l_b = tr(H_b)/n_b or tr(F_b)/n_b, measured once per base
-                      model at meta-training time and stored in the net (``l2zo.learned.static_stats``)
+                      model at meta-training time and stored in the net (``l2zo.blockstats.static``)
     grad_rms          log1p of the running RMS of the projected gradient g (global; no extra forward)
 """
 

@@ -130,7 +130,7 @@ class VarianceNet(nn.Module):
         if spec.role_embedding_dim:
             self.role_emb = nn.Parameter(torch.randn(len(self.kinds), spec.role_embedding_dim, generator=gen))
         if spec.features.static_curvature:
-            # Measured once per base model at meta-training time (``l2zo.learned.static_stats``), not learned; a
+            # Measured once per base model at meta-training time (``l2zo.blockstats.static``), not learned; a
             # persistent buffer, so it travels in the artifact's safetensors (and its sha256) and in checkpoints.
             self.register_buffer("static_curvature", torch.zeros(len(self.block_names), dtype=torch.float32))
         # Derived from the names, so not saved (persistent=False): the artifact stores only what is learned.

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, IterableDataset
 
+from l2zo.blockstats.static import CurvatureTask, StaticCurvature, measure_static_curvature
 from l2zo.config import config_to_dict
 from l2zo.engine import Block, partition
 from l2zo.errors import L2ZOError
@@ -37,7 +38,6 @@ from l2zo.learned.artifact import save_artifact
 from l2zo.learned.features import FeatureSpec
 from l2zo.learned.meta_config import MetaTrainConfig
 from l2zo.learned.net import NetSpec, VarianceNet
-from l2zo.learned.static_stats import CurvatureTask, StaticCurvature, measure_static_curvature
 from l2zo.models import load_model
 from l2zo.models.loading import check_device
 from l2zo.models.tiny import SHIPPED_ROOT

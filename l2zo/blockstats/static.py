@@ -1,4 +1,5 @@
-"""The ``static_curvature`` feature: per-element curvature of each block, measured once per base model.
+"""The ``static_curvature`` feature of ``l2zo.learned.features``: per-element curvature of each block, measured once
+per base model (here, not in ``l2zo.learned``, which the blockstats package sits above).
 
 At the start of meta-training, on the pretrained weights and the meta-training tasks' train batches,
 ``l2zo.blockstats`` measures per block tau_b = tr(H_bb) (Hutchinson) or F_b = tr(F_bb) (the Fisher, for
