@@ -61,10 +61,11 @@ def sigma_table(net: Any, manifest: dict[str, Any]) -> dict[str, list[float]]:
         float(torch.tensor(shape).prod()) / 1e6 for _, shape in manifest["base_model"]["blocks"]
     ]
     n = torch.tensor(weights, dtype=torch.float64)
+    numel = torch.tensor([float(torch.tensor(shape).prod()) for _, shape in manifest["base_model"]["blocks"]])
     kinds = [block_kind(name) for name in net.block_names]
     table: dict[str, list[float]] = defaultdict(list)
     for loss in LOSS_LEVELS:
-        sigma = evaluate_sigma(net, stats, n, loss=loss, rule=norm["rule"], steps=RECURRENT_STEPS).tolist()
+        sigma = evaluate_sigma(net, stats, n, loss=loss, rule=norm["rule"], steps=RECURRENT_STEPS, numel=numel).tolist()
         groups: dict[str, list[float]] = defaultdict(list)
         for kind, s in zip(kinds, sigma, strict=True):
             groups[kind].append(s)

@@ -38,7 +38,15 @@ from torch import Tensor, nn
 import l2zo
 from l2zo.engine.blocks import Block, block_kind, fingerprint
 from l2zo.errors import L2ZOError
-from l2zo.learned.features import FEATURE_NAMES, FeatureRef, build_features, weight_stats
+from l2zo.learned.features import (
+    FEATURE_NAMES,
+    FEATURES_VERSION,
+    KNOWN_FEATURES,
+    FeatureExtras,
+    FeatureRef,
+    build_features,
+    weight_stats,
+)
 from l2zo.learned.net import NetSpec, VarianceNet
 from l2zo.learned.normalization import block_weights, normalize_sigma
 from l2zo.utils.io import atomic_dir
@@ -110,22 +118,32 @@ def sigma_by_kind(block_names: Sequence[str], sigma: Tensor) -> dict[str, float]
 
 @torch.no_grad()
 def evaluate_sigma(
-    net: VarianceNet, stats: Tensor, n: Tensor, *, loss: float, rule: str = "numel", steps: int = 1
+    net: VarianceNet,
+    stats: Tensor,
+    n: Tensor,
+    *,
+    loss: float,
+    rule: str = "numel",
+    steps: int = 1,
+    numel: Tensor | None = None,
 ) -> Tensor:
     """Effective sigma [B] of ``net`` at fixed weights and L+ = L- = ``loss``, without a model.
 
     Iterates the sigma_prev recurrence ``steps`` times from sigma_prev = 1 (the paper's start), then
     normalises with ``n`` (rule "none": raw). With ``normalize`` features, ``loss`` is read as relative
-    to the first loss and the weights as the initial ones.
+    to the first loss and the weights as the initial ones. The weights are the starting ones (drift 0)
+    and no step was taken (grad_rms 0).
 
     Args:
-        stats: [B, 2] weight stats; n: [B] block weights.
+        stats: [B, 2] weight stats; n: [B] block weights; numel: [B] block sizes (log_numel, weight_norm).
     """
     spec = net.spec.features
     ref = FeatureRef(loss0=1.0, var0=stats[:, 1].float()) if spec.normalize else None
+    extras = FeatureExtras(numel=numel, drift=torch.zeros(net.num_blocks) if spec.drift else None,
+                           static_curvature=getattr(net, "static_curvature", None))  # fmt: skip
     sigma_prev = torch.ones(net.num_blocks)
     for _ in range(max(1, steps)):
-        sigma_prev = net(build_features(stats, loss, loss, sigma_prev, spec, ref))
+        sigma_prev = net(build_features(stats, loss, loss, sigma_prev, spec, ref, extras))
     return sigma_prev if rule == "none" else normalize_sigma(sigma_prev, n)[1]
 
 
@@ -184,7 +202,8 @@ def save_artifact(
         # Without the model the "paper" embedding weights are unknown; numel is the close stand-in for a summary.
         summary_rule = "numel" if rule == "paper" and model is None else rule
         n = block_weights(blocks, summary_rule, model=model, batch_size=batch_size)
-        sigma = evaluate_sigma(net, stats, n, loss=0.0, rule=rule)
+        numel = torch.tensor([float(b.numel) for b in blocks])
+        sigma = evaluate_sigma(net, stats, n, loss=0.0, rule=rule, numel=numel)
     norm = {**normalization, "rule": rule, "batch_size": batch_size}
     if model is not None:
         norm["block_weights"] = block_weights(blocks, rule, model=model, batch_size=batch_size).tolist()
@@ -193,7 +212,12 @@ def save_artifact(
         "l2zo_version": l2zo_version(),
         "kind": KIND,
         "base_model": {**base_model, **architecture_record(blocks), "num_blocks": len(blocks)},
-        "net": {**net.spec.to_dict(), "feature_names": list(FEATURE_NAMES), "num_inputs": net.spec.num_inputs},
+        "net": {
+            **net.spec.to_dict(),
+            "feature_names": list(net.spec.features.names()),
+            "features_version": FEATURES_VERSION,
+            "num_inputs": net.spec.num_inputs,
+        },  # fmt: skip
         "normalization": norm,
         "meta_training": dict(meta_record),
         "sigma_by_kind": sigma_by_kind(names, sigma),
@@ -261,13 +285,8 @@ def read_artifact(path: str | Path) -> tuple[VarianceNet, dict[str, Any]]:
             f"{weights}: sha256 does not match the manifest; the file is corrupted or was modified. "
             "Re-download or re-export the artifact"
         )
-    net_d = dict(manifest["net"])
-    names = net_d.pop("feature_names", list(FEATURE_NAMES))
-    net_d.pop("num_inputs", None)
-    if list(names) != list(FEATURE_NAMES):
-        raise L2ZOError(f"{path}: the net was trained on features {names}, this l2zo computes {list(FEATURE_NAMES)}")
+    spec = spec_from_manifest(manifest, path)
     try:
-        spec = NetSpec.from_dict(net_d)
         net = VarianceNet(spec, [n for n, _ in manifest["base_model"]["blocks"]])
     except (TypeError, ValueError, KeyError) as exc:
         raise L2ZOError(
@@ -280,6 +299,38 @@ def read_artifact(path: str | Path) -> tuple[VarianceNet, dict[str, Any]]:
         # A sha256 that matches bad weights: the manifest was re-hashed over a broken file.
         raise L2ZOError(f"{weights} is not a valid variance net ({one_line(exc)}); re-export the artifact") from None
     return net, manifest
+
+
+def spec_from_manifest(manifest: Mapping[str, Any], path: str | Path) -> NetSpec:
+    """The net spec an artifact records, refused unless this l2zo computes exactly its ordered feature list.
+
+    Artifacts written before the feature list was versioned record no ``features_version`` and read as version 1
+    (the paper's five features; with them they behave as they always did).
+    """
+    net_d = dict(manifest["net"])
+    names = net_d.pop("feature_names", list(FEATURE_NAMES))
+    version = net_d.pop("features_version", 1)
+    net_d.pop("num_inputs", None)
+    written = f"the l2zo version that wrote it ({manifest.get('l2zo_version', '?')})"
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FEATURES_VERSION:
+        raise L2ZOError(f"{path}: unknown features_version {version!r} (this l2zo knows 1 to {FEATURES_VERSION}); "
+                        f"use {written}, or re-meta-train the artifact with this one")  # fmt: skip
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+        raise L2ZOError(f"{path}: net.feature_names is not a list of names; re-export the artifact")
+    unknown = [x for x in names if x not in KNOWN_FEATURES]
+    if unknown:
+        raise L2ZOError(f"{path}: the net was trained on feature(s) {', '.join(unknown)} that this l2zo does not "
+                        f"compute; use {written}, or re-meta-train the artifact with this one")  # fmt: skip
+    try:
+        spec = NetSpec.from_dict(net_d)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise L2ZOError(
+            f"{path}: the manifest's net spec is not valid ({one_line(exc)}); re-export the artifact"
+        ) from None
+    if list(names) != list(spec.features.names()):
+        raise L2ZOError(f"{path}: the net was trained on features {names}, but its spec gives {list(spec.features.names())}"
+                        f" in this l2zo; use {written}, or re-meta-train the artifact with this one")  # fmt: skip
+    return spec
 
 
 def _first_difference(src: Sequence[tuple[str, tuple[int, ...]]], dst: Sequence[Block]) -> str:

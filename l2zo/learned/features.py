@@ -11,12 +11,23 @@ through its own parameters only, never through the features.
 Beyond the paper (``FeatureSpec``, both off by default): a signed log scale for the heavy-tailed
 inputs, and normalisation by reference values (first observed loss, initial per-block variance), so
 one net sees comparable inputs on models whose losses and weight scales differ.
+
+Features version 2 (issue 15, item 3; each off by default, appended after the paper's five in the
+order of ``EXTRA_FEATURES``; ``FeatureSpec.names()`` is the list an artifact records):
+
+    log_numel         log n_b                                          static, from the block's shape
+    weight_norm       ||theta_b|| / sqrt(n_b)                          from ``weight_stats``' moments
+    drift             ||theta_b - theta_b0|| / ||theta_b0||            DiZO; ``l2zo.learned.drift``
+    static_curvature  log l_b - mean_c log l_c, l_b = tr(H_b)/n_b or tr(F_b)/n_b, measured once per base
+                      model at meta-training time and stored in the net (``l2zo.blockstats.static``)
+    grad_rms          log1p of the running RMS of the projected gradient g (global; no extra forward)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -24,25 +35,111 @@ from torch import Tensor
 
 from l2zo.engine.blocks import Block
 from l2zo.engine.seeding import Z_CHUNK
+from l2zo.errors import L2ZOError
+from l2zo.learned.drift import DriftSource
 
 FEATURE_NAMES: tuple[str, ...] = ("weight_mean", "weight_var", "loss_plus_prev", "loss_minus_prev", "sigma_prev")
 NUM_FEATURES = len(FEATURE_NAMES)
+# The per-block features beyond the paper's, in the order they follow it (never reorder: released nets).
+EXTRA_FEATURES: tuple[str, ...] = ("log_numel", "weight_norm", "drift", "static_curvature", "grad_rms")
+KNOWN_FEATURES: tuple[str, ...] = FEATURE_NAMES + EXTRA_FEATURES
+# 1: the paper's five (artifacts written before versioning record none and read as 1); 2: + EXTRA_FEATURES.
+FEATURES_VERSION = 2
+CURVATURE_KINDS: tuple[str, ...] = ("none", "fisher", "hessian")
+# Decay of the running mean of g^2 behind ``grad_rms``: a window of about 10 steps.
+GRAD_RMS_BETA = 0.9
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Feature options beyond the paper (both False reproduces the paper's raw features).
+    """Feature options beyond the paper (all off reproduces the paper's raw features).
 
     Attributes:
         log_scale: apply sign(x)*log1p(|x|) to weight_var and the two losses.
         normalize: divide the losses by the first observed loss and each block's var by its initial var.
+        log_numel, weight_norm, drift, grad_rms: append that feature (module docstring).
+        curvature: "none", or the static per-element curvature the net sees: "fisher" (tr(F_b)/n_b, classification
+            tasks) or "hessian" (Hutchinson tr(H_b)/n_b).
     """
 
     log_scale: bool = False
     normalize: bool = False
+    log_numel: bool = False
+    weight_norm: bool = False
+    drift: bool = False
+    curvature: str = "none"
+    grad_rms: bool = False
+
+    def __post_init__(self) -> None:
+        if self.curvature not in CURVATURE_KINDS:
+            raise L2ZOError(f"unknown curvature feature {self.curvature!r}; choose one of {', '.join(CURVATURE_KINDS)}")
+
+    @property
+    def static_curvature(self) -> bool:
+        return self.curvature != "none"
+
+    def names(self) -> tuple[str, ...]:
+        """The ordered names of the columns ``build_features`` returns for this spec."""
+        on = {"log_numel": self.log_numel, "weight_norm": self.weight_norm, "drift": self.drift,
+              "static_curvature": self.static_curvature, "grad_rms": self.grad_rms}  # fmt: skip
+        return FEATURE_NAMES + tuple(name for name in EXTRA_FEATURES if on[name])
+
+    @property
+    def num_features(self) -> int:
+        """F, the number of feature columns (5 for the paper's)."""
+        return len(self.names())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"log_scale": self.log_scale, "normalize": self.normalize}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class FeatureExtras:
+    """The per-block inputs of the features beyond the paper's, each needed only when its feature is on.
+
+    Attributes:
+        numel: [B] n_b (log_numel, weight_norm).
+        drift: [B] ||theta_b - theta_b0|| / ||theta_b0|| (``l2zo.learned.drift``).
+        static_curvature: [B] the net's stored static curvature feature (``VarianceNet.static_curvature``).
+        grad_rms: ``GradRMS.feature()``, one number for every block.
+    """
+
+    numel: Tensor | None = None
+    drift: Tensor | None = None
+    static_curvature: Tensor | None = None
+    grad_rms: float = 0.0
+
+
+@dataclass
+class GradRMS:
+    """Running RMS of the projected gradient g = (L+ - L-)/(2 eps), the ``grad_rms`` feature.
+
+    E[g^2] = A + V (the ZO step's signal plus minibatch noise, reference learning-signal.md §2): how much
+    gradient energy the current allocation sees, which sets how far a step can go. It costs no forward: g is
+    the probe's. Global (one number for all blocks), bias-corrected like Adam's moments; 0 before the first step.
+    """
+
+    mean_sq: float = 0.0
+    steps: int = 0
+
+    def observe(self, g: float) -> None:
+        self.mean_sq = GRAD_RMS_BETA * self.mean_sq + (1.0 - GRAD_RMS_BETA) * float(g) ** 2
+        self.steps += 1
+
+    def feature(self) -> float:
+        if self.steps == 0:
+            return 0.0
+        return math.log1p(math.sqrt(self.mean_sq / (1.0 - GRAD_RMS_BETA**self.steps)))
+
+    def copy(self) -> GradRMS:
+        return GradRMS(self.mean_sq, self.steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean_sq": self.mean_sq, "steps": self.steps}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> GradRMS:
+        return cls(float(state["mean_sq"]), int(state["steps"])) if state else cls()
 
 
 @dataclass
@@ -147,8 +244,9 @@ def build_features(
     sigma_prev: Tensor,
     spec: FeatureSpec,
     ref: FeatureRef | None = None,
+    extras: FeatureExtras | None = None,
 ) -> Tensor:
-    """Assemble the per-block feature matrix in the paper's order (``FEATURE_NAMES``).
+    """Assemble the per-block feature matrix in the order of ``spec.names()`` (the paper's five first).
 
     Args:
         stats: [B, 2] from ``weight_stats``.
@@ -156,9 +254,10 @@ def build_features(
         sigma_prev: [B] the previous raw sigma (ones before the first step).
         spec: feature options.
         ref: reference values, used only when ``spec.normalize`` (None: nothing to normalise by yet).
+        extras: the inputs of the features beyond the paper's (``FeatureExtras``); None when all are off.
 
     Returns:
-        [B, 5] fp32 on ``stats``' device, detached.
+        [B, F] fp32 on ``stats``' device, detached, F = ``spec.num_features``.
     """
     stats = stats.detach().float()
     num_blocks = stats.shape[0]
@@ -175,4 +274,67 @@ def build_features(
         var = _signed_log1p(var)
         losses = _signed_log1p(losses)
     sigma_prev = sigma_prev.detach().float().to(stats.device).reshape(num_blocks)
-    return torch.stack((mean, var, losses[0].expand(num_blocks), losses[1].expand(num_blocks), sigma_prev), dim=1)
+    cols = [mean, var, losses[0].expand(num_blocks), losses[1].expand(num_blocks), sigma_prev]
+    cols += _extra_columns(stats, spec, extras or FeatureExtras())
+    return torch.stack(cols, dim=1)
+
+
+def _need(x: Tensor | None, what: str, num_blocks: int, device: torch.device) -> Tensor:
+    if x is None:
+        raise L2ZOError(f"the {what} feature is on but no {what} input was given (FeatureExtras.{what})")
+    return x.detach().to(device=device, dtype=torch.float32).reshape(num_blocks)
+
+
+def _extra_columns(stats: Tensor, spec: FeatureSpec, extras: FeatureExtras) -> list[Tensor]:
+    """The columns after the paper's five, in ``EXTRA_FEATURES`` order; [B] fp32 each."""
+    num_blocks, device = stats.shape[0], stats.device
+    cols: list[Tensor] = []
+    if spec.log_numel or spec.weight_norm:
+        n = _need(extras.numel, "numel", num_blocks, device).double()
+    if spec.log_numel:
+        cols.append(torch.log(n).float())
+    if spec.weight_norm:
+        # ||theta||^2 / n = E[x^2] = mean^2 + var * (n - 1) / n, from the unbiased var of weight_stats.
+        mean, var = stats[:, 0].double(), stats[:, 1].double()
+        cols.append((mean * mean + var * (n - 1) / n).clamp_min(0).sqrt().float())
+    if spec.drift:
+        cols.append(_need(extras.drift, "drift", num_blocks, device))
+    if spec.static_curvature:
+        cols.append(_need(extras.static_curvature, "static_curvature", num_blocks, device))
+    if spec.grad_rms:
+        cols.append(torch.full((num_blocks,), float(extras.grad_rms), dtype=torch.float32, device=device))
+    return cols
+
+
+def block_numel(blocks: Sequence[Block], device: torch.device | str | None = None) -> Tensor:
+    """[B] fp32 numel per block (``FeatureExtras.numel``)."""
+    return torch.tensor([float(b.numel) for b in blocks], dtype=torch.float32, device=device)
+
+
+def extras_for(
+    spec: FeatureSpec,
+    blocks: Sequence[Block],
+    *,
+    static_curvature: Tensor | None = None,
+    drift_source: DriftSource | None = None,
+    grad: GradRMS | None = None,
+) -> FeatureExtras:
+    """The ``FeatureExtras`` of ``spec`` at ``blocks``' current values: the one place both the learned optimizer and
+    meta-training (``predict_sigma``) get them from, so both compute the same features at the same state.
+
+    Args:
+        static_curvature: [B] ``VarianceNet.static_curvature`` (needed with ``spec.curvature``).
+        drift_source: theta_0's stand-in (``l2zo.learned.drift``; needed with ``spec.drift``).
+        grad: the running projected-gradient RMS (None: no step yet).
+    """
+    numel = block_numel(blocks) if spec.log_numel or spec.weight_norm else None
+    drift = None
+    if spec.drift:
+        if drift_source is None:
+            raise L2ZOError("the drift feature needs the run's starting weights theta_0 (a DriftTracker or an "
+                            "ExactAnchor from l2zo.learned.drift); none was given")  # fmt: skip
+        drift = drift_source.drift([b.param for b in blocks])
+    if spec.static_curvature and static_curvature is None:
+        raise L2ZOError("the static_curvature feature is on but the net holds no measured curvature")
+    return FeatureExtras(numel=numel, drift=drift, static_curvature=static_curvature if spec.static_curvature else None,
+                         grad_rms=grad.feature() if grad is not None and spec.grad_rms else 0.0)  # fmt: skip

@@ -34,7 +34,8 @@ from torch.func import functional_call
 
 from l2zo.engine import Block, Probe, ZSource, block_kind, eval_mode, mix_seed, two_point_estimate
 from l2zo.errors import L2ZOError
-from l2zo.learned.features import FeatureRef, build_features, weight_stats
+from l2zo.learned.drift import DriftSource
+from l2zo.learned.features import FeatureRef, GradRMS, build_features, extras_for, weight_stats
 from l2zo.learned.net import VarianceNet
 from l2zo.learned.normalization import normalize_sigma
 
@@ -65,25 +66,32 @@ class TaskState:
         loss_plus, loss_minus: the previous step's L+ and L- (0 before the first step, as the paper).
         sigma_prev: [B] the previous raw sigma on CPU, or None for ones.
         ref: reference values for ``FeatureSpec.normalize``.
+        grad: the running projected-gradient RMS (``grad_rms`` feature).
+        anchor: theta_0 for the ``drift`` feature (``ExactAnchor`` over the pretrained copy); shared by the tasks,
+            set by the owner, not saved.
     """
 
     loss_plus: float = 0.0
     loss_minus: float = 0.0
     sigma_prev: Tensor | None = None
     ref: FeatureRef = field(default_factory=FeatureRef)
+    grad: GradRMS = field(default_factory=GradRMS)
+    anchor: DriftSource | None = field(default=None, compare=False, repr=False)
 
     def record(self, probe: Probe, sigma_raw: Tensor) -> None:
         self.loss_plus, self.loss_minus = float(probe.loss_plus), float(probe.loss_minus)
         self.sigma_prev = sigma_raw.detach().float().cpu().clone()
         self.ref.observe_loss(self.loss_plus, self.loss_minus)
+        self.grad.observe(probe.projected_grad)
 
     def reset_losses(self) -> None:
         """At a trajectory reset the loss history is stale; sigma_prev is kept (as the paper keeps it)."""
         self.loss_plus = self.loss_minus = 0.0
+        self.grad = GradRMS()  # a new run starts: as a fresh LearnedZO's
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss_plus": self.loss_plus, "loss_minus": self.loss_minus,
-                "sigma_prev": self.sigma_prev, "ref": self.ref.state_dict()}  # fmt: skip
+                "sigma_prev": self.sigma_prev, "ref": self.ref.state_dict(), "grad": self.grad.state_dict()}  # fmt: skip
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> TaskState:
@@ -92,6 +100,7 @@ class TaskState:
             float(state["loss_minus"]),
             state["sigma_prev"],
             FeatureRef.from_state(state["ref"]),
+            GradRMS.from_state(state.get("grad")),
         )
 
 
@@ -127,27 +136,39 @@ class MetaResult:
     sigma: SigmaOut
 
 
-def predict_sigma(net: VarianceNet, blocks: Sequence[Block], state: TaskState, norm: SigmaNorm, *,
-                  loss_plus: float | None = None, loss_minus: float | None = None,
-                  sigma_prev: Tensor | None = None) -> SigmaOut:  # fmt: skip
-    """sigma for ``blocks``' current values with the task's feature history (overridable for unrolled steps).
-
-    Features are cast to the net's dtype inside the net (fp64 nets work, for gradient checks).
-    """
+def task_features(net: VarianceNet, blocks: Sequence[Block], state: TaskState, *, loss_plus: float | None = None,
+                  loss_minus: float | None = None, sigma_prev: Tensor | None = None,
+                  grad: GradRMS | None = None) -> Tensor:  # fmt: skip
+    """[B, F] the net's features at ``blocks``' current values with the task's history (overridable for unrolled
+    steps); the same as ``LearnedZO.features`` at the same state (the drift exact, from ``state.anchor``)."""
     stats = weight_stats(blocks)  # [B, 2], detached
     spec = net.spec.features
     if spec.normalize:
         state.ref.observe_stats(stats)
     prev = state.sigma_prev if sigma_prev is None else sigma_prev
     prev = torch.ones(len(blocks)) if prev is None else prev
-    feats = build_features(
+    extras = extras_for(spec, blocks, static_curvature=getattr(net, "static_curvature", None),
+                        drift_source=state.anchor, grad=state.grad if grad is None else grad)  # fmt: skip
+    return build_features(
         stats,
         state.loss_plus if loss_plus is None else loss_plus,
         state.loss_minus if loss_minus is None else loss_minus,
         prev,
         spec,
         state.ref,
+        extras,
     )
+
+
+def predict_sigma(net: VarianceNet, blocks: Sequence[Block], state: TaskState, norm: SigmaNorm, *,
+                  loss_plus: float | None = None, loss_minus: float | None = None,
+                  sigma_prev: Tensor | None = None, grad: GradRMS | None = None) -> SigmaOut:  # fmt: skip
+    """sigma for ``blocks``' current values with the task's feature history (overridable for unrolled steps).
+
+    Features are cast to the net's dtype inside the net (fp64 nets work, for gradient checks).
+    """
+    feats = task_features(net, blocks, state, loss_plus=loss_plus, loss_minus=loss_minus, sigma_prev=sigma_prev,
+                          grad=grad)  # fmt: skip
     raw = net(feats)  # [B]
     if norm.rule == "none":
         return SigmaOut(raw=raw, c=torch.ones((), dtype=torch.float64), eff=raw)
@@ -212,11 +233,13 @@ def unrolled_meta_loss(model: nn.Module, blocks: Sequence[Block], net: VarianceN
         raise L2ZOError("unrolled_meta_loss needs one seed per inner loss, and at least one inner loss")
     thetas: list[Tensor] = [b.param.detach() for b in blocks]
     lp_prev, lm_prev, sigma_prev = state.loss_plus, state.loss_minus, state.sigma_prev
+    grad = state.grad.copy()  # advanced by each inner step, as a running LearnedZO's
     first: tuple[Probe, SigmaOut] | None = None
     with eval_mode(model):
         for inner, seed in zip(inners, seeds, strict=True):
             views = [Block(b.index, b.name, t.detach()) for b, t in zip(blocks, thetas, strict=True)]
-            sig = predict_sigma(net, views, state, norm, loss_plus=lp_prev, loss_minus=lm_prev, sigma_prev=sigma_prev)
+            sig = predict_sigma(net, views, state, norm, loss_plus=lp_prev, loss_minus=lm_prev, sigma_prev=sigma_prev,
+                                grad=grad)  # fmt: skip
             z = [z_of(b, seed, zsrc) for b in blocks]
             if differentiable_g:
                 lp, lm = _functional_probe(model, blocks, thetas, sig.eff, z, eps, inner)
@@ -234,6 +257,7 @@ def unrolled_meta_loss(model: nn.Module, blocks: Sequence[Block], net: VarianceN
             coef = lr * g * sig.eff  # [B]
             thetas = [t - coef[b.index].to(t.dtype) * zb for b, t, zb in zip(blocks, thetas, z, strict=True)]
             lp_prev, lm_prev, sigma_prev = float(probe.loss_plus), float(probe.loss_minus), sig.raw.detach()
+            grad.observe(g_value)
         meta = outer(FunctionalModel(model, {b.name: t for b, t in zip(blocks, thetas, strict=True)}))
     assert first is not None
     return MetaResult(meta_loss=meta, probe=first[0], sigma=first[1])

@@ -108,6 +108,21 @@ class MetaTrainConfig:
     """beyond paper: adds layer_index/num_layers as an input"""
     shared: bool = False
     """beyond paper: one MLP for all blocks (use with role/depth inputs)"""
+    # -- per-block features beyond the paper (issue 15 item 3; l2zo.learned.features; each off by default)
+    feature_log_numel: bool = False
+    """adds log n_b, the block's number of entries"""
+    feature_weight_norm: bool = False
+    """adds ||theta_b|| / sqrt(n_b), the per-element weight norm"""
+    feature_drift: bool = False
+    """adds ||theta_b - theta_b0|| / ||theta_b0|| (DiZO), theta_b0 the weights at the start of the run"""
+    feature_curvature: Literal["none", "fisher", "hessian"] = "none"
+    """adds the static per-element curvature, measured once on the base model and stored in the artifact: fisher
+    (tr(F_b)/n_b, classification tasks) or hessian (Hutchinson tr(H_b)/n_b)"""
+    feature_curvature_pairs: int = 2
+    """batch pairs per task for the static curvature measurement"""
+    feature_grad_rms: bool = False
+    """adds log1p of the running RMS of the projected gradient (global; no extra forward)"""
+    # -- end of per-block features
     net_seed: int = 0
     """seed of the variance net's initialisation"""
     meta_optimizer: Literal["adam", "sgd"] = "adam"
@@ -146,7 +161,8 @@ class MetaTrainConfig:
             if len(self.task_weights) != len(self.tasks) or min(self.task_weights) < 0 or sum(self.task_weights) <= 0:
                 raise L2ZOError("--task-weights needs one non-negative weight per task, not all zero")
         check_fields(self, positive=("steps", "unroll_steps", "reset_every", "checkpoint_every", "histogram_every",
-                                     "hidden", "inner_lr", "eps", "meta_lr", "teacher_lr"))  # fmt: skip
+                                     "hidden", "inner_lr", "eps", "meta_lr", "teacher_lr",
+                                     "feature_curvature_pairs"))  # fmt: skip
         if not 0.0 <= self.p_teacher <= 1.0:
             raise L2ZOError(f"--p-teacher must be in [0, 1], got {self.p_teacher}")
         if self.objective == "greedy" and (self.unroll_steps != 1 or self.differentiable_g):

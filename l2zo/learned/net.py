@@ -11,6 +11,8 @@ handful of safetensors entries instead of B modules:
 Options beyond the paper (``NetSpec``, all off by default): softplus instead of |.|, a learned
 embedding per block kind and a relative-depth input (both appended to the features, F' = F + extras),
 and ``shared`` (one MLP for every block, leading dimension 1, so the net transfers across depths).
+With the static-curvature feature the net also holds the measured per-block values (buffer
+``static_curvature`` [B]), so they are stored in the artifact with the weights.
 The net's parameters are fp32 whatever the model dtype.
 """
 
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from l2zo.engine.blocks import block_depth, block_kind
 from l2zo.errors import L2ZOError, unknown_choice
-from l2zo.learned.features import NUM_FEATURES, FeatureSpec
+from l2zo.learned.features import FeatureSpec
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
@@ -72,8 +74,8 @@ class NetSpec:
 
     @property
     def num_inputs(self) -> int:
-        """F' = the paper's 5 features + depth (1) + role embedding (role_embedding_dim)."""
-        return NUM_FEATURES + int(self.depth_feature) + self.role_embedding_dim
+        """F' = the features (the paper's 5 + the extras on) + depth (1) + role embedding (role_embedding_dim)."""
+        return self.features.num_features + int(self.depth_feature) + self.role_embedding_dim
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -90,9 +92,10 @@ class NetSpec:
             )
         d = dict(d)
         feats = d.pop("features", {}) or {}
-        bad = sorted(set(feats) - {"log_scale", "normalize"})
+        bad = sorted(set(feats) - {f.name for f in fields(FeatureSpec)})
         if bad:
-            raise L2ZOError(f"unknown feature option(s) {', '.join(bad)}")
+            raise L2ZOError(f"unknown feature option(s) {', '.join(bad)}; this l2zo knows "
+                            f"{', '.join(f.name for f in fields(FeatureSpec))}: use the l2zo version that wrote it")  # fmt: skip
         return cls(features=FeatureSpec(**feats), **d)
 
 
@@ -126,6 +129,10 @@ class VarianceNet(nn.Module):
         self.b2 = nn.Parameter(_uniform(gen, (rows,), 1 / math.sqrt(hidden)))
         if spec.role_embedding_dim:
             self.role_emb = nn.Parameter(torch.randn(len(self.kinds), spec.role_embedding_dim, generator=gen))
+        if spec.features.static_curvature:
+            # Measured once per base model at meta-training time (``l2zo.blockstats.static``), not learned; a
+            # persistent buffer, so it travels in the artifact's safetensors (and its sha256) and in checkpoints.
+            self.register_buffer("static_curvature", torch.zeros(len(self.block_names), dtype=torch.float32))
         # Derived from the names, so not saved (persistent=False): the artifact stores only what is learned.
         kind_ix = [self.kinds.index(block_kind(n)) for n in self.block_names]
         self.register_buffer("kind_index", torch.tensor(kind_ix, dtype=torch.long), persistent=False)
@@ -150,8 +157,8 @@ class VarianceNet(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """[B, F] fp32 features -> [B] raw (unnormalised) sigma >= 0; differentiable w.r.t. the parameters."""
-        if features.shape != (self.num_blocks, NUM_FEATURES):
-            expected = [self.num_blocks, NUM_FEATURES]
+        if features.shape != (self.num_blocks, self.spec.features.num_features):
+            expected = [self.num_blocks, self.spec.features.num_features]
             raise L2ZOError(f"VarianceNet expects features {expected}, got {list(features.shape)}")
         # The net is tiny and its output scales every block's step: keep it in the net's dtype even when the
         # caller runs under bf16 autocast (bf16-mixed meta-training or fine-tuning).
@@ -182,6 +189,10 @@ class VarianceNet(nn.Module):
             j = torch.tensor([p[1] for p in pairs], dtype=torch.long)
             for name in ("w1", "b1", "w2", "b2"):
                 getattr(self, name)[j] = getattr(src, name)[i].to(getattr(self, name))
+        if self.spec.features.static_curvature and pairs:
+            i = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+            j = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+            self.static_curvature[j] = src.static_curvature[i]
         if self.spec.role_embedding_dim:
             for k, kind in enumerate(self.kinds):
                 if kind in src.kinds:

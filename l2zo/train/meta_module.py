@@ -39,6 +39,7 @@ from l2zo.blockstats.state_stats import StatsSpec, batch_fns, measure_state, sam
 from l2zo.blockstats.stats import BatchFns
 from l2zo.engine import ZSource, partition
 from l2zo.errors import L2ZOError
+from l2zo.learned.drift import ExactAnchor
 from l2zo.learned.meta import (
     LossFn,
     MetaResult,
@@ -97,7 +98,9 @@ class MetaTrainModule(L.LightningModule):
         self.pretrained = PretrainedCopy(self.blocks)  # taken before any checkpoint is restored
         n = block_weights(self.blocks, cfg.normalization, model=model, batch_size=cfg.data.batch_size)
         self.norm = SigmaNorm(n, cfg.normalization)
-        self.states: dict[str, TaskState] = {t.name: TaskState() for t in self.tasks}
+        # theta_0 of the drift feature: the pretrained copy (every restart period starts there), exact, no new copy.
+        self.anchor = ExactAnchor(self.pretrained.values) if net.spec.features.drift else None
+        self.states: dict[str, TaskState] = {t.name: TaskState(anchor=self.anchor) for t in self.tasks}
         self.teacher = make_teacher(self.blocks, cfg.teacher_lr, cfg.teacher_momentum)
         self.zsrc = ZSource()
         self.history: list[tuple[int, str, float]] = []  # (step, task, meta-loss)
@@ -299,5 +302,7 @@ class MetaTrainModule(L.LightningModule):
         self.teacher = make_teacher(self.blocks, self.cfg.teacher_lr, self.cfg.teacher_momentum)
         self.teacher.load_state_dict(extra["teacher"])
         self.states = {name: TaskState.from_state(extra["tasks"][name]) for name in self.states}
+        for s in self.states.values():
+            s.anchor = self.anchor
         self.history = [(int(s), str(t), float(v)) for s, t, v in extra["history"]]
         self.wall_time_s = float(extra["wall_time_s"])

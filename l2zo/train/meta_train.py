@@ -18,6 +18,7 @@ import itertools
 import logging
 import pickle
 import shlex
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, IterableDataset
 
+from l2zo.blockstats.static import CurvatureTask, StaticCurvature, measure_static_curvature
 from l2zo.config import config_to_dict
 from l2zo.engine import Block, partition
 from l2zo.errors import L2ZOError
@@ -92,11 +94,38 @@ def load_meta_tasks(cfg: MetaTrainConfig) -> list[MetaTask]:
     return tasks
 
 
-def build_net(cfg: MetaTrainConfig, blocks: list[Block]) -> VarianceNet:
-    spec = NetSpec(hidden=cfg.hidden, activation=cfg.activation, positive=cfg.positive,
-                   features=FeatureSpec(log_scale=cfg.log_scale, normalize=cfg.normalize_features),
+def feature_spec(cfg: MetaTrainConfig) -> FeatureSpec:
+    """The net's feature options from the config (``--log-scale``, ``--normalize-features``, ``--feature-*``)."""
+    return FeatureSpec(log_scale=cfg.log_scale, normalize=cfg.normalize_features, log_numel=cfg.feature_log_numel,
+                       weight_norm=cfg.feature_weight_norm, drift=cfg.feature_drift, curvature=cfg.feature_curvature,
+                       grad_rms=cfg.feature_grad_rms)  # fmt: skip
+
+
+def build_net(cfg: MetaTrainConfig, blocks: list[Block], static: StaticCurvature | None = None) -> VarianceNet:
+    """The fresh variance net; with ``--feature-curvature`` it holds the measured ``static`` curvature."""
+    spec = NetSpec(hidden=cfg.hidden, activation=cfg.activation, positive=cfg.positive, features=feature_spec(cfg),
                    role_embedding_dim=cfg.role_embedding_dim, depth_feature=cfg.depth_feature, shared=cfg.shared)  # fmt: skip
-    return VarianceNet(spec, [b.name for b in blocks], seed=cfg.net_seed)
+    net = VarianceNet(spec, [b.name for b in blocks], seed=cfg.net_seed)
+    if spec.features.static_curvature:
+        if static is None:
+            raise L2ZOError("--feature-curvature needs the measured static curvature (measure_static_curvature)")
+        net.static_curvature.copy_(static.feature)
+    return net
+
+
+def measure_static(cfg: MetaTrainConfig, model: Any, blocks: list[Block], tasks: list[MetaTask],
+                   scorer: CandidateScorer) -> StaticCurvature | None:  # fmt: skip
+    """The static curvature of the base model on the meta-training tasks, or None without ``--feature-curvature``."""
+    if cfg.feature_curvature == "none":
+        return None
+    t0 = time.perf_counter()
+    static = measure_static_curvature(
+        model, blocks, [CurvatureTask(t.name, t.loss_kind, t.train) for t in tasks], scorer,
+        kind=cfg.feature_curvature, batch_size=cfg.data.batch_size, pairs=cfg.feature_curvature_pairs, seed=cfg.seed,
+    )  # fmt: skip
+    log.info("static %s curvature measured on %d batch pairs in %.1fs", static.kind, static.pairs,
+             time.perf_counter() - t0)  # fmt: skip
+    return static
 
 
 def check_resume(cfg: MetaTrainConfig, resume: str) -> None:
@@ -119,6 +148,9 @@ def check_resume(cfg: MetaTrainConfig, resume: str) -> None:
         log.warning("%s records no config (an older l2zo wrote it): cannot check that the config is the same", resume)
     else:
         now = dataclasses.asdict(cfg)
+        # A key the checkpoint lacks (an l2zo before it existed) was at its default then.
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
         diff = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
         if diff:
             shown = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in diff)
@@ -233,7 +265,8 @@ def _run(cfg: MetaTrainConfig, tasks: list[MetaTask], loaded: Any, logdir: Path,
         L.seed_everything(cfg.seed, workers=False, verbose=False)
         blocks = partition(loaded.model)
         scorer = CandidateScorer(loaded.tokenizer, cfg.data.max_length)
-        module = MetaTrainModule(loaded.model, build_net(cfg, blocks), scorer, tasks, cfg)
+        static = measure_static(cfg, loaded.model, blocks, tasks, scorer)  # on the pretrained weights
+        module = MetaTrainModule(loaded.model, build_net(cfg, blocks, static), scorer, tasks, cfg)
         write_yaml_atomic(logdir / "config.yaml", config_to_dict(cfg))
         logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
         # On a signal: finish the meta-step, then save it (the same point in the step as the periodic checkpoints).
@@ -242,7 +275,7 @@ def _run(cfg: MetaTrainConfig, tasks: list[MetaTask], loaded: Any, logdir: Path,
         with trainer_call(guard):
             trainer.fit(module, train_dataloaders=DataLoader(_Ticker(), batch_size=None), ckpt_path=resume)
             trainer.save_checkpoint(last)  # the final state: a resume from it only writes the artifact
-        path, record = _write_artifact(cfg, module, loaded, tasks, int(trainer.global_step), resume, overwrite)
+        path, record = _write_artifact(cfg, module, loaded, tasks, int(trainer.global_step), resume, overwrite, static)
     except BaseException as exc:
         record_end(summary, exc)
         summary.update(steps_done=int(trainer.global_step) if trainer is not None else 0, artifact=None,
@@ -268,7 +301,8 @@ def _ckpt_step(path: Path) -> int | str:
 
 
 def _write_artifact(cfg: MetaTrainConfig, module: MetaTrainModule, loaded: Any, tasks: list[MetaTask], steps: int,
-                    resume: str | None, overwrite: bool) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+                    resume: str | None, overwrite: bool,
+                    static: StaticCurvature | None = None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     sigma = module.final_sigma()  # at the final trajectory state, averaged over the tasks
     module.pretrained.restore_(module.blocks)  # the artifact records the base model's weight stats
     record: dict[str, Any] = {
@@ -286,6 +320,8 @@ def _write_artifact(cfg: MetaTrainConfig, module: MetaTrainModule, loaded: Any, 
         "wall_time_s": module.wall_time_s,
         "resumed_from": resume,
     }
+    if static is not None:
+        record["static_curvature"] = static.record()
     path = save_artifact(
         cfg.output, module.net, module.blocks,
         base_model={"name": cfg.data.model, "revision": loaded.revision, "name_or_path": loaded.name_or_path,

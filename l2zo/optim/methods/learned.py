@@ -10,7 +10,10 @@ Registered here, with the two ablations the paper lacks (reference §5.4, §7):
   learned-random   a freshly initialised net (same spec, normalisation and seed handling)
   per-block-const  one fixed sigma per block kind (default all 1 = MeZO), normalised the same way
 
-Extra cost over MeZO: one read of the weights per step (mean/var) and one tiny batched MLP.
+Extra cost over MeZO: one read of the weights per step (mean/var) and one tiny batched MLP. The
+features beyond the paper (``l2zo.learned.features``) add no forward: the drift feature keeps a copy
+of the small blocks' starting weights only (``l2zo.learned.drift.DriftTracker``), the static
+curvature comes with the artifact's net, and grad_rms from the probe's g.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from torch import Tensor, nn
 
 from l2zo.engine.blocks import ParamsLike, block_kind, partition
 from l2zo.errors import L2ZOError
-from l2zo.learned.artifact import load_artifact, read_manifest
-from l2zo.learned.features import FeatureRef, build_features, weight_stats
+from l2zo.learned.artifact import load_artifact, read_manifest, spec_from_manifest
+from l2zo.learned.drift import DRIFT_EXACT_NUMEL, DriftTracker
+from l2zo.learned.features import FeatureRef, GradRMS, build_features, extras_for, weight_stats
 from l2zo.learned.net import NetSpec, VarianceNet
 from l2zo.learned.normalization import block_weights, normalize_sigma
 from l2zo.optim.base import Measurement, ZOOptimizer
@@ -50,6 +54,8 @@ class LearnedZO(ZOOptimizer):
         normalization: "numel", "paper" or "none" (``l2zo.learned.normalization``).
         batch_size: the global batch size, for the "paper" embedding weight.
         sigma_fallback: [B] True where the block gets raw sigma 1 instead of the net's (partial loads).
+        drift_exact_numel: with the drift feature, blocks of at most this many entries keep an exact copy of their
+            starting weights; larger ones use the random-walk estimate (``l2zo.learned.drift``).
 
     Attributes:
         last_sigma: [B] effective sigma (c * sigma) of the last step, or None before the first step.
@@ -64,6 +70,7 @@ class LearnedZO(ZOOptimizer):
         normalization: str = "numel",
         batch_size: int = 16,
         sigma_fallback: Sequence[bool] | None = None,
+        drift_exact_numel: int = DRIFT_EXACT_NUMEL,
         **kwargs: Any,
     ) -> None:
         super().__init__(params, **kwargs)
@@ -88,19 +95,28 @@ class LearnedZO(ZOOptimizer):
         self.loss_prev: tuple[float, float] = (0.0, 0.0)
         self.sigma_prev = torch.ones(len(names), dtype=torch.float32, device=device)
         self.ref = FeatureRef()
+        self.grad_rms = GradRMS()
+        # theta_0 of the drift feature, taken now: the start of the run (a resume restores it from the state).
+        self.drift = DriftTracker(self.blocks, drift_exact_numel) if net.spec.features.drift else None
         self.last_sigma: Tensor | None = None
         self.last_c: float = 1.0
         self._raw: Tensor | None = None
 
     @torch.no_grad()
-    def raw_sigma(self) -> Tensor:
-        """[B] the net's sigma for the current weights and recurrent state (fallback blocks: 1)."""
+    def features(self) -> Tensor:
+        """[B, F] the net's features for the current weights and recurrent state (as ``predict_sigma``'s)."""
         spec = self.net.spec.features
         stats = weight_stats(self.blocks, device=self.sigma_prev.device)
         if spec.normalize:
             self.ref.observe_stats(stats)
-        feats = build_features(stats, *self.loss_prev, self.sigma_prev, spec, self.ref)
-        raw = self.net(feats)
+        extras = extras_for(spec, self.blocks, static_curvature=getattr(self.net, "static_curvature", None),
+                            drift_source=self.drift, grad=self.grad_rms)  # fmt: skip
+        return build_features(stats, *self.loss_prev, self.sigma_prev, spec, self.ref, extras)
+
+    @torch.no_grad()
+    def raw_sigma(self) -> Tensor:
+        """[B] the net's sigma for the current weights and recurrent state (fallback blocks: 1)."""
+        raw = self.net(self.features())
         return torch.where(self.sigma_fallback, torch.ones_like(raw), raw)
 
     def sigma(self) -> list[float]:
@@ -120,6 +136,10 @@ class LearnedZO(ZOOptimizer):
         self.sigma_prev = self._raw
         if self.net.spec.features.normalize:
             self.ref.observe_loss(*self.loss_prev)
+        g = meas.probe.projected_grad
+        self.grad_rms.observe(g)
+        if self.drift is not None and sigma is not None:
+            self.drift.observe_step([-group["lr"] * g * float(s) for group, s in zip(self.param_groups, sigma)])
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -129,6 +149,8 @@ class LearnedZO(ZOOptimizer):
             "ref": self.ref.state_dict(),
             "last_c": self.last_c,
             "last_sigma": None if self.last_sigma is None else self.last_sigma.detach().cpu().clone(),
+            "grad_rms": self.grad_rms.state_dict(),
+            "drift": None if self.drift is None else self.drift.state_dict(),
         }
         return sd
 
@@ -145,6 +167,9 @@ class LearnedZO(ZOOptimizer):
         self.last_c = float(learned.get("last_c", 1.0))
         last = learned.get("last_sigma")
         self.last_sigma = None if last is None else torch.as_tensor(last).to(device).clone()
+        self.grad_rms = GradRMS.from_state(learned.get("grad_rms"))
+        if self.drift is not None and learned.get("drift") is not None:
+            self.drift.load_state_dict(learned["drift"])
 
 
 class PerBlockConstZO(ZOOptimizer):
@@ -251,11 +276,15 @@ def _build_learned_random(
 ) -> LearnedZO:
     """LearnedZO with a fresh ``VarianceNet(spec, blocks, net_seed)``; spec and normalisation from ``artifact``."""
     spec, recorded = NetSpec(), _NORM_DEFAULT
+    blocks = partition(model, run["include"], run["exclude"])
     if artifact is not None:
         manifest = read_manifest(artifact)
-        net_d = {k: v for k, v in manifest["net"].items() if k not in ("feature_names", "num_inputs")}
-        spec, recorded = NetSpec.from_dict(net_d), manifest["normalization"]
-    net = VarianceNet(spec, [b.name for b in partition(model, run["include"], run["exclude"])], seed=hp.net_seed)
+        spec, recorded = spec_from_manifest(manifest, artifact), manifest["normalization"]
+    net = VarianceNet(spec, [b.name for b in blocks], seed=hp.net_seed)
+    if spec.features.static_curvature:
+        # Measured per base model, not learned: the fresh net sees the artifact's (matched by block name and shape).
+        loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=True)
+        net.static_curvature.copy_(loaded.net.static_curvature)
     return LearnedZO(model, net, **_normalization(hp.normalization, hp.batch_size, recorded), **run)
 
 
