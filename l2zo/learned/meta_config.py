@@ -37,10 +37,11 @@ class MetaTrainConfig:
     task_weights: list[float] | str | None = None
     """sampling weight per task (default: uniform)"""
     # -- the meta-objective
-    objective: Literal["greedy", "unrolled"] = "greedy"
-    """greedy: the paper's one-step look-ahead L(theta - eta*c*g*sigma*z); unrolled: K differentiable ZO steps"""
+    objective: Literal["greedy", "unrolled", "es"] = "greedy"
+    """greedy: the paper's one-step look-ahead L(theta - eta*c*g*sigma*z); unrolled: K differentiable ZO steps;
+    es: antithetic evolution strategies on the dev-loss drop of K ZO steps (needs --outer-batch heldout)"""
     unroll_steps: int = 1
-    """K, the unrolled objective's number of inner ZO steps (each on its own inner batch)"""
+    """K, the unrolled (or es) objective's number of inner ZO steps (each on its own inner batch)"""
     differentiable_g: bool = False
     """unrolled only: let the meta-gradient flow through g = (L+ - L-)/(2 eps) too (paper: detached)"""
     outer_batch: Literal["inner", "heldout"] = "inner"
@@ -51,6 +52,16 @@ class MetaTrainConfig:
     """ZO perturbation radius"""
     normalization: Literal["numel", "paper", "none"] = "numel"
     """sigma normalization: numel, paper (embedding rule; its batch size is --batch-size) or none (raw sigma, c = 1)"""
+    # -- es objective (issue 15, 2b): l2zo.learned.es ---------------------------------------------------------
+    es_pairs: int = 8
+    """es: P, antithetic pairs per meta-step (each pair runs 2 x K ZO steps per start state)"""
+    es_sigma: float = 0.01
+    """es: standard deviation of the perturbation of the net's parameters"""
+    es_space: Literal["all", "last", "bias"] = "all"
+    """es: parameters searched: all, last (the output layer w2, b2) or bias (b2: one scalar per block)"""
+    es_starts: Literal["trajectory", "both"] = "trajectory"
+    """es: start states of the runs: the trajectory's theta, or both it and the pretrained theta_0"""
+    # -- end of the es block --------------------------------------------------------------------------------
     # -- the trajectory the states come from
     p_teacher: float = 1.0
     """probability that a trajectory step is the first-order teacher's (1: paper; 0: on-policy LearnedZO)"""
@@ -122,12 +133,22 @@ class MetaTrainConfig:
             raise L2ZOError(f"--p-teacher must be in [0, 1], got {self.p_teacher}")
         if self.objective == "greedy" and (self.unroll_steps != 1 or self.differentiable_g):
             raise L2ZOError("--unroll-steps and --differentiable-g belong to --objective unrolled")
+        # -- es checks
+        if self.objective == "es":
+            check_fields(self, positive=("es_pairs", "es_sigma"))
+            if self.outer_batch != "heldout":
+                raise L2ZOError("--objective es measures its reward on a held-out dev batch: add --outer-batch heldout")
+            if self.differentiable_g:
+                raise L2ZOError("--differentiable-g belongs to --objective unrolled (es differentiates nothing)")
 
     @property
     def objective_name(self) -> str:
         """A one-line label for the artifact record, e.g. "greedy" or "unrolled-K4-dg-heldout"."""
         if self.objective == "greedy":
             label = "greedy"
+        elif self.objective == "es":
+            label = f"es-K{self.unroll_steps}-P{self.es_pairs}-s{self.es_sigma:g}-{self.es_space}"
+            label += "-both" if self.es_starts == "both" else ""
         else:
             label = f"unrolled-K{self.unroll_steps}" + ("-dg" if self.differentiable_g else "")
         return label + ("-heldout" if self.outer_batch == "heldout" else "")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from l2zo.engine import ZSource, partition
 from l2zo.errors import L2ZOError
+from l2zo.learned.es import ESConfig, ESResult, es_meta_loss
 from l2zo.learned.meta import (
     LossFn,
     MetaResult,
@@ -103,6 +104,11 @@ class MetaTrainModule(L.LightningModule):
 
     def _objective(self, state: TaskState, inners: list[LossFn], outer: LossFn, seeds: Sequence[int]) -> MetaResult:
         cfg = self.cfg
+        if cfg.objective == "es":
+            es = ESConfig(pairs=cfg.es_pairs, sigma=cfg.es_sigma, space=cfg.es_space, eps=cfg.eps, lr=cfg.inner_lr)
+            extra = [(self.pretrained.values, TaskState(sigma_prev=state.sigma_prev, ref=state.ref))]
+            return es_meta_loss(self.model, self.blocks, self.net, state, self.norm, inners, outer, seeds=seeds, cfg=es,
+                                zsrc=self.zsrc, extra_starts=extra if cfg.es_starts == "both" else ())  # fmt: skip
         if cfg.objective == "greedy":
             return greedy_meta_loss(self.model, self.blocks, self.net, state, self.norm, inners[0], outer,
                                     seed=seeds[0], eps=cfg.eps, lr=cfg.inner_lr, zsrc=self.zsrc)  # fmt: skip
@@ -171,6 +177,8 @@ class MetaTrainModule(L.LightningModule):
         }
         if self.cfg.objective == "greedy" and self.cfg.outer_batch == "inner":
             metrics["meta/lookahead_gain"] = float(res.probe.loss) - meta_loss
+        if isinstance(res, ESResult):
+            metrics.update(res.metrics)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
         self.log("meta_loss", meta_loss, prog_bar=True, logger=False, batch_size=self.cfg.data.batch_size)
         if step % self.cfg.histogram_every == 0 and isinstance(self.logger, TensorBoardLogger):
