@@ -3,7 +3,7 @@
 One meta-step (``training_step``), in this order:
 
 1. plan: task, inner/outer batches, z seeds and trajectory source, a pure function of (seed, step);
-2. meta-objective at the current trajectory state theta (greedy look-ahead or K-step unrolled);
+2. meta-objective at the current trajectory state theta (greedy look-ahead, K-step unrolled, or ES);
 3. backward into the variance net only, and one step of the net's optimizer (the only Lightning optimizer);
 4. the task's recurrent state takes the probe's (L+, L-) and the raw sigma;
 5. the trajectory advances, explicitly and separately: a first-order teacher step or an on-policy ZO step;
@@ -68,6 +68,8 @@ class MetaTrainModule(L.LightningModule):
     Logged: meta/loss, meta/loss/<task>, train/loss/<task> (the trajectory's loss at theta), meta/c,
     meta/grad_norm, meta/sigma_mean, meta/lookahead_gain (L(theta) - L(theta'), greedy on the inner batch),
     meta/teacher (1 for a teacher step), meta/wall_time_s; histograms sigma/<block kind> and meta/sigma.
+    With ``objective: es`` meta/loss is the mean of -R over the ES runs, and meta/es_reward, meta/es_reward_spread
+    (mean |R+ - R-|), meta/es_dev_loss and meta/es_grad_norm are logged too (``l2zo.learned.es``).
     """
 
     def __init__(self, model: nn.Module, net: VarianceNet, scorer: CandidateScorer, tasks: Sequence[MetaTask],
