@@ -77,7 +77,7 @@ def test_reward_is_a_deterministic_function_of_phi_and_theta_is_restored_exactly
     set_phi_(twin, "all", phi + 0.05 * es_noise(1, 1, phi.numel())[0])
     assert reward(model, blocks, twin, start, norm, inners, seeds, dev, **kw) != r1
 
-    cfg = ESConfig(pairs=2, sigma=0.01, eps=1e-3, lr=0.02)
+    cfg = ESConfig(pairs=2, sigma=0.01, space="all", eps=1e-3, lr=0.02)
     res = es_meta_loss(model, blocks, net, TaskState(), norm, inners, dev, seeds=seeds, cfg=cfg, zsrc=ZSource())
     for b, t in zip(blocks, before):
         assert torch.equal(b.param.detach(), t), b.name  # copied back, not perturbed back: no one-ulp drift
@@ -208,16 +208,17 @@ def test_adam_on_the_es_estimate_raises_the_reward_at_a_fixed_start() -> None:
         return sum(reward(model, blocks, net, start, norm, inners, seeds, dev, eps=1e-3, lr=0.05, zsrc=ZSource())
                    for seeds in draws) / len(draws)  # fmt: skip
 
-    cfg = ESConfig(pairs=2, sigma=0.01, space="all", eps=1e-3, lr=0.05)
-    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    cfg = ESConfig(pairs=2, sigma=0.05, eps=1e-3, lr=0.05)  # the default space: b2, one scalar per block
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
     before = mean_reward()
     for step in range(6):
         opt.zero_grad()
         res = es_meta_loss(model, blocks, net, TaskState(), norm, inners, dev, seeds=draws[step % 4], cfg=cfg,
                            zsrc=ZSource())  # fmt: skip
         res.meta_loss.backward()
+        assert all(p.grad is None for name, p in net.named_parameters() if name != "b2")
         opt.step()
-    assert mean_reward() > before + 0.05
+    assert mean_reward() > before + 0.05  # measured: -0.221 -> -0.128
 
 
 def test_es_config_checks() -> None:

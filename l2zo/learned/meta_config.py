@@ -57,8 +57,9 @@ class MetaTrainConfig:
     """es: P, antithetic pairs per meta-step (each pair runs 2 x K ZO steps per start state)"""
     es_sigma: float = 0.01
     """es: standard deviation of the perturbation of the net's parameters"""
-    es_space: Literal["all", "last", "bias"] = "all"
-    """es: parameters searched: all, last (the output layer w2, b2) or bias (b2: one scalar per block)"""
+    es_space: Literal["all", "last", "bias"] = "bias"
+    """es: parameters searched: bias (b2: one scalar per block), last (the output layer w2, b2) or all. With P = 8,
+    two independent estimates agree (cosine) ~0.4 on bias, ~0.02 on last and ~0.005 on all (20 blocks, hidden 64)"""
     es_starts: Literal["trajectory", "both"] = "trajectory"
     """es: start states of the runs: the trajectory's theta, or both it and the pretrained theta_0"""
     # -- end of the es block --------------------------------------------------------------------------------
