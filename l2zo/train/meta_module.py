@@ -3,7 +3,7 @@
 One meta-step (``training_step``), in this order:
 
 1. plan: task, inner/outer batches, z seeds and trajectory source, a pure function of (seed, step);
-2. meta-objective at the current trajectory state theta (greedy look-ahead or K-step unrolled);
+2. meta-objective at the current trajectory state theta (greedy look-ahead, K-step unrolled, or ES);
 3. backward into the variance net only, and one step of the net's optimizer (the only Lightning optimizer);
 4. the task's recurrent state takes the probe's (L+, L-) and the raw sigma;
 5. the trajectory advances, explicitly and separately: a first-order teacher step or an on-policy ZO step;
@@ -40,6 +40,7 @@ from l2zo.blockstats.stats import BatchFns
 from l2zo.engine import ZSource, partition
 from l2zo.errors import L2ZOError
 from l2zo.learned.drift import ExactAnchor
+from l2zo.learned.es import ESConfig, ESResult, es_meta_loss
 from l2zo.learned.meta import (
     LossFn,
     MetaResult,
@@ -81,6 +82,8 @@ class MetaTrainModule(L.LightningModule):
     Logged: meta/loss, meta/loss/<task>, train/loss/<task> (the trajectory's loss at theta), meta/c,
     meta/grad_norm, meta/sigma_mean, meta/lookahead_gain (L(theta) - L(theta'), greedy on the inner batch),
     meta/teacher (1 for a teacher step), meta/wall_time_s; histograms sigma/<block kind> and meta/sigma.
+    With ``objective: es`` meta/loss is the mean of -R over the ES runs, and meta/es_reward, meta/es_reward_spread
+    (mean |R+ - R-|), meta/es_dev_loss and meta/es_grad_norm are logged too (``l2zo.learned.es``).
     """
 
     def __init__(self, model: nn.Module, net: VarianceNet, scorer: CandidateScorer, tasks: Sequence[MetaTask],
@@ -188,6 +191,11 @@ class MetaTrainModule(L.LightningModule):
         cfg = self.cfg
         if cfg.objective in ("expected", "distill"):
             return self._stats_objective(state, inners[0], seeds[0])
+        if cfg.objective == "es":
+            es = ESConfig(pairs=cfg.es_pairs, sigma=cfg.es_sigma, space=cfg.es_space, eps=cfg.eps, lr=cfg.inner_lr)
+            extra = [(self.pretrained.values, TaskState(sigma_prev=state.sigma_prev, ref=state.ref))]
+            return es_meta_loss(self.model, self.blocks, self.net, state, self.norm, inners, outer, seeds=seeds, cfg=es,
+                                zsrc=self.zsrc, extra_starts=extra if cfg.es_starts == "both" else ())  # fmt: skip
         if cfg.objective == "greedy":
             return greedy_meta_loss(self.model, self.blocks, self.net, state, self.norm, inners[0], outer,
                                     seed=seeds[0], eps=cfg.eps, lr=cfg.inner_lr, zsrc=self.zsrc)  # fmt: skip
@@ -261,6 +269,8 @@ class MetaTrainModule(L.LightningModule):
         }
         if self.cfg.objective == "greedy" and self.cfg.outer_batch == "inner":
             metrics["meta/lookahead_gain"] = float(res.probe.loss) - meta_loss
+        if isinstance(res, ESResult):
+            metrics.update(res.metrics)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
         self.log("meta_loss", meta_loss, prog_bar=True, logger=False, batch_size=self.cfg.data.batch_size)
         if step % self.cfg.histogram_every == 0 and isinstance(self.logger, TensorBoardLogger):
