@@ -217,3 +217,11 @@ def test_bad_flags_are_one_line(tmp_path, capsys, argv, message):
     assert rc == 2 and err.startswith("l2zo: error: ") and err.count("\n") == 1, err
     assert message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_accelerator_is_lightnings_spelling_of_device():
+    from l2zo.config.parser import config_parser, from_namespace
+
+    parser = config_parser(FinetuneConfig)
+    cfg = from_namespace(FinetuneConfig, parser.parse_args(["--accelerator", "cpu"]))
+    assert cfg.data.device == "cpu"

@@ -97,6 +97,10 @@ class _ConfigFile(ActionConfigFile):
         self.apply_config(parser, cfg, self.dest, json.dumps(nested, default=str))
 
 
+# Other spellings users bring from Lightning: ``--accelerator cpu`` is ``--device cpu``.
+ALIASES: dict[str, tuple[str, ...]] = {"device": ("--accelerator",)}
+
+
 class ConfigParser(ArgumentParser):
     """A jsonargparse parser of one config dataclass (see the module docstring)."""
 
@@ -132,6 +136,10 @@ class ConfigParser(ArgumentParser):
             if short not in actions:
                 action.option_strings.insert(0, short)
                 actions[short] = action
+            for alias in ALIASES.get(key.rsplit(".", 1)[-1], ()):
+                if alias not in actions:
+                    action.option_strings.append(alias)
+                    actions[alias] = action
             if tp is bool:  # a bare switch sets True; --flag false still works
                 action.nargs, action.const = "?", True
                 action.container.add_argument(short.replace("--", "--no-", 1), dest=key, action="store_const",
