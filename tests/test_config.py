@@ -205,7 +205,10 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, case):
         (["finetune", "--lr-schedule", "cosine"], "bad --lr-schedule 'cosine'; valid choices: constant, linear"),
         (["finetune", "--learning-rate", "1"], "unrecognized arguments: --learning-rate 1; see `l2zo finetune --help`"),
         (["compare", "--select", "test"], "bad --select 'test'; valid choices: final, best"),
-        (["meta-train", "--objective", "x"], "bad --objective 'x'; valid choices: greedy, unrolled, expected, distill, es"),
+        (
+            ["meta-train", "--objective", "x"],
+            "bad --objective 'x'; valid choices: greedy, unrolled, expected, distill, es",
+        ),
         (["meta-train", "--data.task", "sst2"], "unrecognized arguments: --data.task sst2"),
         (["bench", "--steps", "0"], "--steps must be positive, got 0"),
         (["nope"], "invalid choice: 'nope'"),
