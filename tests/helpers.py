@@ -54,3 +54,21 @@ class Quadratic(torch.nn.Module):
     def grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             return (self.a_w * self.w.reshape(-1) + self.b_w).reshape(3, 2), self.a_v * self.v + self.b_v
+
+
+class LinearModel(torch.nn.Module):
+    """A two-block fp64 linear model for meta-gradient checks: L = mean((x W^T + v - y)^2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+        self.v = torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w.T + self.v
+
+
+def exact_weight_stats(blocks, device=None) -> torch.Tensor:
+    """[B, 2] mean and unbiased var in fp32, exact for fp64 weights (weight_stats' stand-in in gradient checks)."""
+    return torch.stack([torch.stack(torch.var_mean(b.param.detach())[::-1]).float() for b in blocks])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from l2zo.config.parser import build_config
 from l2zo.engine import ZSource, mix_seed, partition
@@ -29,7 +28,7 @@ from l2zo.learned.meta import (
 from l2zo.learned.meta_config import MetaTrainConfig
 from l2zo.learned.trajectory import PretrainedCopy, make_teacher, on_policy_step, teacher_lr, teacher_step
 from l2zo.optim.methods.learned import LearnedZO
-from tests.helpers import lm_loss, tiny_llama
+from tests.helpers import LinearModel, exact_weight_stats, lm_loss, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,29 +56,11 @@ def test_greedy_meta_gradient_finite_nonzero_and_theta_untouched() -> None:
         torch.testing.assert_close(b.param.detach(), t, rtol=0, atol=1e-6)
 
 
-class _Linear(nn.Module):
-    """A two-block linear model, tied nothing: L = mean((x W^T + v - y)^2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w = nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
-        self.v = nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.w.T + self.v
-
-
-def _exact_stats(blocks, device=None) -> torch.Tensor:
-    """[B, 2] mean and unbiased var in fp32, for fp64 weights (features are detached: not part of the check)."""
-    return torch.stack([torch.stack(torch.var_mean(b.param.detach())[::-1]).float() for b in blocks])
-
-
 def test_meta_gradient_matches_finite_differences(monkeypatch: pytest.MonkeyPatch) -> None:
     import l2zo.learned.meta as meta
 
-    monkeypatch.setattr(meta, "weight_stats", _exact_stats)  # the fast weight_stats takes fp32/bf16 weights
-    model = _Linear()
+    monkeypatch.setattr(meta, "weight_stats", exact_weight_stats)  # the fast weight_stats takes fp32/bf16 weights
+    model = LinearModel()
     blocks = partition(model)
     net = VarianceNet(NetSpec(hidden=8), [b.name for b in blocks], seed=1).double()
     norm = SigmaNorm(block_weights(blocks, "numel"))

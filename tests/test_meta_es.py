@@ -31,7 +31,7 @@ from l2zo.learned.es import (
 )
 from l2zo.learned.meta import SigmaNorm, TaskState, unrolled_meta_loss
 from l2zo.learned.meta_config import MetaTrainConfig
-from tests.helpers import lm_loss, tiny_llama
+from tests.helpers import LinearModel, exact_weight_stats, lm_loss, tiny_llama
 
 K = 3
 
@@ -93,26 +93,8 @@ def test_reward_is_a_deterministic_function_of_phi_and_theta_is_restored_exactly
     assert all(b.param.grad is None for b in blocks)  # only the net gets a gradient
 
 
-class _Linear(nn.Module):
-    """A two-block fp64 linear model: L = mean((x W^T + v - y)^2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w = nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
-        self.v = nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.w.T + self.v
-
-
-def _exact_stats(blocks, device=None) -> torch.Tensor:
-    """[B, 2] mean and unbiased var, for fp64 weights (the fast weight_stats takes fp32/bf16 weights)."""
-    return torch.stack([torch.stack(torch.var_mean(b.param.detach())[::-1]).float() for b in blocks])
-
-
 def _linear_world(steps: int, rule: str):
-    model = _Linear()
+    model = LinearModel()
     blocks = partition(model)
     net = VarianceNet(NetSpec(hidden=8), [b.name for b in blocks], seed=1).double()
     norm = SigmaNorm(block_weights(blocks, rule), rule)
@@ -127,7 +109,7 @@ def _linear_world(steps: int, rule: str):
 def test_pair_differences_are_finite_differences_of_the_reward(monkeypatch: pytest.MonkeyPatch, space: str) -> None:
     import l2zo.learned.meta as meta
 
-    monkeypatch.setattr(meta, "weight_stats", _exact_stats)
+    monkeypatch.setattr(meta, "weight_stats", exact_weight_stats)
     model, blocks, net, norm, inners, dev = _linear_world(K, "numel")
     # The engine reports every loss in fp32, so R is quantised at ~1e-7 even for this fp64 model: steps h = s = 1e-3
     # (truncation error ~1e-6) and eps = 0.1 (exact on a quadratic; g keeps more digits) bound the rounding at ~1e-4.
@@ -157,7 +139,7 @@ def test_one_step_reward_gradient_matches_autograd_through_the_unrolled_objectiv
     # autograd gradient (through sigma and g) is the exact gradient of -R: an independent, out-of-place reference.
     import l2zo.learned.meta as meta
 
-    monkeypatch.setattr(meta, "weight_stats", _exact_stats)
+    monkeypatch.setattr(meta, "weight_stats", exact_weight_stats)
     model, blocks, net, norm, inners, dev = _linear_world(1, "none")
     start = _start(model, blocks, dev)
     res = unrolled_meta_loss(model, blocks, net, TaskState(), norm, inners, dev, seeds=[21], eps=0.1, lr=0.05,

@@ -30,7 +30,7 @@ from l2zo.errors import L2ZOError
 from l2zo.learned import NetSpec, VarianceNet, block_weights
 from l2zo.learned.meta import SigmaNorm, TaskState, predict_sigma
 from l2zo.learned.meta_config import MetaTrainConfig
-from tests.helpers import lm_loss, tiny_llama
+from tests.helpers import LinearModel, exact_weight_stats, lm_loss, tiny_llama
 
 SIZES = (2, 3, 5)  # numel per block of the quadratic
 CURV = (0.5, 2.0, 1.0)  # l_b: H_bb = l_b I
@@ -171,28 +171,11 @@ def test_kstep_expected_loss_matches_real_zo_steps_on_the_quadratic() -> None:
 # ------------------------------------------------------------------------- meta-gradients vs finite differences
 
 
-class _Linear(nn.Module):
-    """A two-block linear model in fp64 (as the greedy test's): L = mean((x W^T + v - y)^2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w = nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
-        self.v = nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.w.T + self.v
-
-
-def _exact_weight_stats(blocks, device=None) -> torch.Tensor:
-    return torch.stack([torch.stack(torch.var_mean(b.param.detach())[::-1]).float() for b in blocks])
-
-
 def _linear_state(monkeypatch: pytest.MonkeyPatch):
     import l2zo.learned.meta as meta
 
-    monkeypatch.setattr(meta, "weight_stats", _exact_weight_stats)  # the fast weight_stats takes fp32/bf16
-    model = _Linear()
+    monkeypatch.setattr(meta, "weight_stats", exact_weight_stats)  # the fast weight_stats takes fp32/bf16
+    model = LinearModel()
     blocks = partition(model)
     net = VarianceNet(NetSpec(hidden=8), [b.name for b in blocks], seed=1).double()
     norm = SigmaNorm(block_weights(blocks, "numel"))
