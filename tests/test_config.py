@@ -11,7 +11,7 @@ import yaml
 
 from l2zo.cli.main import build_parser, main
 from l2zo.compare.spec import CompareConfig, parse_optimizers
-from l2zo.config import DataArgs, FinetuneConfig, config_to_dict, parse_scalar
+from l2zo.config import DataArgs, FinetuneConfig, ZArgs, config_to_dict, parse_scalar
 from l2zo.config.checks import field_types
 from l2zo.config.parser import build_config, from_namespace
 from l2zo.errors import L2ZOError
@@ -97,10 +97,10 @@ def test_data_args_are_one_nested_config_reused_by_every_command(tmp_path):
     for cls in (FinetuneConfig, CompareConfig, MetaTrainConfig):
         assert field_types(cls)["data"] is DataArgs
     cfg = build_config(CompareConfig, overrides={"model": "tiny", "batch_size": 4, "steps": 3, "cache_z": True})
-    base = FinetuneConfig(data=cfg.data, steps=cfg.steps, cache_z=cfg.cache_z)
+    base = FinetuneConfig(data=cfg.data, steps=cfg.steps, zo=cfg.zo)
     plan = Plan(cfg=cfg, specs=parse_optimizers("mezo:lr=1e-4", KNOWN, {}), seeds=[0], sweep_points=[], base=base)
     run = plan.finetune_config(plan.specs[0], seed=5)
-    assert run.data is cfg.data and run.steps == 3 and run.cache_z and run.seed == 5 and run.opt_args == {"lr": 1e-4}
+    assert run.data is cfg.data and run.steps == 3 and run.zo.cache_z and run.seed == 5 and run.opt_args == {"lr": 1e-4}
     # Flat keys (the layout of the flags) and nested ones load the same config.
     flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
     flat.write_text("model: tiny\nbatch-size: 4\nnum_dev: 8\nsteps: 3\n")
@@ -141,9 +141,15 @@ def test_flags_old_and_new_names_and_switches(tmp_path):
     cfg = _parse("--steps", "3", "--config", str(cfg_file), "--data.max_length", "64", "--eval_every", "5",
                  "--save-model", "--include", "a,b")  # fmt: skip
     assert cfg.steps == 3 and cfg.data.batch_size == 2 and cfg.data.max_length == 64 and cfg.eval_every == 5
-    assert not cfg.progress and cfg.cache_z and cfg.save_model and cfg.include == ["a", "b"]
+    assert not cfg.progress and cfg.zo.cache_z and cfg.save_model and cfg.include == ["a", "b"]
     cfg = _parse("--config", str(cfg_file), "--progress", "--no-cache-z", "--save-model", "false")
-    assert cfg.progress and not cfg.cache_z and not cfg.save_model
+    assert cfg.progress and not cfg.zo.cache_z and not cfg.save_model
+    cfg = _parse("--z-source", "table", "--z-table-size", "65536", "--two-pass")
+    assert cfg.zo == ZArgs(z_source="table", z_table_size=65536, two_pass=True)
+    with pytest.raises(L2ZOError, match="--z-table-size must be at least 8192"):
+        _parse("--z-source", "table", "--z-table-size", "100")
+    with pytest.raises(L2ZOError, match="drop --cache-z"):
+        _parse("--z-source", "table", "--cache-z")
     (tmp_path / "data.yaml").write_text("batch_size: 3\nmodel: tiny-derived\n")  # --data FILE: the data.* keys
     assert _parse("--data", str(tmp_path / "data.yaml")).data == DataArgs(model="tiny-derived", batch_size=3)
 

@@ -146,7 +146,7 @@ def make_plan(cfg: CompareConfig) -> Plan:
     points = parse_sweep(cfg.sweep)
     specs = parse_optimizers(cfg.optimizers, list(optimizer_specs()), load_opt_config(cfg.opt_config))
     base = FinetuneConfig(data=cfg.data, dist=cfg.dist, steps=cfg.steps, eval_every=cfg.eval_every,
-                          lr_schedule=cfg.lr_schedule, cache_z=cfg.cache_z, progress=cfg.progress)  # fmt: skip
+                          lr_schedule=cfg.lr_schedule, zo=cfg.zo, progress=cfg.progress)  # fmt: skip
     grids = check_tuning(cfg, specs)
     plan = Plan(cfg=cfg, specs=expand_sweep(specs, points), seeds=seeds, sweep_points=points, base=base, grids=grids,
                 tune_seed=seeds[0] if cfg.tune_seed is None else cfg.tune_seed, tune_steps=cfg.tune_steps or cfg.steps,

@@ -23,7 +23,16 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-from l2zo.config import DataArgs, DistributedArgs, Schedule, check_fields, parse_pair, parse_scalar, read_yaml_mapping
+from l2zo.config import (
+    DataArgs,
+    DistributedArgs,
+    Schedule,
+    ZArgs,
+    check_fields,
+    parse_pair,
+    parse_scalar,
+    read_yaml_mapping,
+)
 from l2zo.config.values import key_name
 from l2zo.errors import L2ZOError
 
@@ -42,6 +51,8 @@ class CompareConfig:
     """the model and the data, the same for every run"""
     dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
     """devices, nodes and the strategy of every run"""
+    zo: ZArgs = dataclasses.field(default_factory=ZArgs)
+    """how z is drawn and how many passes a step makes, for every ZO run"""
     optimizers: list[OptimizerEntry] | str = "mezo"
     """comma list: NAME, learned=DIR, NAME:key=value[:key=value] (a name may repeat; keys: the optimizer's, the
     PEFT ones, e.g. mezo,mezo:peft=lora, and label=L to name the run); in YAML also a list of such strings or of
@@ -73,8 +84,6 @@ class CompareConfig:
     """evaluate on dev every N steps (resolution of the dev curves)"""
     lr_schedule: Schedule = "constant"
     """constant, or linear (decay to 0)"""
-    cache_z: bool = False
-    """ZO runs draw z once per step into one parameter-sized copy (same parameters, faster on few cores)"""
     progress: bool = False
     """show a progress bar per run"""
 

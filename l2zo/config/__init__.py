@@ -1,6 +1,7 @@
 """Typed run configs: dataclasses whose fields are the YAML keys and the flags (served by jsonargparse).
 
-``DataArgs`` (model and data), ``DistributedArgs`` (devices and nodes) and ``PeftArgs`` (an adapter) are nested
+``DataArgs`` (model and data), ``DistributedArgs`` (devices and nodes), ``PeftArgs`` (an adapter) and ``ZArgs``
+(how z is drawn) are nested
 configs shared by finetune, compare and meta-train; each field's docstring is its ``--help`` text.
 ``l2zo.config.parser`` turns a dataclass into a command line.
 """
@@ -16,6 +17,7 @@ from l2zo.config.distributed import DistributedArgs
 from l2zo.config.finetune import FinetuneConfig
 from l2zo.config.peft import PEFT_KEYS, PEFT_SCHEMES, PeftArgs
 from l2zo.config.values import parse_kv, parse_pair, parse_scalar, read_yaml_mapping, split_list
+from l2zo.config.zsource import ZArgs
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -41,6 +43,7 @@ __all__ = [
     "PEFT_KEYS",
     "PEFT_SCHEMES",
     "PeftArgs",
+    "ZArgs",
     "Precision",
     "Schedule",
     "check_choice",

@@ -10,6 +10,7 @@ from l2zo.config.data import DataArgs
 from l2zo.config.distributed import DistributedArgs
 from l2zo.config.peft import PeftArgs
 from l2zo.config.values import parse_kv, split_list
+from l2zo.config.zsource import ZArgs
 from l2zo.errors import L2ZOError
 
 
@@ -21,6 +22,8 @@ class FinetuneConfig:
     """the model and the data"""
     dist: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
     """devices, nodes and the strategy"""
+    zo: ZArgs = dataclasses.field(default_factory=ZArgs)
+    """how z is drawn and how many passes a step makes"""
     adapter: PeftArgs = dataclasses.field(default_factory=PeftArgs)
     """a PEFT adapter to train instead of every weight"""
     optimizer: str = "mezo"
@@ -43,9 +46,6 @@ class FinetuneConfig:
     """training seed: z seeds and batch order"""
     lr_schedule: Schedule = "constant"
     """constant, or linear (decay to 0)"""
-    cache_z: bool = False
-    """ZO optimizers draw z once per step and keep it (one parameter-sized copy): same parameters, fewer
-    regenerations (see BENCHMARKS.md)"""
     logdir: str = "runs/finetune"
     """run folder: TensorBoard events, config.yaml, summary.json"""
     save_model: bool = False

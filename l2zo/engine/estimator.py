@@ -73,13 +73,15 @@ Perturb = Callable[[float], None]  # perturb(scale): theta += scale * u, in plac
 
 
 @torch.no_grad()
-def probe_with(loss_fn: LossFn, perturb: Perturb, eps: float, seed: int) -> Probe:
+def probe_with(loss_fn: LossFn, perturb: Perturb, eps: float, seed: int, *, perturbed: bool = False) -> Probe:
     """L(theta + eps*u) and L(theta - eps*u) for any in-place ``perturb``; on return theta sits at theta - eps*u.
 
     Methods with their own directions (low-rank, sparse, Hessian-scaled) pass their own ``perturb``.
+    ``perturbed``: theta already sits at theta + eps*u (the two-pass step), so the first pass is skipped.
     If ``loss_fn`` raises, theta is restored before the exception propagates.
     """
-    perturb(+eps)
+    if not perturbed:
+        perturb(+eps)
     try:
         lp = evaluate_loss(loss_fn)
     except BaseException:

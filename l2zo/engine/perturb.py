@@ -61,6 +61,35 @@ def axpby_z_(
         b.local.view(-1)[start:end].add_(z, alpha=float(coef[b.index]))
 
 
+@torch.no_grad()
+def axpby2_z_(
+    blocks: Sequence[Block],
+    first: tuple[int, Sequence[float]],
+    second: tuple[int, Sequence[float]],
+    zsrc: ZSource,
+    decay: Sequence[float] | None = None,
+) -> None:
+    """theta_b <- decay_b * theta_b + a_b * z_b(seed_a) + c_b * z_b(seed_c) for every block, in place, where
+    ``first`` = (seed_a, [B] a) and ``second`` = (seed_c, [B] c): the two-pass step's fused pass.
+
+    With a noise table both windows are added chunk by chunk while theta's chunk is in cache: one pass over the
+    weights. With ``randn`` the cost is drawing z, whatever the passes, so it is two ``axpby_z_`` passes.
+    """
+    (seed_a, a), (seed_c, c) = first, second
+    if zsrc.table is None:
+        axpby_z_(blocks, seed_a, zsrc, a, decay)
+        axpby_z_(blocks, seed_c, zsrc, c)
+        return
+    for b in blocks:
+        d = 1.0 if decay is None else float(decay[b.index])
+        if d != 1.0:
+            b.local.mul_(d)
+    for (b, start, end, za), (_, _, _, zc) in zip(zsrc.stream(blocks, seed_a), zsrc.stream(blocks, seed_c)):
+        chunk = b.local.view(-1)[start:end]
+        chunk.add_(za, alpha=float(a[b.index]))
+        chunk.add_(zc, alpha=float(c[b.index]))
+
+
 def perturb_(
     blocks: Sequence[Block], seed: int, zsrc: ZSource, scale: float, sigma: Sequence[float] | None = None
 ) -> None:

@@ -32,26 +32,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from l2zo.engine.hashing import mix_seed
+from l2zo.engine.noise_table import NoiseTable
+
 if TYPE_CHECKING:
     from l2zo.engine.blocks import Block
 
 # Part of the definition of z: changing it changes every z (and so every replayed run).
 Z_CHUNK = 1 << 20
-_MASK64 = (1 << 64) - 1
 # Chunks smaller than this are drawn on the consumer's thread: a thread hand-off costs more than drawing them.
 _INLINE = 1 << 15
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into one 63-bit seed (splitmix64 finaliser, applied in sequence)."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (int(v) & _MASK64)) & _MASK64
-        x = (x + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x & ((1 << 63) - 1)
 
 
 class ZSource:
@@ -65,11 +55,15 @@ class ZSource:
             count; 1 draws on the caller's thread). CUDA generation is asynchronous already: always inline.
         cache: keep the z of the latest (seed, block) pairs streamed, so passes repeating a seed read it back
             instead of regenerating it (costs one parameter-sized copy; off by default).
+        table: draw z as windows of this seeded noise table instead of ``randn`` (``l2zo.engine.noise_table``):
+            another definition of z, at memory speed. ``workers`` and ``cache`` then do nothing (a window is
+            already stored).
     """
 
-    def __init__(self, workers: int | None = None, cache: bool = False) -> None:
+    def __init__(self, workers: int | None = None, cache: bool = False, table: NoiseTable | None = None) -> None:
         self.workers = max(1, int(workers if workers is not None else _default_workers()))
-        self.cache = bool(cache)
+        self.cache = bool(cache) and table is None
+        self.table = table
         self._gens: dict[torch.device, torch.Generator] = {}
         self._bufs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._local = threading.local()
@@ -79,10 +73,19 @@ class ZSource:
 
     # -- pickling / copying: threads and generators are rebuilt on demand ------------------------------------
     def __getstate__(self) -> dict:
-        return {"workers": self.workers, "cache": self.cache}
+        table = None if self.table is None else (self.table.size, self.table.table_seed)
+        return {"workers": self.workers, "cache": self.cache, "table": table}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["workers"], state["cache"])
+        table = state.get("table")
+        self.__init__(state["workers"], state["cache"], None if table is None else NoiseTable(*table))
+
+    def describe(self) -> dict:
+        """What z means for this source (the run records it beside its seed): the Mersenne twister's chunks, or a
+        noise table's windows."""
+        if self.table is None:
+            return {"kind": "randn", "chunk": Z_CHUNK}
+        return {"kind": "table", **self.table.describe()}
 
     def generator(self, device: torch.device) -> torch.Generator:
         if device not in self._gens:
@@ -115,6 +118,9 @@ class ZSource:
         ``span``: ``(offset, total)`` when ``param`` is a shard, entries [offset, offset + numel) of a flattened
         block of ``total`` entries (``Block.span``); z is then that slice of the block's z.
         """
+        if self.table is not None:
+            yield from self.table.chunks(param, seed, block_index, span)
+            return
         n = param.numel()
         gen = self.generator(param.device)
         if span is None or span == (0, n):
@@ -148,6 +154,11 @@ class ZSource:
         valid until the iterator advances. With ``cache=True``, blocks whose z for ``seed`` is cached are read back,
         and the others are drawn into the cache.
         """
+        if self.table is not None:
+            for b in blocks:
+                for start, end, z in self.table.chunks(b.local, seed, b.index, b.span):
+                    yield b, start, end, z
+            return
         if self.cache:
             yield from self._stream_cached(blocks, seed)
             return

@@ -18,6 +18,14 @@ step and keeps ``last_probe``. A method says only what is different, through the
 * ``_update(meas, sigma)``: the update, with the restore fused in (default: MeZO's SGD).
 * ``_step_scope(seed)``: scratch that lives for one step (LOZO's V, Sparse MeZO's mask).
 
+Two passes (``set_two_pass``): a method whose step is MeZO's (no hook above overridden) and whose sigma does not
+read the weights (``sigma_reads_weights``) can fuse the restore and update of step t with the +eps perturbation of
+step t+1: theta += (eps*d - lr*g)*u_t + eps*u_{t+1} (and theta *= d for weight decay), so that a step is the
+-2*eps pass and that one, two passes over the weights instead of three. Between steps theta then sits at
+theta + eps*u_{t+1}; ``restore_()`` takes it back (one pass), and the training loop calls it before every
+evaluation, checkpoint and the end of training. lr does not enter the look-ahead perturbation, so an lr
+schedule needs no restore. The parameters equal the three-pass path's to rounding (tests/test_two_pass.py).
+
 Data parallelism needs no hook of its own: the loop sets ``reduce_fn`` (sum a tensor over the processes) and the
 closure returns a :class:`BatchLoss` (the mean over this process's slice of the batch, and its count); ``step``
 then hands every query the mean over the whole batch, sum(mean * count) / sum(count), so that every process
@@ -35,7 +43,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from l2zo.engine import Block, Probe, ZSource, axpby_z_, eval_mode, mix_seed, partition, perturb_, probe_with
+from l2zo.engine import Block, Probe, ZSource, axpby2_z_, axpby_z_, eval_mode, mix_seed, partition, perturb_, probe_with
 from l2zo.engine.blocks import ParamsLike
 from l2zo.errors import L2ZOError
 from l2zo.optim.hparams import HParams, ZOHParams, make_hparams
@@ -43,6 +51,8 @@ from l2zo.optim.state import restore_state_dtypes
 
 LossFn = Callable[[], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]  # a tensor summed over the data-parallel processes
+# The hooks of the step (see the module doc); a method overriding none of them steps exactly as MeZO does.
+STEP_HOOKS = ("_step_scope", "_perturb", "_two_point", "_probe", "_restore", "_update")
 
 
 class BatchLoss(NamedTuple):
@@ -113,6 +123,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     # Whether the method only reads loss values off the closure, so that ``reduce_fn`` gives it the whole batch's
     # (data-parallel runs); False for a method that differentiates the closure.
     data_parallel: ClassVar[bool] = True
+    # Whether ``sigma()`` reads the weights (the learned optimizer's features): then it is known only once theta
+    # is restored, and neither the two-pass step nor a row shard can compute it ahead or alone.
+    sigma_reads_weights: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -136,13 +149,45 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.zsrc = ZSource()
         self.last_probe: Probe | None = None
         self.reduce_fn: ReduceFn | None = None  # set by a data-parallel loop (see the module doc)
+        self.two_pass = False
+        # The look-ahead perturbation theta carries between two-pass steps: (seed, [B] coefficient of z), or None.
+        self._ahead: tuple[int, list[float]] | None = None
 
-    def set_z_source(self, *, workers: int | None = None, cache: bool = False) -> None:
+    def set_z_source(self, *, workers: int | None = None, cache: bool = False, zsrc: ZSource | None = None) -> None:
         """How z is regenerated: on ``workers`` CPU threads (default: torch's thread count), and with ``cache``
         one parameter-sized copy of the step's z, so a step draws z once instead of three times. Either way
         the parameters after a step are bit for bit those of the plain sequential path (tests/test_speed_paths.py).
+        ``zsrc``: a ready source instead (e.g. a noise table's, ``l2zo.config.ZArgs.make_source``).
         """
-        self.zsrc = ZSource(workers=workers, cache=cache)
+        self.restore_()  # a look-ahead perturbation must come off with the z it was made of
+        self.zsrc = zsrc if zsrc is not None else ZSource(workers=workers, cache=cache)
+
+    @classmethod
+    def custom_hooks(cls) -> list[str]:
+        """The step hooks this method overrides (empty: its step is MeZO's, along its sigma)."""
+        return [h for h in STEP_HOOKS if getattr(cls, h) is not getattr(ZOOptimizer, h)]
+
+    @classmethod
+    def can_two_pass(cls) -> bool:
+        """Whether the two-pass step applies: MeZO's step, and a sigma known before theta is restored."""
+        return not cls.custom_hooks() and not cls.sigma_reads_weights
+
+    def set_two_pass(self, on: bool = True) -> bool:
+        """Switch the two-pass step (see the module doc) on or off; returns whether it is on (False for a method
+        that cannot). Switching off restores theta first."""
+        if not on:
+            self.restore_()
+        self.two_pass = bool(on) and self.can_two_pass()
+        return self.two_pass
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        """Take theta back from the two-pass step's look-ahead perturbation (a no-op when none is applied): call it
+        before reading, evaluating or saving the weights between steps."""
+        if self._ahead is not None:
+            seed, coef = self._ahead
+            self._ahead = None
+            axpby_z_(self.blocks, seed, self.zsrc, [-c for c in coef])
 
     @property
     def eps(self) -> float:
@@ -167,15 +212,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         local, reduce_fn = closure, self.reduce_fn
         with self._step_scope(seed):
             sigma = self.sigma()
+            ahead = self._take_ahead(seed, sigma) if self.two_pass else False
             with eval_mode(self.module):
-                meas = self._probe(lambda: batch_mean(local(), reduce_fn), seed, sigma)
+                loss_fn = lambda: batch_mean(local(), reduce_fn)  # noqa: E731
+                meas = self._probe(loss_fn, seed, sigma, ahead=True) if ahead else self._probe(loss_fn, seed, sigma)
             if not meas.finite():
                 self._restore(meas, sigma)
                 raise NonFiniteLossError(
                     f"non-finite loss at step {self.step_count} ({meas.describe()}); parameters were restored. "
                     "Lower the learning rate or eps, or use --precision 32"
                 )
-            self._update(meas, sigma)
+            if self.two_pass:
+                self._update_ahead(meas, sigma)
+            else:
+                self._update(meas, sigma)
         self.step_count += 1
         self.last_probe = meas.probe
         return meas.loss
@@ -193,13 +243,39 @@ class ZOOptimizer(torch.optim.Optimizer):
         """theta += scale * u(seed) in place. Default: u_b = sigma_b * z_b(seed), Gaussian z."""
         perturb_(self.blocks, seed, self.zsrc, scale, sigma)
 
-    def _two_point(self, loss_fn: LossFn, seed: int, sigma: Sequence[float] | None) -> Probe:
-        """L(theta + eps*u) and L(theta - eps*u) along ``_perturb``; theta is left at theta - eps*u."""
-        return probe_with(loss_fn, lambda scale: self._perturb(seed, scale, sigma), self.eps, seed)
+    def _two_point(self, loss_fn: LossFn, seed: int, sigma: Sequence[float] | None, *, ahead: bool = False) -> Probe:
+        """L(theta + eps*u) and L(theta - eps*u) along ``_perturb``; theta is left at theta - eps*u. ``ahead``: theta
+        already sits at theta + eps*u (the two-pass step's look-ahead), so the first perturbation is skipped."""
+        return probe_with(loss_fn, lambda scale: self._perturb(seed, scale, sigma), self.eps, seed, perturbed=ahead)
 
-    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None) -> Measurement:
-        """The step's queries (run in eval mode). Default: one two-point probe."""
-        return Measurement(self._two_point(closure, seed, sigma))
+    def _probe(self, closure: LossFn, seed: int, sigma: Sequence[float] | None, *, ahead: bool = False) -> Measurement:
+        """The step's queries (run in eval mode). Default: one two-point probe. ``ahead`` is only ever True for a
+        method whose step is MeZO's (``can_two_pass``)."""
+        return Measurement(self._two_point(closure, seed, sigma, ahead=ahead))
+
+    # -- the two-pass step (see the module doc) ----------------------------------------------------
+    def _take_ahead(self, seed: int, sigma: Sequence[float] | None) -> bool:
+        """Whether theta already carries this step's +eps*u (else the probe applies it: the first step of a run,
+        or the first after ``restore_``). A look-ahead for another seed or scale is undone first."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return False
+        if ahead == (seed, self._ahead_coef(sigma)):
+            return True
+        self._ahead = ahead  # eps or sigma changed since it was applied (set by hand): undo it, start afresh
+        self.restore_()
+        return False
+
+    def _ahead_coef(self, sigma: Sequence[float] | None) -> list[float]:
+        return [self.eps * (1.0 if sigma is None else float(sigma[b.index])) for b in self.blocks]
+
+    def _update_ahead(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
+        """MeZO's fused restore and update of this step, plus the next step's +eps*u, in one pass."""
+        coef, decay = self._update_coefs(meas, sigma)
+        nxt = self.step_seed(self.step_count + 1)
+        ahead = self._ahead_coef(self.sigma())  # sigma does not read the weights (can_two_pass)
+        axpby2_z_(self.blocks, (meas.probe.seed, coef), (nxt, ahead), self.zsrc, decay)
+        self._ahead = (nxt, ahead)
 
     def _restore(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
         """Undo what ``_probe`` left on theta, for a non-finite ``meas``. Default: theta - eps*u -> theta."""
@@ -207,6 +283,11 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _update(self, meas: Measurement, sigma: Sequence[float] | None) -> None:
         """Restore theta from theta - eps*u and apply the update. Default: MeZO's SGD, fused."""
+        coef, decay = self._update_coefs(meas, sigma)
+        axpby_z_(self.blocks, meas.probe.seed, self.zsrc, coef, decay)
+
+    def _update_coefs(self, meas: Measurement, sigma: Sequence[float] | None) -> tuple[list[float], list[float]]:
+        """[B] coefficients of z and of theta of MeZO's fused restore-and-update."""
         g = meas.probe.projected_grad
         eps = self.eps
         coef, decay = [], []
@@ -216,7 +297,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             # d * (theta_minus + eps*s*z) - lr*g*s*z, i.e. restore, decay and step in one pass.
             coef.append(s * (eps * d - group["lr"] * g))
             decay.append(d)
-        axpby_z_(self.blocks, meas.probe.seed, self.zsrc, coef, decay)
+        return coef, decay
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from l2zo.config import FinetuneConfig, config_to_dict
+from l2zo.config import FinetuneConfig, ZArgs, config_to_dict
 from l2zo.errors import L2ZOError
 from l2zo.models import load_model
 from l2zo.models.adapters import AdaptedModel, apply_peft
@@ -95,12 +95,16 @@ def _digests(module: FinetuneModule) -> dict[str, Any]:
     return {"batch_digest": module.batch_digest, "batch_digests_head": list(module.batch_digests_head)}
 
 
-def _with_z_source(opt: torch.optim.Optimizer, cache_z: bool) -> torch.optim.Optimizer:
-    """--cache-z: the step's z is drawn once and kept (bit-identical parameters; see ZOOptimizer.set_z_source)."""
-    if cache_z and isinstance(opt, ZOOptimizer):
-        opt.set_z_source(cache=True)
-    elif cache_z:  # e.g. fo-adam in a compare that caches z for the ZO runs
-        log.info("--cache-z ignored: %s does not regenerate z", type(opt).__name__)
+def _with_z_source(opt: torch.optim.Optimizer, zo: ZArgs) -> torch.optim.Optimizer:
+    """--z-source, --cache-z and --two-pass applied to a ZO optimizer (see ``ZArgs``); other optimizers ignore them."""
+    if not isinstance(opt, ZOOptimizer):
+        if zo != ZArgs():  # e.g. fo-adam in a compare that caches z for the ZO runs
+            log.info("--z-source/--cache-z/--two-pass ignored: %s does not draw z", type(opt).__name__)
+        return opt
+    if zo != ZArgs():
+        opt.set_z_source(zsrc=zo.make_source())
+    if zo.two_pass and not opt.set_two_pass(True):
+        log.info("--two-pass ignored: %s's step is not MeZO's along a sigma known ahead", type(opt).__name__)
     return opt
 
 
@@ -223,7 +227,7 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
             model=loaded.model,
             scorer=scorer,
             loss_kind=task.loss_kind,
-            build_optimizer=lambda model: _with_z_source(build_optimizer(cfg.optimizer, model, **hp), cfg.cache_z),
+            build_optimizer=lambda model: _with_z_source(build_optimizer(cfg.optimizer, model, **hp), cfg.zo),
             zeroth_order=spec.zeroth_order,
             forwards_per_step=spec.forwards_per_step,
             lr_schedule=cfg.lr_schedule,

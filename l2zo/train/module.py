@@ -97,7 +97,16 @@ class FinetuneModule(L.LightningModule):
         ``self.strict_loading = False``, so that Lightning restores them into the full model)."""
         return self.state_dict()
 
+    def restore_weights(self) -> None:
+        """Take the two-pass step's look-ahead perturbation off the weights (``ZOOptimizer.restore_``): every
+        evaluation, checkpoint and the end of training see theta itself."""
+        trainer = self._trainer  # None outside a Trainer
+        for opt in trainer.optimizers if trainer is not None else ():
+            if isinstance(opt, ZOOptimizer):
+                opt.restore_()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restore_weights()  # before the weights are read (Lightning's own copy of them references the same tensors)
         checkpoint["state_dict"] = self.checkpoint_weights()
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -209,7 +218,11 @@ class FinetuneModule(L.LightningModule):
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=int(batch.labels.numel()))
 
     # -- evaluation: sums over the whole split, logged once per evaluation -------------------------
+    def on_train_end(self) -> None:
+        self.restore_weights()
+
     def _eval_start(self) -> None:
+        self.restore_weights()
         self._sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
 
     def _eval_step(self, batch: ScoringBatch) -> None:

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from l2zo.config import DistributedArgs, FinetuneConfig, config_to_dict
+from l2zo.config import DistributedArgs, FinetuneConfig, ZArgs, config_to_dict
 from l2zo.config.checks import flag
 from l2zo.errors import L2ZOError
 from l2zo.train.checkpoints import last_checkpoint, read_checkpoint
@@ -22,9 +22,10 @@ from l2zo.utils.runstatus import OK
 RUN_KEY = "l2zo_finetune_run"  # the run's part of a checkpoint: its config and wall time so far
 # Config keys a resumed run may change: the step budget, and knobs that change neither the batches, the
 # updates nor the evaluations (how often checkpoints are written, the progress bar, saving the final model).
-# The devices too: a data-parallel run resumes on one process (the same run up to float summation order).
+# The devices too: a data-parallel run resumes on one process (the same run up to float summation order); and how
+# z is applied (a cached z, two passes), never what z is (--z-source, --z-table-size: what a seed means).
 RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "progress", "save_model", "dist.devices", "dist.num_nodes",
-                     "dist.strategy", "dist.checksum_every")  # fmt: skip
+                     "dist.strategy", "dist.checksum_every", "zo.cache_z", "zo.two_pass")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,11 @@ def check_resume(cfg: FinetuneConfig, logdir: Path) -> ResumePoint:
     run = ckpt.get(RUN_KEY)
     if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
         raise L2ZOError(f"--resume: {path} was not written by `l2zo finetune`; start the run again with --overwrite")
-    # A run saved before --devices existed ran on one process: its dist group is the default.
-    saved = _flat({"dist": dataclasses.asdict(DistributedArgs()), **run["config"]}, cfg)
+    # A run saved before --devices existed ran on one process: its dist group is the default; one saved before
+    # --z-source drew z by randn, with cache_z at the top.
+    old = dict(run["config"])
+    zo = {**dataclasses.asdict(ZArgs()), **({"cache_z": old.pop("cache_z")} if "cache_z" in old else {})}
+    saved = _flat({"dist": dataclasses.asdict(DistributedArgs()), "zo": zo, **old}, cfg)
     now = _flat(config_to_dict(cfg), cfg)
     keys = [*now, *(k for k in saved if k not in now)]
     # logdir: the checkpoint is in it (a run folder may have been moved).

@@ -35,10 +35,6 @@ from torch.optim import Optimizer
 from l2zo.errors import L2ZOError
 from l2zo.optim.base import ZOOptimizer
 
-# The hooks of ZOOptimizer's step (l2zo.optim.base). A method overriding any of them, or whose sigma() reads the
-# weights, does something per entry that a shard cannot do alone.
-_STEP_HOOKS = ("_step_scope", "_perturb", "_two_point", "_probe", "_restore", "_update")
-
 
 def check_shardable(opt: Optimizer) -> None:
     """Refuse an optimizer that cannot run on row shards (see the module doc), with the fix.
@@ -48,8 +44,9 @@ def check_shardable(opt: Optimizer) -> None:
     if not isinstance(opt, ZOOptimizer):
         return
     cls = type(opt)
-    custom = [h for h in _STEP_HOOKS if getattr(cls, h) is not getattr(ZOOptimizer, h)]
-    reads_weights = hasattr(opt, "raw_sigma")  # the learned optimizer: sigma from per-block weight statistics
+    # A method overriding a step hook (l2zo.optim.base), or whose sigma() reads the weights (the learned
+    # optimizer's per-block statistics), does something per entry that a shard cannot do alone.
+    custom, reads_weights = cls.custom_hooks(), cls.sigma_reads_weights
     if custom or reads_weights:
         what = f"its own {', '.join(h.strip('_') for h in custom)}" if custom else "a sigma from the weights"
         raise L2ZOError(

@@ -62,6 +62,8 @@ class LearnedZO(ZOOptimizer):
         last_c: the normalisation constant of the last step.
     """
 
+    sigma_reads_weights = True  # the features' per-block weight mean and variance
+
     def __init__(
         self,
         params: ParamsLike,
