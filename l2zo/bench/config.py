@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 
-from l2zo.config import Device, Precision, check_fields, split_list
+from l2zo.config import Device, Precision, ZArgs, check_fields, split_list
 from l2zo.errors import L2ZOError
 
 REFERENCE = "mezo-reference"  # the row of MeZO's published loop (l2zo.bench.reference)
 INFERENCE = "inference"  # the row of one forward pass
+
+# Row-name suffixes: how the row's optimizer draws and applies z (ZArgs).
+VARIANTS = {"cache-z": {"cache_z": True}, "table": {"z_source": "table"}, "two-pass": {"two_pass": True}}
+NOTES = {"cache-z": "z drawn once per step into one parameter-sized copy",
+         "table": "z from a 16 MiB noise table (--z-source table)",
+         "two-pass": "two passes over the weights a step (--two-pass)"}  # fmt: skip
+
+
+def split_row(name: str) -> tuple[str, ZArgs]:
+    """'mezo+table+two-pass' -> ('mezo', ZArgs(z_source='table', two_pass=True)); a plain name gets ZArgs()."""
+    opt_name, *variants = name.split("+")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise L2ZOError(f"unknown bench row variant {'+'.join(unknown)!r} in {name!r}; use {', '.join(VARIANTS)}")
+    return opt_name, ZArgs(**{k: v for var in variants for k, v in VARIANTS[var].items()})
 
 
 @dataclasses.dataclass
@@ -39,6 +54,10 @@ class BenchConfig:
     """also time MeZO's published loop (four regenerations, out of place, global RNG)"""
     cache_z: bool = False
     """also time mezo with the cached-z mode (one generation per step, one parameter-sized copy)"""
+    z_paths: bool = True
+    """also time the memory-speed paths: mezo and learned with z from a noise table (mezo+table, learned+table), mezo
+    with the table and two passes a step (mezo+table+two-pass), and one pass over the table (z-pass-table). Any
+    optimizer row may name them itself: NAME+table, NAME+two-pass, NAME+cache-z"""
     profile: bool = True
     """also time one regeneration pass of z over all blocks (threaded and 1 thread): where a step's overhead goes"""
     memory: bool = True
@@ -65,5 +84,5 @@ class BenchConfig:
 
         known = optimizer_specs()
         for name in self.optimizers:
-            if name not in known:
+            if split_row(name)[0] not in known:
                 raise L2ZOError(f"unknown optimizer {name!r} in --optimizers; valid: {', '.join(sorted(known))}")

@@ -12,17 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-from l2zo.bench.config import INFERENCE, REFERENCE, BenchConfig
+from l2zo.bench.config import INFERENCE, NOTES, REFERENCE, BenchConfig, split_row
 from l2zo.bench.reference import mezo_reference_step
 from l2zo.bench.workload import Workload, default_artifact
+from l2zo.config import ZArgs
 from l2zo.engine import ZSource, axpby_z_, partition
+from l2zo.errors import L2ZOError
 from l2zo.optim import build_optimizer, get_optimizer_spec
-from l2zo.optim.base import ZOOptimizer
+from l2zo.optim.z_options import apply_z_args
 
 BENCH_LR = 1e-7
 CACHED = "mezo+cache-z"
+Z_PATHS = ("mezo+table", "mezo+table+two-pass", "learned+table")
 Z_PASS = "z-pass"  # profile rows: one regeneration pass over all blocks, theta += 1e-12 * z
 Z_PASS_1 = "z-pass-1thread"
+Z_PASS_TABLE = "z-pass-table"
 
 
 @dataclass
@@ -39,10 +43,12 @@ def row_names(cfg: BenchConfig) -> list[str]:
     names = [INFERENCE, *cfg.optimizers]
     if cfg.cache_z:
         names.append(CACHED)
+    if cfg.z_paths:
+        names += [n for n in Z_PATHS if split_row(n)[0] in cfg.optimizers and n not in names]
     if cfg.reference:
         names.append(REFERENCE)
     if cfg.profile:
-        names += [Z_PASS, Z_PASS_1]
+        names += [Z_PASS, Z_PASS_1] + ([Z_PASS_TABLE] if cfg.z_paths else [])
     return names
 
 
@@ -56,15 +62,23 @@ def build_row(name: str, cfg: BenchConfig, wl: Workload) -> Row:
                 wl.loss()
 
         return Row(name, "forward", forward)
-    if name in (Z_PASS, Z_PASS_1):
+    if name in (Z_PASS, Z_PASS_1, Z_PASS_TABLE):
         blocks = partition(model)
-        zsrc = ZSource(workers=1) if name == Z_PASS_1 else ZSource()
+        zsrc = (
+            ZSource(workers=1)
+            if name == Z_PASS_1
+            else ZArgs(z_source="table").make_source()
+            if name == Z_PASS_TABLE
+            else ZSource()
+        )
         coef = [1e-12] * len(blocks)
 
         def z_pass() -> None:
             axpby_z_(blocks, random.getrandbits(62), zsrc, coef)
 
-        return Row(name, "profile", z_pass, f"one regeneration pass, {zsrc.workers} thread(s) drawing z")
+        what = "one pass adding windows of the noise table" if zsrc.table is not None else (
+            f"one regeneration pass, {zsrc.workers} thread(s) drawing z")  # fmt: skip
+        return Row(name, "profile", z_pass, what)
     if name == REFERENCE:
         rng = random.Random(0)
 
@@ -73,17 +87,19 @@ def build_row(name: str, cfg: BenchConfig, wl: Workload) -> Row:
                 mezo_reference_step(model, wl.loss, lr=BENCH_LR, rng=rng)
 
         return Row(name, "reference", reference, "MeZO's published loop: 4 regenerations, out of place, global RNG")
-    opt_name, note, kwargs = ("mezo" if name == CACHED else name), "", {}
+    opt_name, zo = split_row(name)
+    note, kwargs = "; ".join(NOTES[v] for v in name.split("+")[1:]), {}
     if opt_name == "learned":
         artifact = cfg.artifact or default_artifact(cfg.model)
         if artifact is None:
-            opt_name, note = "learned-random", "no artifact for this model: a fresh net (the same cost)"
+            opt_name = "learned-random"
+            note = "; ".join(x for x in ("no artifact for this model: a fresh net (the same cost)", note) if x)
         else:
             kwargs["artifact"] = str(artifact)
     opt = build_optimizer(opt_name, model, lr=BENCH_LR, **kwargs)
-    if name == CACHED and isinstance(opt, ZOOptimizer):
-        opt.set_z_source(cache=True)
-        note = "z drawn once per step into one parameter-sized copy"
+    ignored = apply_z_args(opt, zo)
+    if ignored:
+        raise L2ZOError(f"bench row {name!r}: {ignored[0]}")
     if get_optimizer_spec(opt_name).zeroth_order:
 
         def zo_step() -> None:

@@ -33,6 +33,7 @@ from l2zo.models.loading import LoadedModel, check_device
 from l2zo.optim.base import ZOOptimizer
 from l2zo.optim.registry import OptimizerSpec, build_optimizer, get_optimizer_spec
 from l2zo.optim.run_hparams import optimizer_hparams
+from l2zo.optim.z_options import apply_z_args
 from l2zo.tasks.base import TaskData
 from l2zo.tasks.loading import load_task_data
 from l2zo.tasks.scoring import CandidateScorer
@@ -96,15 +97,9 @@ def _digests(module: FinetuneModule) -> dict[str, Any]:
 
 
 def _with_z_source(opt: torch.optim.Optimizer, zo: ZArgs) -> torch.optim.Optimizer:
-    """--z-source, --cache-z and --two-pass applied to a ZO optimizer (see ``ZArgs``); other optimizers ignore them."""
-    if not isinstance(opt, ZOOptimizer):
-        if zo != ZArgs():  # e.g. fo-adam in a compare that caches z for the ZO runs
-            log.info("--z-source/--cache-z/--two-pass ignored: %s does not draw z", type(opt).__name__)
-        return opt
-    if zo != ZArgs():
-        opt.set_z_source(zsrc=zo.make_source())
-    if zo.two_pass and not opt.set_two_pass(True):
-        log.info("--two-pass ignored: %s's step is not MeZO's along a sigma known ahead", type(opt).__name__)
+    """--z-source, --cache-z and --two-pass on the run's optimizer (``apply_z_args``); what it ignores is logged."""
+    for note in apply_z_args(opt, zo):
+        log.info(note)
     return opt
 
 
