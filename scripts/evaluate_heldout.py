@@ -56,6 +56,8 @@ def optimizer_items(a: argparse.Namespace) -> list[str]:
 
 def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
     tuning = ["--lr-grid", a.lr_grid, "--tune-steps", str(a.tune_steps or a.steps)] if a.lr_grid else []
+    if a.lr_grid and a.tune_seed is not None:  # a seed outside --seeds: no evaluated run is also a tuning run
+        tuning += ["--tune-seed", str(a.tune_seed)]
     return ["--model", model, "--task", task, "--data-dir", a.data_dir, "--optimizers", ",".join(optimizer_items(a)),
             "--steps", str(a.steps), "--seeds", a.seeds, "--batch-size", str(a.batch_size), "--eval-every",
             str(a.eval_every), "--num-train", str(a.num_train), "--num-dev", str(a.num_dev), "--num-test",
@@ -91,7 +93,10 @@ def _base_env() -> dict[str, str]:
 
 def aggregate(a: argparse.Namespace) -> None:
     lr = (
-        f"lr tuned on dev from {a.lr_grid} ({a.tune_steps or a.steps} steps, first seed)" if a.lr_grid else f"lr {a.lr}"
+        f"lr tuned on dev from {a.lr_grid} ({a.tune_steps or a.steps} steps, seed "
+        f"{a.seeds.split(',')[0] if a.tune_seed is None else a.tune_seed})"
+        if a.lr_grid
+        else f"lr {a.lr}"
     )
     title = f"Held-out evaluation: {a.steps} steps, {lr}, batch {a.batch_size}, {a.precision}"
     md = write_heldout(Path(a.out), ROOT / a.docs, a.models.split(","), a.tasks.split(","), title,
@@ -111,6 +116,9 @@ def main() -> None:
         "--lr-grid", default=None, help="tune each optimizer's lr on dev from this grid (compare --lr-grid)"
     )
     ap.add_argument("--tune-steps", type=int, default=None, help="steps of each lr-tuning run (default: --steps)")
+    ap.add_argument(
+        "--tune-seed", type=int, default=None, help="seed of the lr-tuning runs (default: first of --seeds)"
+    )
     ap.add_argument("--baseline", default=None, help="the reference of each compare's paired table")
     ap.add_argument("--champions", default="learned", help="run labels whose paired wins are counted")
     ap.add_argument("--steps", type=int, default=100)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 15 on the tiny world: meta-train each recipe (objective x features) once, then the held-out evaluation
+# (lr tuned on dev per optimizer, 5 paired seeds) on tiny and tiny-derived x synth-color. EVALUATION.md §0b.
+#   bash scripts/tiny_recipes.sh meta A      # recipes expected, distill, distill-feat (one core, ~25 min)
+#   bash scripts/tiny_recipes.sh meta B      # recipe es (one core, ~50 min)
+#   bash scripts/tiny_recipes.sh heldout     # two compares side by side (~45 min each on one core)
+# Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
+# artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
+# tables go to docs/results/heldout-tiny/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=runs/recipes
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# On-policy trajectories (no teacher), at the inner lr the held-out runs use, one trajectory of 300 meta-steps.
+COMMON="--config meta_configs/tiny.yaml --steps 300 --p-teacher 0 --inner-lr 2e-4 --reset-every 300 \
+  --checkpoint-every 25 --no-progress"
+FEATS="--feature-log-numel --feature-weight-norm --feature-drift --feature-curvature fisher --feature-grad-rms"
+declare -A RECIPES=(
+  [expected]="--objective expected"
+  [distill]="--objective distill"
+  [distill-feat]="--objective distill $FEATS"
+  [es]="--objective es --unroll-steps 10 --es-pairs 4 --batch-size 8 --outer-batch heldout"
+)
+declare -A CHAINS=([A]="expected distill distill-feat" [B]="es")
+
+meta() {  # meta-train one recipe, resuming from its last checkpoint
+  local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
+  [ -f "$art/l2zo_artifact.json" ] && return 0
+  if [ -f "$logdir/checkpoints/last.ckpt" ]; then resume=(--resume "$logdir/checkpoints/last.ckpt"); fi
+  local t0=$SECONDS
+  # shellcheck disable=SC2086
+  $PY -m l2zo.cli.main meta-train $COMMON ${RECIPES[$name]} --output "$art" --logdir "$logdir" "${resume[@]}" \
+    >>"$OUT/meta/$name.log" 2>&1
+  echo "$name: $((SECONDS - t0)) s wall this leg ($(date -u +%FT%TZ), $(lscpu | sed -n 's/Model name: *//p'))" \
+    >>"$OUT/meta/costs.txt"
+}
+
+case ${1:-} in
+  meta)
+    mkdir -p "$OUT/meta"
+    for name in ${CHAINS[${2:?chain A or B}]}; do meta "$name"; done
+    ;;
+  heldout)
+    opts="mezo,learned-random,per-block-const,learned:label=learned-greedy"
+    for name in expected distill distill-feat es; do
+      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] && opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name"
+    done
+    $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny,tiny-derived \
+      --tasks synth-color --optimizers "$opts" --steps 300 --seeds 0,1,2,3,4 --batch-size 16 --eval-every 50 \
+      --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid 1e-4,2e-4,4e-4,8e-4 \
+      --tune-seed 100 --baseline mezo --champions learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es \
+      --out "$OUT/heldout" --docs docs/results/heldout-tiny --jobs 2 --threads 1
+    ;;
+  *) echo "usage: $0 meta A|B | heldout" >&2; exit 2 ;;
+esac
