@@ -39,14 +39,18 @@ def time_rows(rows: list[Row], device: torch.device, steps: int, warmup: int) ->
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
     except OSError:
         pass
     info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "device": str(device)}  # fmt: skip
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "device": str(device),
+            # What decides the fast paths on a CPU: wide vectors for the passes, bf16 arithmetic for bf16-mixed.
+            "avx512": "avx512f" in flags, "bf16_arithmetic": bool(flags & {"avx512_bf16", "amx_bf16"})}  # fmt: skip
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
