@@ -10,7 +10,7 @@ from l2zo.engine import NoiseTable, ZSource
 from l2zo.engine.noise_table import WINDOW
 
 
-def _table_source(size: int = 1 << 20) -> ZSource:
+def _table_source(size: int = 1 << 19) -> ZSource:
     return ZSource(table=NoiseTable(size))
 
 
@@ -37,13 +37,13 @@ def test_the_same_seed_gives_the_same_z_and_others_differ() -> None:
     assert not torch.equal(z, ZSource().full(param, 7, 2))  # never the randn source's z
     z2 = pickle.loads(pickle.dumps(a)).full(param, 7, 2)  # a pickled source keeps its table
     assert torch.equal(z, z2)
-    assert a.describe() == {"kind": "table", "size": 1 << 20, "table_seed": 0, "window": WINDOW}
+    assert a.describe() == {"kind": "table", "size": 1 << 19, "table_seed": 0, "window": WINDOW}
 
 
 def test_a_blocks_z_has_mean_0_and_variance_1() -> None:
-    """Over a block of 2^20 entries (1,024 windows): |mean| < 5/sqrt(n) and |var - 1| < 5*sqrt(2/n) (the bounds of
-    iid N(0,1) entries; windows of the 2^20-entry table rarely overlap), for several seeds and blocks."""
-    n = 1 << 20
+    """Over a block of 2^18 entries (512 windows): |mean| < 5/sqrt(n) and |var - 1| < 5*sqrt(2/n) (the bounds of
+    iid N(0,1) entries; windows of the 2^19-entry table rarely overlap), for several seeds and blocks."""
+    n = 1 << 18
     src = _table_source()
     for seed, block in ((0, 0), (1, 5), (123456789, 2)):
         z = src.full(torch.empty(n), seed, block).double()

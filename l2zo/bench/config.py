@@ -13,7 +13,7 @@ INFERENCE = "inference"  # the row of one forward pass
 # Row-name suffixes: how the row's optimizer draws and applies z (ZArgs).
 VARIANTS = {"cache-z": {"cache_z": True}, "table": {"z_source": "table"}, "two-pass": {"two_pass": True}}
 NOTES = {"cache-z": "z drawn once per step into one parameter-sized copy",
-         "table": "z from a 4 MiB noise table (--z-source table)",
+         "table": "z from a 2 MiB noise table (--z-source table)",
          "two-pass": "two passes over the weights a step (--two-pass)"}  # fmt: skip
 
 

@@ -26,7 +26,7 @@ class ZArgs:
     one seeded table of N(0,1) noise (memory speed; another definition of z: see l2zo/engine/noise_table.py)"""
     z_table_size: int = DEFAULT_SIZE
     """entries of the noise table (--z-source table): its memory, and how close E[z z^T] is to the identity
-    (eigenvalues within about 1 +/- 3*sqrt(4096/size))"""
+    (eigenvalues within about 1 +/- 3*sqrt(512/size))"""
     cache_z: bool = False
     """ZO optimizers draw z once per step and keep it (one parameter-sized copy): same parameters, fewer
     regenerations (--z-source randn only; see BENCHMARKS.md)"""

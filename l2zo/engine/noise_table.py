@@ -20,13 +20,13 @@ Statistics (tested in tests/test_noise_table.py), for u = z of one block, offset
   eigenvalues are averages of the table's power spectrum over about size / WINDOW frequencies, so they lie within
   about 1 +/- 3 sqrt(WINDOW / size). The SPSA estimate is therefore unbiased for the gradient preconditioned by
   this fixed R (a descent direction), and exactly unbiased for the gradient as size / WINDOW grows: with the default
-  2^20 entries and 1,024-entry windows, R's eigenvalues lie within about 1 +/- 0.1;
+  2^19 entries and 512-entry windows, R's eigenvalues lie within about 1 +/- 0.1;
 * two windows of a step overlap (share table entries) with probability about 2 * WINDOW / size each, which is what
   makes entries of different windows equal, never correlated in expectation.
 
 Cost: a window is a contiguous slice of the table, gathered in groups of ``GROUP`` windows into one reusable buffer
 (1 MiB) and added into theta: memory traffic only, ~10x cheaper than ``randn`` on CPU. The table costs ``size``
-entries once per device and dtype (4 MiB at the default size in fp32: within the 5% memory budget over inference
+entries once per device and dtype (2 MiB at the default size in fp32: within the 5% memory budget over inference
 on SmolLM2-135M, and resident in a server CPU's last-level cache). It is drawn and standardised in chunks, so
 building it never holds more than the table and one 2 MiB chunk.
 """
@@ -39,9 +39,9 @@ import torch
 
 from l2zo.engine.hashing import mix_seed
 
-WINDOW = 1 << 10  # entries of z per table window (part of the definition of z)
-GROUP = 256  # windows gathered per buffer: 256K entries, 1 MiB in fp32
-DEFAULT_SIZE = 1 << 20
+WINDOW = 1 << 9  # entries of z per table window (part of the definition of z)
+GROUP = 512  # windows gathered per buffer: 256K entries, 1 MiB in fp32
+DEFAULT_SIZE = 1 << 19
 _DRAW_CHUNK = 1 << 18  # fp64 entries drawn at a time while building the table (2 MiB)
 _TAG = 0x5A7AB1E  # separates the offsets' seeds from the Mersenne-twister source's chunk seeds
 
@@ -57,7 +57,7 @@ class NoiseTable:
     def __init__(self, size: int = DEFAULT_SIZE, table_seed: int = 0) -> None:
         if int(size) < 2 * WINDOW:
             raise ValueError(
-                f"a noise table needs at least {2 * WINDOW} entries (got {size}); use 1048576 (the default)"
+                f"a noise table needs at least {2 * WINDOW} entries (got {size}); use 524288 (the default)"
             )
         self.size = int(size)
         self.table_seed = int(table_seed)
