@@ -114,7 +114,9 @@ def plot_scaling(recs: dict[str, dict], path: Path) -> None:
         axes[0].loglog(
             params, [r["inference"]["median_s"] * 2 for _, r in pts], "k" + style + "o", label=f"2 forwards ({prec})"
         )
-        for opt in ("mezo", "learned"):
+        for opt in ("mezo", "learned", "mezo+table+two-pass"):
+            if not all(opt in r for _, r in pts):  # a row older records lack
+                continue
             axes[0].loglog(params, [r[opt]["median_s"] for _, r in pts], style + "o", label=f"{opt} step ({prec})")
             axes[1].semilogx(params, [r[opt]["step_over_2fwd"] for _, r in pts], style + "o", label=f"{opt} ({prec})")
         axes[2].loglog(params, [max(r["inference"].get("peak_mb", 0), 1) for _, r in pts], "k" + style + "o",
@@ -147,9 +149,15 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
     from l2zo.engine.seeding import Z_CHUNK, ZSource
 
     r32 = recs["smollm2-135m-32"]["rows"]
+
     # bf16 figures: SmolLM2's where measured, else the largest config measured in both precisions.
+    def same_machine(a: str, b: str) -> bool:
+        ma, mb = recs[a]["machine"], recs[b]["machine"]
+        return (ma["cpu"], _isa(ma)) == (mb["cpu"], _isa(mb))
+
     bf16_model = next((m for m in ("smollm2-135m", "llama-30m", "llama-10m", "tiny")
-                       if f"{m}-bf16-mixed" in recs and f"{m}-32" in recs), None)  # fmt: skip
+                       if f"{m}-bf16-mixed" in recs and f"{m}-32" in recs
+                       and same_machine(f"{m}-bf16-mixed", f"{m}-32")), None)  # fmt: skip
     rbf = recs[f"{bf16_model}-bf16-mixed"]["rows"] if bf16_model else {}
     rbf32 = recs[f"{bf16_model}-32"]["rows"] if bf16_model else {}
     on_smollm2 = bf16_model == "smollm2-135m"
@@ -184,9 +192,10 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
         "cached_32_mib": f"{r32['mezo+cache-z'].get('peak_mb', float('nan')):.0f}",
         "budget_32": f"{budget:.2f}", "budget_pass_32": f"{budget / 3:.2f}",
         "gen_rate_needed": f"{params / (budget / 3) / 1e6:.0f}", "gen_speedup_needed": f"{zpass / (budget / 3):.1f}",
-        "bf16_model": bf16_model or "not measured",
-        "bf16_ratio": f"{rbf['mezo']['step_over_2fwd']:.2f}" if rbf else "-",
-        "bf16_fwd_ratio": f"{rbf['inference']['median_s'] / rbf32['inference']['median_s']:.2f}" if rbf else "-",
+        "bf16_sentence": (f"In bf16-mixed the passes cost the same (theta and z stay fp32) while a forward takes "
+                          f"{rbf['inference']['median_s'] / rbf32['inference']['median_s']:.2f}x its fp32 time on this "
+                          f"CPU ({bf16_model}), so mezo's ratio there is {rbf['mezo']['step_over_2fwd']:.2f}x."
+                          if rbf else "bf16-mixed was not measured on this machine."),
         "ns_per_number": f"{r32['z-pass-1thread']['median_s'] / params * 1e9:.1f}",
         "two_thread_speedup": f"{r32['z-pass-1thread']['median_s'] / zpass:.1f}",
         "ring_mib": f"{(workers + 1) * Z_CHUNK * 4 / 2**20:.0f}",
@@ -197,7 +206,31 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
         "learned_over_mezo_32": f"{r32['learned']['median_s'] / step:.2f}",
         "learned_over_mezo_bf16": bf16_clause(lambda: rbf["learned"]["median_s"] / rbf["mezo"]["median_s"]),
     }  # fmt: skip
+    v.update(table_values(r32, params, fwd2))
     return v
+
+
+def table_values(r32: dict[str, dict], params: int, fwd2: float) -> dict[str, str]:
+    """The noise-table and two-pass figures of ANALYSIS.md, from SmolLM2's fp32 rows."""
+    if "z-pass-table" not in r32:
+        return {k: "not measured" for k in TABLE_KEYS}
+    tpass, zpass = r32["z-pass-table"]["median_s"], r32["z-pass"]["median_s"]
+    t3, t2 = r32["mezo+table"]["median_s"], r32["mezo+table+two-pass"]["median_s"]
+    lt = r32["learned+table"]["median_s"]
+    return {
+        "tpass_32": f"{tpass:.3f}", "tpass_ns": f"{tpass / params * 1e9:.2f}", "tpass_speedup": f"{zpass / tpass:.0f}",
+        "table3_32": f"{r32['mezo+table']['step_over_2fwd']:.2f}", "table2_32": f"{t2 / fwd2:.2f}",
+        "table3_rest": f"{t3 - fwd2 - 3 * tpass:.2f}", "table2_rest": f"{t2 - fwd2 - 2 * tpass:.2f}",
+        "two_pass_delta": f"{abs(t3 - t2):.2f} s {'less' if t2 < t3 else 'more'}", "table_peak_32": f"{r32['mezo+table'].get('peak_over_inference', float('nan')):.2f}",
+        "learned_table_over_table3": f"{lt / t3:.2f}", "learned_table_over_best": f"{lt / min(t3, t2):.2f}",
+        "table_speedup_ref": f"{r32['mezo-reference']['median_s'] / min(t3, t2):.2f}",
+        "learned_table_32": f"{lt / fwd2:.2f}",
+    }  # fmt: skip
+
+
+TABLE_KEYS = ("tpass_32", "tpass_ns", "tpass_speedup", "table3_32", "table2_32", "table3_rest", "table2_rest",
+              "two_pass_delta", "table_peak_32", "learned_table_over_table3", "learned_table_over_best",
+              "table_speedup_ref", "learned_table_32")  # fmt: skip
 
 
 def _isa(mach: dict) -> str:
@@ -212,22 +245,37 @@ def render(data_dir: str | None) -> str:
     recs = _load(OUT)
     gpu = _load(OUT / "gpu") if (OUT / "gpu").is_dir() else {}
     plot_scaling(recs, OUT / "scaling.png")
-    any_rec = next(iter(recs.values()))
+    # The machine line is the newest record's (the one with the ISA flags); configurations kept from an earlier
+    # session on another machine are listed as such below the targets.
+    any_rec = next((r for r in recs.values() if "avx512" in r["machine"]), next(iter(recs.values())))
     mach = any_rec["machine"]
+    from l2zo.bench.config import NOTES
+
+    stale_table = [
+        n for n, r in recs.items() if r["rows"].get("mezo+table", {}).get("note", NOTES["table"]) != NOTES["table"]
+    ]
+    older = [n for n, r in recs.items() if (r["machine"]["cpu"], _isa(r["machine"])) != (mach["cpu"], _isa(mach))]
     parts = [(ROOT / "docs" / "bench" / "INTRO.md").read_text().strip(), "",
              "## Machine", "",
              (f"{mach['cpu']}, {_isa(mach)}, {mach['cpu_count']} cores, {mach['threads']} torch threads, "
               f"torch {mach['torch']}, Python {mach['python']}, {mach['platform']}."), "",
              "## Targets", "", targets(recs), "",
+             *([f"Measured with an earlier noise-table size (see each row's note): "
+                f"{', '.join(f'`{n}`' for n in stale_table)}."] if stale_table else []), "",
+             *([f"Kept from an earlier session (another CPU, or a record without its ISA flags), so not comparable "
+                f"with the rows above: {', '.join(f'`{n}`' for n in older)}."] if older else []), "",
              *[f"`{n}`: not measured on this machine (run `python scripts/bench_all.py --only {n}`)." for n in configs(data_dir)
                if n not in recs], "",
              "## Scaling", "", "![step time, overhead and peak memory against parameter count](docs/bench/scaling.png)", "",
-             "| model | precision | parameters | 2 forwards s | mezo step s | mezo x 2 fwd | learned x 2 fwd | mezo peak MiB | inference peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| model | precision | parameters | 2 forwards s | mezo step s | mezo x 2 fwd | learned x 2 fwd | "
+             "mezo+table x 2 fwd | mezo+table+two-pass x 2 fwd | mezo peak MiB | inference peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for _name, rec in sorted(recs.items(), key=lambda kv: (kv[1]["config"]["precision"], kv[1]["model_params"])):
         r = rec["rows"]
         parts.append(f"| {rec['config']['model']} | {rec['config']['precision']} | {rec['model_params'] / 1e6:.1f}M | {2 * r['inference']['median_s']:.3f} | "
                      f"{r['mezo']['median_s']:.3f} | {r['mezo']['step_over_2fwd']:.2f} | {r['learned']['step_over_2fwd']:.2f} | "
+                     f"{_f(r.get('mezo+table', {}).get('step_over_2fwd'), '.2f')} | "
+                     f"{_f(r.get('mezo+table+two-pass', {}).get('step_over_2fwd'), '.2f')} | "
                      f"{_f(r['mezo'].get('peak_mb'), '.0f')} | {_f(r['inference'].get('peak_mb'), '.0f')} |")  # fmt: skip
     parts += ["", "## Every configuration", ""]
     for name, rec in recs.items():
