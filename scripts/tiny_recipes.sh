@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 on the tiny world: meta-train each recipe (objective x features) once, then the held-out evaluation
-# (lr tuned on dev per optimizer, 5 paired seeds) on tiny and tiny-derived x synth-color. EVALUATION.md §0b.
+# (lr tuned on dev per optimizer, 3 paired seeds) on tiny and tiny-derived x synth-color. EVALUATION.md §0b.
 #   bash scripts/tiny_recipes.sh meta A      # recipes expected, distill, distill-feat (one core, ~25 min)
-#   bash scripts/tiny_recipes.sh meta B      # recipe es (one core, ~50 min)
+#   bash scripts/tiny_recipes.sh meta B      # recipe es (one core, ~35 min)
 #   bash scripts/tiny_recipes.sh heldout     # two compares side by side (~45 min each on one core)
 # Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
 # artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
@@ -20,8 +20,8 @@ declare -A RECIPES=(
   [expected]="--objective expected"
   [distill]="--objective distill"
   [distill-feat]="--objective distill $FEATS"
-  # es: 150 meta-steps, because each costs 4 antithetic pairs of 10-step fine-tunes (~20 s on one core)
-  [es]="--objective es --unroll-steps 10 --es-pairs 4 --batch-size 8 --outer-batch heldout --steps 150"
+  # es: 100 meta-steps, because each costs 4 antithetic pairs of 10-step fine-tunes (~20 s on one core)
+  [es]="--objective es --unroll-steps 10 --es-pairs 4 --batch-size 8 --outer-batch heldout --steps 100"
 )
 declare -A CHAINS=([A]="expected distill distill-feat" [B]="es")
 
@@ -45,13 +45,13 @@ case ${1:-} in
   heldout)
     opts="mezo,learned-random,per-block-const,learned:label=learned-greedy"
     # expected's net wants a larger lr than MeZO's (its 150-step tuning runs were still improving at 4e-4)
-    grid="1e-4,2e-4,4e-4,8e-4;learned-expected=4e-4,8e-4,1.6e-3,3.2e-3"
+    grid="2e-4,4e-4,8e-4;learned-expected=8e-4,1.6e-3,3.2e-3"
     for name in expected distill distill-feat es; do
       [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] && opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name"
     done
     [ -f "$OUT/art/tiny-expected/l2zo_artifact.json" ] || grid=${grid%%;*}
     $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny,tiny-derived \
-      --tasks synth-color --optimizers "$opts" --steps 300 --seeds 0,1,2,3,4 --batch-size 16 --eval-every 50 \
+      --tasks synth-color --optimizers "$opts" --steps 300 --seeds 0,1,2 --batch-size 16 --eval-every 50 \
       --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$grid" \
       --tune-seed 100 --baseline mezo --champions learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es \
       --out "$OUT/heldout" --docs docs/results/heldout-tiny --jobs 2 --threads 1
