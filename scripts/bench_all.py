@@ -3,7 +3,7 @@
     python scripts/bench_all.py [--data-dir ../shared/data] [--only smollm2-135m-bf16-mixed ...] [--render-only]
 
 Each configuration is one `l2zo bench` process (the same command lines BENCHMARKS.md lists), run one after
-the other on an otherwise idle machine: about 15 minutes on a 2-core CPU. --render-only rebuilds the markdown
+the other on an otherwise idle machine: 15-60 minutes on a 2-core CPU. --render-only rebuilds the markdown
 and the plot from the JSON files already in docs/bench/. On a CUDA machine it runs the same configurations on
 the GPU and writes them under docs/bench/gpu/, which fills BENCHMARKS.md's GPU section.
 """
