@@ -195,13 +195,16 @@ def test_listing_commands(capsys):
 
 
 def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
-    """The quick start's main job, with a 3-step budget: the shipped artifact, three runs, one table."""
+    """The quick start's main job, with a 3-step budget: the shipped artifact, three optimizers on three paired
+    seeds, the table and the paired 95% CIs against mezo."""
     assert main(["demo", "--steps", "3", "--logdir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "reusing the learned optimizer" in out
     for run in ("mezo", "learned", "learned-random"):
-        assert (tmp_path / "demo" / run / "seed0").is_dir(), run
+        for seed in (0, 1, 2):
+            assert (tmp_path / "demo" / run / f"seed{seed}").is_dir(), (run, seed)
         assert f"| {run} |" in out
+    assert "## Paired against `mezo`" in out
     assert (tmp_path / "demo" / "summary.md").is_file()
 
 
