@@ -146,7 +146,7 @@ def test_flags_old_and_new_names_and_switches(tmp_path):
     assert cfg.progress and not cfg.zo.cache_z and not cfg.save_model
     cfg = _parse("--z-source", "table", "--z-table-size", "65536", "--two-pass")
     assert cfg.zo == ZArgs(z_source="table", z_table_size=65536, two_pass=True)
-    with pytest.raises(L2ZOError, match="--z-table-size must be at least 8192"):
+    with pytest.raises(L2ZOError, match="--z-table-size must be at least 1024"):
         _parse("--z-source", "table", "--z-table-size", "100")
     with pytest.raises(L2ZOError, match="drop --cache-z"):
         _parse("--z-source", "table", "--cache-z")
