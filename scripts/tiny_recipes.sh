@@ -3,6 +3,7 @@
 # (lr tuned on dev per optimizer, 3 paired seeds) on tiny-derived x synth-color. EVALUATION.md §0b.
 #   bash scripts/tiny_recipes.sh meta A      # recipes expected, distill, distill-feat (one core, ~25 min)
 #   bash scripts/tiny_recipes.sh meta B      # recipe es (one core, ~35 min)
+#   bash scripts/tiny_recipes.sh meta C      # the feature ablation: greedy and greedy-feat (one core, a few min)
 #   bash scripts/tiny_recipes.sh heldout     # one compare (~45 min on one core)
 # Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
 # artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
@@ -23,7 +24,11 @@ declare -A RECIPES=(
   # es: 100 meta-steps, because each costs 4 antithetic pairs of 10-step fine-tunes (~20 s on one core)
   [es]="--objective es --unroll-steps 10 --es-pairs 4 --batch-size 8 --outer-batch heldout --steps 100"
 )
-declare -A CHAINS=([A]="expected distill distill-feat" [B]="es")
+declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy greedy-feat")
+# Chain C, the feature ablation on the recipe that works: the shipped recipe (meta_configs/tiny.yaml as it is:
+# greedy, teacher trajectory, 600 meta-steps) re-made, and the same with the per-block features of issue 15.
+declare -A OWN=([greedy]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress"
+                [greedy-feat]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress $FEATS")
 
 meta() {  # meta-train one recipe, resuming from its last checkpoint
   local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
@@ -31,7 +36,7 @@ meta() {  # meta-train one recipe, resuming from its last checkpoint
   if [ -f "$logdir/checkpoints/last.ckpt" ]; then resume=(--resume "$logdir/checkpoints/last.ckpt"); fi
   local t0=$SECONDS
   # shellcheck disable=SC2086
-  $PY -m l2zo.cli.main meta-train $COMMON ${RECIPES[$name]} --output "$art" --logdir "$logdir" "${resume[@]}" \
+  $PY -m l2zo.cli.main meta-train ${OWN[$name]:-$COMMON ${RECIPES[$name]:-}} --output "$art" --logdir "$logdir" "${resume[@]}" \
     >>"$OUT/meta/$name.log" 2>&1
   echo "$name: $((SECONDS - t0)) s wall this leg ($(date -u +%FT%TZ), $(lscpu | sed -n 's/Model name: *//p'))" \
     >>"$OUT/meta/costs.txt"
@@ -40,14 +45,15 @@ meta() {  # meta-train one recipe, resuming from its last checkpoint
 case ${1:-} in
   meta)
     mkdir -p "$OUT/meta"
-    for name in ${CHAINS[${2:?chain A or B}]}; do meta "$name"; done
+    for name in ${CHAINS[${2:?chain A, B or C}]}; do meta "$name"; done
     ;;
   heldout)
     opts="mezo,learned-random,per-block-const,learned:label=learned-greedy"
     # expected's net wants a larger lr than MeZO's (its 150-step tuning runs were still improving at 4e-4)
     grid="2e-4,4e-4,8e-4;learned-expected=8e-4,1.6e-3,3.2e-3"
-    for name in expected distill distill-feat es; do
-      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] && opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name"
+    for name in expected distill distill-feat es greedy greedy-feat; do
+      label=learned-$name && [ "$name" = greedy ] && label=learned-greedy-remade  # beside the shipped one
+      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] && opts="$opts,learned=$OUT/art/tiny-$name:label=$label"
     done
     [ -f "$OUT/art/tiny-expected/l2zo_artifact.json" ] || grid=${grid%%;*}
     # tiny-derived only: the base tiny already knows the colours (dev loss 0.004 at step 0, nothing to learn), and
@@ -55,8 +61,8 @@ case ${1:-} in
     $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
       --tasks synth-color --optimizers "$opts" --steps 300 --seeds 0,1,2 --batch-size 16 --eval-every 50 \
       --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$grid" \
-      --tune-seed 100 --baseline mezo --champions learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es \
+      --tune-seed 100 --baseline mezo --champions learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es,learned-greedy-remade,learned-greedy-feat \
       --out "$OUT/heldout" --docs docs/results/heldout-tiny --jobs 2 --threads 1
     ;;
-  *) echo "usage: $0 meta A|B | heldout" >&2; exit 2 ;;
+  *) echo "usage: $0 meta A|B|C | heldout" >&2; exit 2 ;;
 esac
