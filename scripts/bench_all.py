@@ -152,8 +152,7 @@ def analysis_values(recs: dict[str, dict]) -> dict[str, str]:
 
     # bf16 figures: SmolLM2's where measured, else the largest config measured in both precisions.
     def same_machine(a: str, b: str) -> bool:
-        ma, mb = recs[a]["machine"], recs[b]["machine"]
-        return (ma["cpu"], _isa(ma)) == (mb["cpu"], _isa(mb))
+        return _machine_key(recs[a]["machine"]) == _machine_key(recs[b]["machine"])
 
     bf16_model = next((m for m in ("smollm2-135m", "llama-30m", "llama-10m", "tiny")
                        if f"{m}-bf16-mixed" in recs and f"{m}-32" in recs
@@ -220,7 +219,7 @@ def table_values(r32: dict[str, dict], params: int, fwd2: float) -> dict[str, st
     return {
         "tpass_32": f"{tpass:.3f}", "tpass_ns": f"{tpass / params * 1e9:.2f}", "tpass_speedup": f"{zpass / tpass:.0f}",
         "table3_32": f"{r32['mezo+table']['step_over_2fwd']:.2f}", "table2_32": f"{t2 / fwd2:.2f}",
-        "table3_rest": f"{t3 - fwd2 - 3 * tpass:.2f}", "table2_rest": f"{t2 - fwd2 - 2 * tpass:.2f}",
+        "table3_rest": f"{t3 - fwd2 - 3 * tpass:.2f}",
         "two_pass_delta": f"{abs(t3 - t2):.2f} s {'less' if t2 < t3 else 'more'}", "table_peak_32": f"{r32['mezo+table'].get('peak_over_inference', float('nan')):.2f}",
         "learned_table_over_table3": f"{lt / t3:.2f}", "learned_table_over_best": f"{lt / min(t3, t2):.2f}",
         "table_speedup_ref": f"{r32['mezo-reference']['median_s'] / min(t3, t2):.2f}",
@@ -228,7 +227,7 @@ def table_values(r32: dict[str, dict], params: int, fwd2: float) -> dict[str, st
     }  # fmt: skip
 
 
-TABLE_KEYS = ("tpass_32", "tpass_ns", "tpass_speedup", "table3_32", "table2_32", "table3_rest", "table2_rest",
+TABLE_KEYS = ("tpass_32", "tpass_ns", "tpass_speedup", "table3_32", "table2_32", "table3_rest",
               "two_pass_delta", "table_peak_32", "learned_table_over_table3", "learned_table_over_best",
               "table_speedup_ref", "learned_table_32")  # fmt: skip
 
@@ -239,6 +238,11 @@ def _isa(mach: dict) -> str:
         return "ISA not recorded"
     return (f"{'AVX-512' if mach['avx512'] else 'no AVX-512'}, "
             f"{'bf16 arithmetic' if mach['bf16_arithmetic'] else 'no bf16 arithmetic'}")  # fmt: skip
+
+
+def _machine_key(mach: dict) -> tuple[str, str]:
+    """What makes two records comparable: the same CPU name and instruction-set flags."""
+    return mach["cpu"], _isa(mach)
 
 
 def render(data_dir: str | None) -> str:
@@ -254,7 +258,7 @@ def render(data_dir: str | None) -> str:
     stale_table = [
         n for n, r in recs.items() if r["rows"].get("mezo+table", {}).get("note", NOTES["table"]) != NOTES["table"]
     ]
-    older = [n for n, r in recs.items() if (r["machine"]["cpu"], _isa(r["machine"])) != (mach["cpu"], _isa(mach))]
+    older = [n for n, r in recs.items() if _machine_key(r["machine"]) != _machine_key(mach)]
     parts = [(ROOT / "docs" / "bench" / "INTRO.md").read_text().strip(), "",
              "## Machine", "",
              (f"{mach['cpu']}, {_isa(mach)}, {mach['cpu_count']} cores, {mach['threads']} torch threads, "
