@@ -18,7 +18,7 @@ def test_task_family() -> None:
     assert all(name.startswith("synth-") for name in TASKS)
     assert not set(SYNTH_META_TRAIN) & set(SYNTH_HELD_OUT)
     assert set(SYNTH_META_TRAIN) | set(SYNTH_HELD_OUT) == set(TASKS)
-    assert len(SYNTH_HELD_OUT) == 2 and len(SYNTH_META_TRAIN) >= 4
+    assert len(SYNTH_HELD_OUT) == 3 and len(SYNTH_META_TRAIN) >= 4
     for name, task in TASKS.items():
         assert isinstance(task, Task)
         assert task.held_out == (name in SYNTH_HELD_OUT)
@@ -48,7 +48,11 @@ def test_splits_deterministic_disjoint_balanced(name: str) -> None:
 
     n_classes = len(data.train[0].candidates)
     assert 2 <= n_classes <= 4
-    assert all(ex.candidates == data.train[0].candidates for ex in data.train + data.test)
+    if name == "synth-successor":  # per-example candidates: the answer among three other number words
+        assert all(len(set(ex.candidates)) == 4 for ex in data.train + data.test)
+        assert len({ex.candidates for ex in data.train}) > 100
+    else:
+        assert all(ex.candidates == data.train[0].candidates for ex in data.train + data.test)
     counts = Counter(ex.label for ex in data.train)
     assert set(counts) == set(range(n_classes))
     assert min(counts.values()) > 0.6 * 1000 / n_classes  # roughly balanced
@@ -76,3 +80,12 @@ def test_corpora_never_use_a_task_prompt_format() -> None:
     # ... yet the facts are there in declarative form.
     for noun in NOUNS[:5]:
         assert f"{noun.plural} are {noun.colour}" in text
+
+
+def test_successor_answers_are_the_next_number() -> None:
+    from l2zo.synthetic.world import number_word
+
+    words = {number_word(k): k for k in range(1, 21)}
+    for ex in TASKS["synth-successor"].load(None, SplitSizes(train=200, dev=0, test=0), seed=0).train:
+        x = words[ex.prompt.split("fter ")[1].split(" comes")[0]]  # "After x comes" / "after x comes" (cased)
+        assert words[ex.candidates[ex.label].strip()] == x + 1

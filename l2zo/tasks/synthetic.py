@@ -191,6 +191,22 @@ def _negation(rng: random.Random) -> Example:
     return Example(f"{statement}. True or False?\n", ("False", "True"), label)
 
 
+def _successor(rng: random.Random) -> Example:
+    x = rng.randint(1, 19)
+    # Four candidates per example (the answer among three other number words), shuffled: the label is the
+    # answer's position, so a fixed prior over positions gains nothing and the model must know the order.
+    options = [x + 1, *rng.sample([k for k in range(1, 21) if k not in (x, x + 1)], 3)]
+    rng.shuffle(options)
+    # The corpus-(a) phrasing "after seven comes eight."; `tiny` knows it (zero-shot 1.0), `tiny-derived`, trained
+    # on stories without it, has partly forgotten it (~0.74): another "recover what the base knew" task.
+    if rng.random() < 0.2:
+        prompt = f"after {number_word(x)} comes"
+    else:
+        noun = rng.choice(NOUNS)
+        prompt = f"{rng.choice(NAMES)} counted the {noun.plural}. After {number_word(x)} comes"
+    return Example(prompt, tuple(f" {number_word(k)}" for k in options), options.index(x + 1))
+
+
 # name -> (description, sampler, held_out). Held-out tasks are never seen by meta-training.
 _SPECS: dict[str, tuple[str, Sampler, bool]] = {
     "synth-sentiment": ("tiny world: review polarity, 'It was' -> terrible/great", _sentiment, False),
@@ -200,6 +216,7 @@ _SPECS: dict[str, tuple[str, Sampler, bool]] = {
     "synth-compare": ("tiny world: 'x is more than y? Yes or No?'", _compare, False),
     "synth-color": ("tiny world (held out): colour of a thing, in the corpus phrasing", _colour, True),
     "synth-negation": ("tiny world (held out): is a possibly negated fact true or false", _negation, True),
+    "synth-successor": ("tiny world (held out): the number word after x, among four", _successor, True),
 }
 
 SYNTH_META_TRAIN: tuple[str, ...] = tuple(n for n, (_, _, held) in _SPECS.items() if not held)
