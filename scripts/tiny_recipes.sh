@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Issue 15 on the tiny world: meta-train each recipe (objective x features) once, then the held-out evaluation
-# (lr tuned on dev per optimizer, 3 paired seeds) on tiny-derived x synth-color. EVALUATION.md §0b.
+# (lr tuned on dev per optimizer, 3 paired seeds) on tiny-derived x {synth-color, synth-successor}. EVALUATION.md §0b.
 #   bash scripts/tiny_recipes.sh meta A      # recipes expected, distill, distill-feat (one core, ~25 min)
 #   bash scripts/tiny_recipes.sh meta B      # recipe es (one core, ~35 min)
 #   bash scripts/tiny_recipes.sh meta C      # the feature ablation: greedy and greedy-feat (one core, a few min)
-#   bash scripts/tiny_recipes.sh heldout     # one compare (~45 min on one core)
+#   bash scripts/tiny_recipes.sh heldout     # two compares side by side (~1 h on two cores)
 # Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
 # artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
 # tables go to docs/results/heldout-tiny/.
@@ -56,10 +56,10 @@ case ${1:-} in
       [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] && opts="$opts,learned=$OUT/art/tiny-$name:label=$label"
     done
     [ -f "$OUT/art/tiny-expected/l2zo_artifact.json" ] || grid=${grid%%;*}
-    # tiny-derived only: the base tiny already knows the colours (dev loss 0.004 at step 0, nothing to learn), and
-    # synth-negation stays at chance for every optimizer at these budgets (EVALUATION.md §0b).
+    # tiny-derived only: the base tiny already knows the colours and the number order (dev loss ~0 at step 0,
+    # nothing to learn), and synth-negation stays at chance for every optimizer at these budgets (EVALUATION.md §0b).
     $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
-      --tasks synth-color --optimizers "$opts" --steps 300 --seeds 0,1,2 --batch-size 16 --eval-every 50 \
+      --tasks synth-color,synth-successor --optimizers "$opts" --steps 300 --seeds 0,1,2 --batch-size 16 --eval-every 50 \
       --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$grid" \
       --tune-seed 100 --baseline mezo --champions learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es,learned-greedy-remade,learned-greedy-feat \
       --out "$OUT/heldout" --docs docs/results/heldout-tiny --jobs 2 --threads 1
