@@ -20,13 +20,22 @@ _EXAMPLE = """example:
       --optimizers "mezo,fixed-sigma:sigma_file=runs/probe-blocks/tiny/sigma/gsl.json\""""
 
 
-def _int_list(text: str | list[int]) -> list[int]:
-    if isinstance(text, list):  # jsonargparse re-applies the type to a parsed value when it checks the namespace
-        return [int(x) for x in text]
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,100,200, got {text!r}") from None
+class _IntList:
+    """argparse type of --states: "0,100,200" -> [0, 100, 200]; named so --help shows a readable type."""
+
+    def __call__(self, text: str | list[int]) -> list[int]:
+        if isinstance(text, list):  # jsonargparse re-applies the type to a parsed value when it checks the namespace
+            return [int(x) for x in text]
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers like 0,100,200, got {text!r}") from None
+
+    def __repr__(self) -> str:
+        return "comma-separated integers"
+
+
+_int_list = _IntList()
 
 
 _HELP = "per-block gradient/curvature statistics and the predicted gain of per-block allocations (MeZO, nets, oracles)"
@@ -36,36 +45,36 @@ def register(cli: CommandParser) -> None:
     p = command_parser(description=_HELP)
     p.epilog, p.formatter_class = _EXAMPLE, argparse.RawDescriptionHelpFormatter
     a = p.add_argument
-    a("--model", default="tiny", help="model (tiny, tiny-derived, smollm2-135m, a folder ...) (default: tiny)")
-    a("--task", default="synth-sentiment", help="task name or user task YAML (default: synth-sentiment)")
-    a("--data-dir", default=None, help="local data root (default: the Hugging Face hub)")
-    a("--batch-size", type=int, default=16, help="examples per batch: the fine-tune's (default: 16)")
-    a("--max-length", type=int, default=256, help="max tokens per sequence (default: 256)")
-    a("--num-train", type=int, default=1000, help="train examples sampled, as in compare (default: 1000)")
-    a("--data-seed", type=int, default=0, help="seed of the split sampling (default: 0)")
-    a("--seed", type=int, default=0, help="seed of the batches, probes and MeZO trajectory (default: 0)")
+    a("--model", default="tiny", help="model (tiny, tiny-derived, smollm2-135m, a folder ...)")
+    a("--task", default="synth-sentiment", help="task name or user task YAML")
+    a("--data-dir", default=None, help="local data root; null reads the Hugging Face hub")
+    a("--batch-size", type=int, default=16, help="examples per batch: the fine-tune's")
+    a("--max-length", type=int, default=256, help="max tokens per sequence")
+    a("--num-train", type=int, default=1000, help="train examples sampled, as in compare")
+    a("--data-seed", type=int, default=0, help="seed of the split sampling")
+    a("--seed", type=int, default=0, help="seed of the batches, probes and MeZO trajectory")
     a("--artifact", action="append", default=[], dest="artifacts",
       help="a meta-trained learned-optimizer folder; repeat for several")  # fmt: skip
-    a("--states", type=_int_list, default="0", help="MeZO steps at which to measure, e.g. 0,100,200 (default: 0)")
-    a("--mezo-lr", type=float, default=1e-4, help="lr of the MeZO trajectory between states (default: 1e-4)")
-    a("--eps", type=float, default=1e-3, help="ZO eps for the trajectory and the nets (default: 1e-3)")
-    a("--pairs", type=int, default=4, help="independent batch pairs per state (default: 4)")
-    a("--probes", type=int, default=8, help="Hutchinson probes per pair for tau_b (default: 8)")
+    a("--states", type=_int_list, default="0", help="MeZO steps at which to measure, e.g. 0,100,200")
+    a("--mezo-lr", type=float, default=1e-4, help="lr of the MeZO trajectory between states")
+    a("--eps", type=float, default=1e-3, help="ZO eps for the trajectory and the nets")
+    a("--pairs", type=int, default=4, help="independent batch pairs per state")
+    a("--probes", type=int, default=8, help="Hutchinson probes per pair for tau_b")
     a(
         "--ghg-probes",
         type=int,
         default=2,
         dest="gHg_probes",
-        help="sign-mixed HVPs per pair for g^T H_b g (default: 2)",
+        help="sign-mixed HVPs per pair for g^T H_b g",
     )
-    a("--fisher-samples", type=int, default=4, help="sampled-label backwards per batch for the Fisher (default: 4)")
+    a("--fisher-samples", type=int, default=4, help="sampled-label backwards per batch for the Fisher")
     a(
         "--curvature",
         default="auto",
         choices=("auto", "fisher", "hessian"),
         help="curvature of the oracles and the K-step model; auto: the Fisher where the task allows (default: auto)",
     )
-    a("--horizon", type=int, default=300, help="K of the K-step prediction (default: 300)")
+    a("--horizon", type=int, default=300, help="K of the K-step prediction")
     a(
         "--gsl-temperature",
         type=float,
@@ -79,11 +88,11 @@ def register(cli: CommandParser) -> None:
         help="HiZOO-like oracle: s^2 ~ (n/tau)^gamma (default: the gamma in 1/4..1 the K-step model predicts best)",
     )
     a("--wf-eta", type=float, default=None, help="water-filling's fixed eta (default: MeZO's one-step optimum)")
-    a("--net-seed", type=int, default=0, help="seed of the untrained net (learned-random's net_seed) (default: 0)")
-    a("--perm-seed", type=int, default=0, help="seed of the permutation of the untrained net's sigmas (default: 0)")
-    a("--settle", type=int, default=6, help="lr-0 steps to settle a net's recurrent inputs (default: 6)")
-    a("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="device (default: cpu)")
-    a("--output", default="runs/probe-blocks", help="output folder (default: runs/probe-blocks)")
+    a("--net-seed", type=int, default=0, help="seed of the untrained net (learned-random's net_seed)")
+    a("--perm-seed", type=int, default=0, help="seed of the permutation of the untrained net's sigmas")
+    a("--settle", type=int, default=6, help="lr-0 steps to settle a net's recurrent inputs")
+    a("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="device")
+    a("--output", default="runs/probe-blocks", help="output folder")
     a("--overwrite", action="store_true", help="replace an existing output folder")
     cli.add_command("probe-blocks", p, run, help=_HELP)
 
