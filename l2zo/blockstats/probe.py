@@ -254,6 +254,9 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
                         seed=cfg.seed * 7919 + state * 131 + k,
                     )
                 )
+                # a pair costs ~10 CPU-minutes on SmolLM2-135M: say where the probe is
+                log.info("probe-blocks: state %d, pair %d/%d measured (%.0f s so far)", state, k + 1, cfg.pairs,
+                         time.perf_counter() - t0)  # fmt: skip
             per_state[state] = samples
             log.info("probe-blocks: state %d measured (%d pairs, %.0f s so far)", state, cfg.pairs,
                      time.perf_counter() - t0)  # fmt: skip
