@@ -198,7 +198,7 @@ def _successor(rng: random.Random) -> Example:
     options = [x + 1, *rng.sample([k for k in range(1, 21) if k not in (x, x + 1)], 3)]
     rng.shuffle(options)
     # The corpus-(a) phrasing "after seven comes eight."; `tiny` knows it (zero-shot 1.0), `tiny-derived`, trained
-    # on stories without it, has partly forgotten it (~0.74): another "recover what the base knew" task.
+    # on stories without it, has partly forgotten it (0.66): another "recover what the base knew" task.
     if rng.random() < 0.2:
         prompt = f"after {number_word(x)} comes"
     else:
