@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 15 on SmolLM2-135M: the held-out evaluation of item 4 (every optimizer's lr tuned on dev, 3 paired seeds),
+# on the base model and its derivative x three tasks never used in meta-training (RTE, WiC, CB): 6 pairs.
+#   bash scripts/smollm2_heldout.sh derivative   # the derivative (continued LM training on SST-2 text; ~12 min, 1 core)
+#   bash scripts/smollm2_heldout.sh run          # the compares, two side by side, 1 thread each (many hours)
+#   bash scripts/smollm2_heldout.sh aggregate    # the tables, win counts and plots into docs/results/heldout-smollm2
+# Budget (AVX-512 Xeon, fp32, 1 thread a process): a step of 8 prompts of <= 96 tokens is two SmolLM2 forwards;
+# each optimizer's lr is picked on seed 100 with a 60-step run, then seeds 0, 1, 2 run 200 steps.
+# Every stage resumes: the derivative is made once, and a compare folder that exists is resumed (its finished
+# runs are kept; a run killed mid-way starts again), so `run` can be stopped at any time and started again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-../shared/data}
+DERIV=runs/derivatives/smollm2-135m-sst2lm
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ART=checkpoints/smollm2-135m/zo-finetuner
+ARGS=(--artifact "$ART" --models "smollm2-135m,$DERIV" --tasks rte,wic,cb
+      --optimizers mezo,learned,learned-random --lr-grid 1e-5,3e-5,1e-4 --tune-steps 60 --tune-seed 100
+      --steps 200 --seeds 0,1,2 --batch-size 8 --eval-every 50 --num-train 1000 --num-dev 128 --num-test 200
+      --max-length 96 --precision 32 --data-dir "$DATA" --baseline mezo --champions learned
+      --out runs/heldout-smollm2 --docs docs/results/heldout-smollm2 --jobs 2 --threads 1)
+
+case ${1:-} in
+  derivative)
+    [ -f "$DERIV/derive_info.json" ] || $PY scripts/make_derivative.py --base smollm2-135m --data-dir "$DATA" \
+      --out "$DERIV" --precision 32
+    ;;
+  run)
+    [ -f "$DERIV/derive_info.json" ] || { echo "make the derivative first: $0 derivative" >&2; exit 2; }
+    $PY scripts/evaluate_heldout.py "${ARGS[@]}"
+    ;;
+  aggregate) $PY scripts/evaluate_heldout.py "${ARGS[@]}" --aggregate-only ;;
+  *) echo "usage: $0 derivative | run | aggregate" >&2; exit 2 ;;
+esac
