@@ -363,3 +363,19 @@ def test_two_scale_model_from_stats_puts_the_gradient_in_its_sharp_direction():
     torch.testing.assert_close(m.f0, torch.tensor([G[i] / (2 * rho[i]) for i in range(2)], dtype=torch.float64))
     iso = QuadraticModel.from_stats(_stats(G, c, tau, gHg, n), two_scale=False)
     assert iso.rho is None and float(iso.f0.sum()) > 40 * float(m.f0.sum())
+
+
+def test_water_filling_eta_is_skipped_not_fatal_where_the_gradient_is_unresolved():
+    from l2zo.blockstats.probe import water_filling_eta
+
+    stats = _toy_stats()
+    eta = water_filling_eta(stats, None)
+    assert eta is not None and eta == pytest.approx(
+        float(step_terms(torch.ones(4, dtype=torch.float64), stats).best_eta())
+    )
+    assert water_filling_eta(stats, 0.01) == 0.01
+    # sum_b G_b <= 0 (the minibatch noise swamps the gradient, as on SmolLM2 x RTE with 4 pairs of 8): no
+    # positive one-step eta, so no water-filling allocation; the probe reports the others instead of failing.
+    unresolved = _stats([-5.0, 0.5, 2.0, 0.1], [1.0, 0.2, 0.3, 0.1], [50.0, 4.0, 1.0, 2.0], [40.0, 1.0, 1.0, 0.1],
+                        [1000, 200, 50, 10])  # fmt: skip
+    assert water_filling_eta(unresolved, None) is None

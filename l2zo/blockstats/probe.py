@@ -76,6 +76,8 @@ class ProbeConfig:
             raise L2ZOError(f"--settle must be >= 2 (the first step's sigma is discarded), got {self.settle}")
         if not self.states or any(s < 0 for s in self.states) or len(set(self.states)) != len(self.states):
             raise L2ZOError(f"--states must be distinct step counts >= 0, e.g. 0,100,200; got {self.states}")
+        if self.wf_eta is not None and not self.wf_eta > 0:
+            raise L2ZOError(f"--wf-eta must be > 0, got {self.wf_eta}; leave it out to use MeZO's one-step optimum")
         self.states = sorted(self.states)
 
 
@@ -159,18 +161,30 @@ def _allocations(cfg: ProbeConfig, model: torch.nn.Module, blocks: list[Block], 
         allocs[f"learned{tag}"] = net_sigma("learned", model, blocks, settle, artifact=artifact, eps=cfg.eps,
                                             seed=cfg.seed)  # fmt: skip
         allocs[f"per-block-const{tag}"] = const_sigma("per-block-const", model, blocks, artifact=artifact)
-    eta = cfg.wf_eta if cfg.wf_eta is not None else float(step_terms(allocs["mezo"], pooled).best_eta())
-    if not eta > 0:
-        raise L2ZOError("MeZO's one-step optimal eta is not positive at this state (A <= 0 or negative curvature); "
-                        "give --wf-eta explicitly")  # fmt: skip
-    allocs["water-filling"] = water_filling(pooled, eta)
+    eta = water_filling_eta(pooled, cfg.wf_eta)
+    params: dict[str, dict[str, float]] = {}
+    if eta is None:
+        # Skipped, not fatal: the statistics took the probe most of its time and the other allocations stand.
+        log.warning("probe-blocks: water-filling skipped: MeZO's one-step optimal eta is not positive (the summed "
+                    "gradient energy A <= 0: the gradient is not resolved from the minibatch noise, or the curvature "
+                    "is negative); give --wf-eta to place it")  # fmt: skip
+    else:
+        allocs["water-filling"] = water_filling(pooled, eta)
+        params["water-filling"] = {"eta": eta}
     quad = QuadraticModel.from_stats(pooled)
     temperature = _tempered(lambda t: gsl(pooled, t), cfg.gsl_temperature, GSL_TEMPERATURES, quad, cfg.horizon)
     gamma = _tempered(lambda g: hizoo(pooled, g), cfg.hizoo_gamma, HIZOO_GAMMAS, quad, cfg.horizon)
     allocs["gsl"] = gsl(pooled, temperature)
     allocs["hizoo"] = hizoo(pooled, gamma)
-    params = {"water-filling": {"eta": eta}, "gsl": {"temperature": temperature}, "hizoo": {"gamma": gamma}}
+    params.update({"gsl": {"temperature": temperature}, "hizoo": {"gamma": gamma}})
     return allocs, params
+
+
+def water_filling_eta(stats: BlockStats, given: float | None) -> float | None:
+    """Water-filling's fixed eta: ``given``, else MeZO's one-step optimum on ``stats``; None where that optimum is
+    not positive (A = sum_b G_b <= 0, or a negative curvature term), so no water-filling allocation exists."""
+    eta = given if given is not None else float(step_terms(torch.ones_like(stats.n), stats).best_eta())
+    return eta if eta > 0 else None
 
 
 # The oracles' temperature grids: without a given value, the one the K-step model predicts best is used.
