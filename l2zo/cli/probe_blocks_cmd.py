@@ -72,7 +72,7 @@ def register(cli: CommandParser) -> None:
         "--curvature",
         default="auto",
         choices=("auto", "fisher", "hessian"),
-        help="curvature of the oracles and the K-step model; auto: the Fisher where the task allows (default: auto)",
+        help="curvature of the oracles and the K-step model; auto: the Fisher where the task allows",
     )
     a("--horizon", type=int, default=300, help="K of the K-step prediction")
     a(
