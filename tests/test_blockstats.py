@@ -366,7 +366,7 @@ def test_two_scale_model_from_stats_puts_the_gradient_in_its_sharp_direction():
 
 
 def test_water_filling_eta_is_skipped_not_fatal_where_the_gradient_is_unresolved():
-    from l2zo.blockstats.probe import water_filling_eta
+    from l2zo.blockstats.oracles import water_filling_eta
 
     stats = _toy_stats()
     eta = water_filling_eta(stats, None)

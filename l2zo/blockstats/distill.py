@@ -27,7 +27,6 @@ Why a floor. A block with G_b <= 0 (its signal below the noise at this state) ge
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from l2zo.blockstats.expected import in_graph_sigma, zo_probe
-from l2zo.blockstats.gain import normalize, step_terms
-from l2zo.blockstats.oracles import gsl, hizoo, water_filling
+from l2zo.blockstats.gain import normalize
+from l2zo.blockstats.oracles import gsl, hizoo, water_filling, water_filling_eta
 from l2zo.blockstats.stats import BlockStats
 from l2zo.engine import Block, ZSource
 from l2zo.errors import L2ZOError
@@ -84,8 +83,8 @@ def oracle_allocation(stats: BlockStats, spec: OracleSpec) -> Tensor | None:
         return gsl(stats, spec.temperature)
     if spec.oracle == "hizoo":
         return hizoo(stats, spec.gamma)
-    eta = spec.wf_eta if spec.wf_eta is not None else float(step_terms(torch.ones_like(stats.n), stats).best_eta())
-    return water_filling(stats, eta) if math.isfinite(eta) and eta > 0 else None
+    eta = water_filling_eta(stats, spec.wf_eta)
+    return None if eta is None else water_filling(stats, eta)
 
 
 def distill_target(s_star: Tensor, norm: SigmaNorm, floor: float) -> Tensor:

@@ -16,10 +16,12 @@ energy from ``gsl`` (they cannot help in expectation).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from l2zo.blockstats.gain import normalize, positive_curvature, terms_of_w
+from l2zo.blockstats.gain import normalize, positive_curvature, step_terms, terms_of_w
 from l2zo.blockstats.stats import BlockStats
 from l2zo.errors import L2ZOError
 
@@ -58,6 +60,13 @@ def project_simplex(y: Tensor) -> Tensor:
     k = torch.arange(1, y.numel() + 1, dtype=y.dtype, device=y.device)
     rho = int(torch.nonzero(u - css / k > 0).max())
     return (y - css[rho] / (rho + 1)).clamp_min(0.0)
+
+
+def water_filling_eta(stats: BlockStats, given: float | None) -> float | None:
+    """Water-filling's fixed eta: ``given``, else MeZO's one-step optimum on ``stats``; None where that is not a
+    finite positive number (A = sum_b G_b <= 0, or no positive curvature), so no water-filling allocation exists."""
+    eta = given if given is not None else float(step_terms(torch.ones_like(stats.n), stats).best_eta())
+    return eta if math.isfinite(eta) and eta > 0 else None
 
 
 def water_filling(stats: BlockStats, eta: float, iters: int = 2000, tol: float = 1e-12) -> Tensor:

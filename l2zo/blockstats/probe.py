@@ -24,7 +24,7 @@ from torch import Tensor
 
 from l2zo.blockstats.allocations import const_sigma, net_sigma, permuted, sigma_mapping
 from l2zo.blockstats.gain import QuadraticModel, kstep, step_terms
-from l2zo.blockstats.oracles import gsl, hizoo, water_filling
+from l2zo.blockstats.oracles import gsl, hizoo, water_filling, water_filling_eta
 from l2zo.blockstats.stats import BatchFns, BlockStats, PairSample, combine, measure_pair
 from l2zo.engine.blocks import Block, partition
 from l2zo.errors import L2ZOError
@@ -178,13 +178,6 @@ def _allocations(cfg: ProbeConfig, model: torch.nn.Module, blocks: list[Block], 
     allocs["hizoo"] = hizoo(pooled, gamma)
     params.update({"gsl": {"temperature": temperature}, "hizoo": {"gamma": gamma}})
     return allocs, params
-
-
-def water_filling_eta(stats: BlockStats, given: float | None) -> float | None:
-    """Water-filling's fixed eta: ``given``, else MeZO's one-step optimum on ``stats``; None where that optimum is
-    not positive (A = sum_b G_b <= 0, or a negative curvature term), so no water-filling allocation exists."""
-    eta = given if given is not None else float(step_terms(torch.ones_like(stats.n), stats).best_eta())
-    return eta if eta > 0 else None
 
 
 # The oracles' temperature grids: without a given value, the one the K-step model predicts best is used.
