@@ -99,7 +99,7 @@ def test_left_padding_with_logits_only_at_candidates_matches_reference_per_kerne
         longest_cand = max(
             len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) for e in EXAMPLES for c in e.candidates
         )
-        assert calls[0][1] == longest_cand + 1 < batch.input_ids.shape[1]  # not [N, T, V]
+        assert calls[0][1] == longest_cand < batch.input_ids.shape[1]  # not [N, T, V]; the last column is never run
         for b, ex in enumerate(EXAMPLES):
             for c, cand in enumerate(ex.candidates):
                 assert scores[b, c].item() == pytest.approx(
@@ -113,6 +113,44 @@ def test_left_padding_with_logits_only_at_candidates_matches_reference_per_kerne
         assert torch.isfinite(lm)
     finally:
         set_attn_implementation(tiny_lm, before)
+
+
+def test_sequences_that_differ_only_in_their_last_token_run_once(tiny_lm, tiny_tokenizer) -> None:
+    """Single-token candidates: the C sequences of an example are one forward row (the prompt), and the scores
+    and losses are those of the unmerged reference; multi-token candidates keep one row each."""
+    single = ("x", "y", "z")  # one byte each: one token each in the byte-level BPE
+    assert all(len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"]) == 1 for t in single)
+    examples = [Example("a gripping film . It was", single, 1), Example("dull", single[:2], 0)]
+    scorer = CandidateScorer(tiny_tokenizer)
+    rows = []
+    hook = tiny_lm.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            scores = scorer.candidate_scores(tiny_lm, scorer.collate(examples))
+            mixed = scorer.candidate_scores(tiny_lm, scorer.collate(EXAMPLES))
+    finally:
+        hook.remove()
+    assert rows[0] == len(examples)  # one row per example, not one per candidate
+    assert rows[1] < sum(len(e.candidates) for e in EXAMPLES)  # only identical rows merge
+    for batch_examples, got in ((examples, scores), (EXAMPLES, mixed)):
+        for b, ex in enumerate(batch_examples):
+            for c, cand in enumerate(ex.candidates):
+                ref = _reference(tiny_lm, tiny_tokenizer, ex.prompt, cand)
+                assert got[b, c].item() == pytest.approx(ref, abs=1e-5)
+
+
+def test_unique_rows_keeps_first_seen_order_and_maps_every_row() -> None:
+    from l2zo.tasks.scoring import _unique_rows
+
+    ids = torch.tensor([[5, 6], [1, 2], [5, 6], [1, 2], [0, 9]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [0, 1], [1, 1]])  # row 3 is row 1 with a pad: not the same row
+    u_ids, u_mask, row_of = _unique_rows(ids, mask)
+    assert u_ids.tolist() == [[5, 6], [1, 2], [1, 2], [0, 9]] and u_mask[2].tolist() == [0, 1]
+    assert row_of.tolist() == [0, 1, 0, 2, 3]
+    torch.testing.assert_close(u_ids[row_of], ids)
+    same, _, identity = _unique_rows(ids[:2], mask[:2])
+    assert same is ids[:2] or torch.equal(same, ids[:2])
+    assert identity.tolist() == [0, 1]
 
 
 def test_a_forward_without_position_ids_is_refused_on_padded_batches(tiny_lm, tiny_tokenizer) -> None:
