@@ -8,18 +8,36 @@
 # each optimizer's lr is picked on seed 100 with a 60-step run, then seeds 0, 1, 2 run 200 steps.
 # Every stage resumes: the derivative is made once, and a compare folder that exists is resumed (its finished
 # runs are kept; a run killed mid-way starts again), so `run` can be stopped at any time and started again.
+# The compares live under docs/results/heldout-smollm2/runs (tens of KB a run, in git), so that the evaluation,
+# which takes longer than one working session, survives a machine that keeps only the repository. The
+# derivative (540 MB) is not kept; it is re-made, and its weights' sha256 is checked against the one recorded
+# in derivative.sha256 by the first session (fp32 on one thread: the same bits on the same kind of CPU; a
+# mismatch is reported, and the runs on the derivative made before it are then not strictly paired).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 DERIV=runs/derivatives/smollm2-135m-sst2lm
+DOCS=docs/results/heldout-smollm2
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ART=checkpoints/smollm2-135m/zo-finetuner
 ARGS=(--artifact "$ART" --models "smollm2-135m,$DERIV" --tasks rte,wic,cb
       --optimizers mezo,learned,learned-random --lr-grid 1e-5,3e-5,1e-4 --tune-steps 60 --tune-seed 100
       --steps 200 --seeds 0,1,2 --batch-size 8 --eval-every 50 --num-train 1000 --num-dev 128 --num-test 200
       --max-length 96 --precision 32 --data-dir "$DATA" --baseline mezo --champions learned
-      --out runs/heldout-smollm2 --docs docs/results/heldout-smollm2 --jobs 2 --threads 1)
+      --out "$DOCS/runs" --docs "$DOCS" --jobs 2 --threads 1)
+
+check_derivative() {  # record the derivative's weights once; afterwards report any other bits
+  local now
+  now=$(cat "$DERIV"/*.safetensors | sha256sum | cut -d' ' -f1)
+  if [ ! -f "$DOCS/derivative.sha256" ]; then
+    mkdir -p "$DOCS" && echo "$now" > "$DOCS/derivative.sha256"
+  elif [ "$(cat "$DOCS/derivative.sha256")" != "$now" ]; then
+    echo "warning: $DERIV's weights differ from those of the earlier runs ($DOCS/derivative.sha256); the runs" \
+      "on it made before and after are not strictly paired" >&2
+    echo "$(date -u +%FT%TZ) other derivative weights: $now" >> "$DOCS/derivative.log"
+  fi
+}
 
 case ${1:-} in
   derivative)
@@ -28,6 +46,7 @@ case ${1:-} in
     ;;
   run)
     [ -f "$DERIV/derive_info.json" ] || { echo "make the derivative first: $0 derivative" >&2; exit 2; }
+    check_derivative
     $PY scripts/evaluate_heldout.py "${ARGS[@]}"
     ;;
   aggregate) $PY scripts/evaluate_heldout.py "${ARGS[@]}" --aggregate-only ;;
