@@ -55,14 +55,17 @@ def artifact(model_dir, tmp_path_factory) -> Path:
     )  # fmt: skip
 
 
+def _probe_args(model_dir: Path, artifact: Path, out: Path) -> list[str]:
+    return ["probe-blocks", "--model", str(model_dir), "--task", "synth-color", "--num-train", "32",
+            "--batch-size", "4", "--max-length", "64", "--states", "0,2", "--pairs", "2", "--probes", "2",
+            "--ghg-probes", "1", "--fisher-samples", "1", "--settle", "3", "--horizon", "20",
+            "--artifact", str(artifact), "--output", str(out)]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def probe_dir(model_dir, artifact, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("probe") / "out"
-    rc = main(["probe-blocks", "--model", str(model_dir), "--task", "synth-color", "--num-train", "32",
-               "--batch-size", "4", "--max-length", "64", "--states", "0,2", "--pairs", "2", "--probes", "2",
-               "--ghg-probes", "1", "--fisher-samples", "1", "--settle", "3", "--horizon", "20",
-               "--artifact", str(artifact), "--output", str(out)])  # fmt: skip
-    assert rc == 0
+    assert main(_probe_args(model_dir, artifact, out)) == 0
     return out
 
 
@@ -123,6 +126,75 @@ def test_an_allocation_runs_in_compare_as_fixed_sigma(probe_dir, model_dir, tmp_
 def test_probe_blocks_refuses_an_existing_output(probe_dir, model_dir, capsys):
     rc = main(["probe-blocks", "--model", str(model_dir), "--task", "synth-color", "--output", str(probe_dir)])
     assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+def _same_probe(a: dict, b: dict) -> None:
+    for key in ("blocks", "states", "allocations", "sigma", "oracle_params"):
+        assert a[key] == b[key], key
+
+
+def test_an_interrupted_probe_records_it_and_resumes_to_the_same_bits(probe_dir, model_dir, artifact, tmp_path,
+                                                                      monkeypatch, capsys):  # fmt: skip
+    import signal
+
+    import l2zo.blockstats.probe as probe
+    from l2zo.utils.runstatus import RunInterrupted
+
+    real, calls = probe.measure_pair, []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RunInterrupted(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    out = tmp_path / "probe"
+    monkeypatch.setattr(probe, "measure_pair", stop_at_the_third)
+    assert main(_probe_args(model_dir, artifact, out)) == 143
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["pairs_done"] == 2 and status["pairs_total"] == 4
+    assert sorted(p.name for p in (out / "pairs").iterdir()) == ["state0-pair0.pt", "state0-pair1.pt"]
+    assert not (out / "probe.json").exists()
+    assert main(_probe_args(model_dir, artifact, out)) == 2  # neither --resume nor --overwrite
+    assert "--resume" in capsys.readouterr().err
+    calls.clear()
+    assert main([*_probe_args(model_dir, artifact, out), "--resume"]) == 0
+    assert len(calls) == 2  # only state 2's pairs were measured
+    _same_probe(json.loads((out / "probe.json").read_text()), json.loads((probe_dir / "probe.json").read_text()))
+    assert json.loads((out / "status.json").read_text())["status"] == "ok"
+
+
+def test_resume_rescores_a_finished_probe_without_measuring(probe_dir, model_dir, artifact, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    import shutil
+
+    import l2zo.blockstats.probe as probe
+
+    out = tmp_path / "again"
+    shutil.copytree(probe_dir, out)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a saved pair was measured again")
+
+    monkeypatch.setattr(probe, "measure_pair", never)
+    assert main([*_probe_args(model_dir, artifact, out), "--resume", "--wf-eta", "1e-3"]) == 0
+    result = json.loads((out / "probe.json").read_text())
+    assert result["oracle_params"]["water-filling"] == {"eta": 1e-3}
+    assert result["blocks"] == json.loads((probe_dir / "probe.json").read_text())["blocks"]
+
+
+def test_resume_refuses_other_measurement_settings(probe_dir, model_dir, artifact, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(probe_dir, out)
+    args = _probe_args(model_dir, artifact, out)
+    args[args.index("--batch-size") + 1] = "8"
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size: 4 there, 8 now" in err and err.count("\n") == 1
+    assert main([*_probe_args(model_dir, artifact, tmp_path / "none"), "--resume"]) == 2
+    assert "no probe" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 def _write(path: Path, data) -> str:

@@ -7,6 +7,12 @@ nets' settled sigma there; the oracles from the statistics pooled over all state
 state and on the pooled statistics: A, T, V, Bq, the re-tuned one-step gain and R, and the K-step prediction
 of the block-quadratic model with eta re-tuned for each allocation.
 
+Checkpointed per pair: with ``pairs_dir``, each measured pair is saved there (``state<S>-pair<K>.pt``, a few KB)
+the moment it is done, and a pair found there is loaded instead of measured, so an interrupted probe (a pair costs
+minutes on a 135M model) continues where it stopped, and a finished one re-scores its allocations (other oracle
+parameters, other artifacts) without measuring again. The batches are drawn in the same order either way, so the
+result is the same bits as an uninterrupted probe's; ``MEASURE_KEYS`` are the settings the saved pairs depend on.
+
 No Lightning: batches come from the task's train split through the shared ``CandidateScorer``.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +88,32 @@ class ProbeConfig:
         self.states = sorted(self.states)
 
 
+# The settings a measured pair depends on: a saved pair is reused only under the same values of all of them.
+MEASURE_KEYS: tuple[str, ...] = ("model", "task", "data_dir", "batch_size", "max_length", "num_train", "data_seed",
+                                 "seed", "states", "mezo_lr", "eps", "pairs", "probes", "gHg_probes",
+                                 "fisher_samples")  # fmt: skip
+
+
+def pair_path(pairs_dir: Path, state: int, k: int) -> Path:
+    return pairs_dir / f"state{state}-pair{k}.pt"
+
+
+def save_pair(path: Path, sample: PairSample) -> None:
+    """One pair's raw estimates, written atomically (a pair half-written by a kill is never read back)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({f.name: getattr(sample, f.name) for f in dataclasses.fields(PairSample)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_pair(path: Path) -> PairSample:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return PairSample(**{f.name: data[f.name] for f in dataclasses.fields(PairSample)})
+    except (KeyError, TypeError):
+        raise L2ZOError(f"{path} is not a probe pair of this l2zo version; start the probe again with "
+                        "--overwrite") from None  # fmt: skip
+
+
 class _Batches:
     """Training batches: independent random draws (statistics) and epoch-ordered ones (the MeZO trajectory)."""
 
@@ -115,6 +148,10 @@ class _Batches:
 
         sampled = sampled_loss if self.loss_kind == "classification" else None
         return BatchFns(loss=loss, sampled_loss=sampled, batch_size=len(idx))
+
+    def skip_draw(self) -> None:
+        """Advance the draws as :meth:`draw` does, without building a batch (a pair loaded from its checkpoint)."""
+        torch.randperm(len(self.examples), generator=self.draw_gen)
 
     def next(self, model: torch.nn.Module) -> Callable[[], Tensor]:
         """The next batch of a shuffled pass over the train split (a fine-tune's order)."""
@@ -231,8 +268,14 @@ def _load(cfg: ProbeConfig) -> tuple[Any, Any, Any]:
     return task, data, loaded
 
 
-def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
-    """Measure, score and return the report (JSON-ready; ``sigma`` holds each allocation's fixed-sigma mapping)."""
+def run_probe(
+    cfg: ProbeConfig, pairs_dir: Path | None = None, on_pair: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Measure, score and return the report (JSON-ready; ``sigma`` holds each allocation's fixed-sigma mapping).
+
+    ``pairs_dir``: where each pair is saved when measured and loaded from if there (see the module docstring).
+    ``on_pair``: called after each pair (a safe point to stop at, e.g. ``SignalGuard.check``).
+    """
     t0 = time.perf_counter()
     task, data, loaded = _load(cfg)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -245,25 +288,35 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     blocks = partition(model)
     per_state: dict[int, list[PairSample]] = {}
     first_state_weights: list[Tensor] | None = None
+    if pairs_dir is not None:
+        pairs_dir.mkdir(parents=True, exist_ok=True)
     with eval_mode(model):
         for state in _states(cfg, model, batches):
             samples = []
             for k in range(cfg.pairs):
+                saved = pair_path(pairs_dir, state, k) if pairs_dir is not None else None
+                if saved is not None and saved.is_file():
+                    sample = load_pair(saved)
+                    if sample.G.shape[0] != len(blocks):
+                        raise L2ZOError(f"{saved} holds {sample.G.shape[0]} blocks, the model {len(blocks)}: it is "
+                                        "another model's probe; start again with --overwrite")  # fmt: skip
+                    batches.skip_draw()
+                    batches.skip_draw()
+                    samples.append(sample)
+                    log.info("probe-blocks: state %d, pair %d/%d loaded from %s", state, k + 1, cfg.pairs, saved)
+                    continue
                 a, b = batches.draw(model), batches.draw(model)
-                samples.append(
-                    measure_pair(
-                        blocks,
-                        a,
-                        b,
-                        probes=cfg.probes,
-                        gHg_probes=cfg.gHg_probes,
-                        fisher_samples=cfg.fisher_samples,
-                        seed=cfg.seed * 7919 + state * 131 + k,
-                    )
-                )
-                # a pair costs ~10 CPU-minutes on SmolLM2-135M: say where the probe is
+                sample = measure_pair(blocks, a, b, probes=cfg.probes, gHg_probes=cfg.gHg_probes,
+                                      fisher_samples=cfg.fisher_samples,
+                                      seed=cfg.seed * 7919 + state * 131 + k)  # fmt: skip
+                if saved is not None:
+                    save_pair(saved, sample)
+                samples.append(sample)
+                # a pair costs minutes on SmolLM2-135M: say where the probe is
                 log.info("probe-blocks: state %d, pair %d/%d measured (%.0f s so far)", state, k + 1, cfg.pairs,
                          time.perf_counter() - t0)  # fmt: skip
+                if on_pair is not None:
+                    on_pair()
             per_state[state] = samples
             log.info("probe-blocks: state %d measured (%d pairs, %.0f s so far)", state, cfg.pairs,
                      time.perf_counter() - t0)  # fmt: skip

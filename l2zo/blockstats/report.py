@@ -109,11 +109,13 @@ def markdown(result: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def write_outputs(result: dict[str, Any], folder: str | Path, overwrite: bool = False) -> Path:
-    """probe.json, probe.md and sigma/<allocation>.json (``fixed-sigma`` files), all or nothing."""
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
-        write_json_atomic(tmp / "probe.json", result)
-        write_text_atomic(tmp / "probe.md", markdown(result))
+def write_outputs(result: dict[str, Any], folder: str | Path) -> Path:
+    """probe.json, probe.md and sigma/<allocation>.json (``fixed-sigma`` files) into ``folder``, each file whole:
+    the sigma folder first (replaced as one), probe.json last, so a probe.json present means all of it is there."""
+    folder = Path(folder)
+    with atomic_dir(folder / "sigma", overwrite=True) as tmp:
         for name, mapping in result["sigma"].items():
-            write_json_atomic(tmp / "sigma" / f"{name}.json", mapping)
-    return Path(folder)
+            write_json_atomic(tmp / f"{name}.json", mapping)
+    write_text_atomic(folder / "probe.md", markdown(result))
+    write_json_atomic(folder / "probe.json", result)
+    return folder

@@ -3,12 +3,20 @@ each allocation (MeZO, the untrained net, a permuted one, per-block-const, meta-
 
 Writes OUTPUT/probe.json, OUTPUT/probe.md and OUTPUT/sigma/<allocation>.json; each sigma file runs as
 ``fixed-sigma:sigma_file=FILE`` in ``l2zo compare`` to measure the allocation.
+
+The folder is the probe's from the start: OUTPUT/probe_config.json (the settings), OUTPUT/status.json (running,
+then ok, failed, interrupted or error, with how far it got) and OUTPUT/pairs/ (each measured pair, saved when
+done). ``--resume`` continues an unfinished probe from its saved pairs, or re-scores a finished one (other
+``--artifact``, ``--wf-eta``, ``--curvature`` ...) without measuring again; the settings the pairs depend on must
+be the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from l2zo.cli.parser import CommandParser, command_parser
 from l2zo.errors import L2ZOError
@@ -94,23 +102,94 @@ def register(cli: CommandParser) -> None:
     a("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="device")
     a("--output", default="runs/probe-blocks", help="output folder")
     a("--overwrite", action="store_true", help="replace an existing output folder")
+    a("--resume", action="store_true",
+      help="continue the probe in --output from its saved pairs, or re-score a finished one")  # fmt: skip
     cli.add_command("probe-blocks", p, run, help=_HELP)
 
 
+CONFIG_FILE, STATUS_FILE, PAIRS_DIR = "probe_config.json", "status.json", "pairs"
+OUTPUTS = ("probe.json", "probe.md", "sigma")
+
+
+def _check_folder(out: Path, cfg_dict: dict[str, Any], overwrite: bool, resume: bool) -> None:
+    """Refuse what cannot be done with ``out`` before anything is written (one line, exit 2)."""
+    from l2zo.blockstats.probe import MEASURE_KEYS
+
+    if overwrite and resume:
+        raise L2ZOError("--resume continues the probe in --output and --overwrite replaces it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise L2ZOError(f"--output {out} is a file; pick another --output")
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise L2ZOError(f"--resume: there is no probe in {out} to resume; check --output")
+        return
+    if overwrite:
+        return
+    if not resume:
+        raise L2ZOError(f"{out} already exists; pick another --output, pass --resume to continue the probe there "
+                        "(its measured pairs are kept) or --overwrite to start over")  # fmt: skip
+    try:
+        theirs = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise L2ZOError(f"--resume: {out} holds no {CONFIG_FILE}, so it is not a probe this l2zo can resume; "
+                        "pick another --output or pass --overwrite") from None  # fmt: skip
+    diff = [k for k in MEASURE_KEYS if theirs.get(k) != cfg_dict[k]]
+    if diff:
+        shown = "; ".join(
+            f"--{k.replace('_', '-').lower()}: {theirs.get(k)!r} there, {cfg_dict[k]!r} now" for k in diff
+        )
+        raise L2ZOError(f"--resume: {out} was measured with other settings ({shown}); give the same ones, or "
+                        "--overwrite to measure again")  # fmt: skip
+
+
+def _pairs_done(pairs: Path) -> int:
+    return len(list(pairs.glob("state*-pair*.pt"))) if pairs.is_dir() else 0
+
+
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shutil
+
     from l2zo.blockstats.probe import ProbeConfig, run_probe
     from l2zo.blockstats.report import allocations_table, write_outputs
+    from l2zo.utils.io import write_json_atomic
+    from l2zo.utils.rundir import LOCK_FILE, locked_run_folder
+    from l2zo.utils.runstatus import RUNNING, record_end, signal_guard
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise L2ZOError(f"{out} already exists; pick another --output or pass --overwrite")
     keys = {f for f in ProbeConfig.__dataclass_fields__}
     cfg = ProbeConfig(**{k: v for k, v in vars(args).items() if k in keys})
     for artifact in cfg.artifacts:
         if not (Path(artifact) / "l2zo_artifact.json").is_file():
             raise L2ZOError(f"--artifact {artifact} is not a learned-optimizer folder (no l2zo_artifact.json)")
-    result = run_probe(cfg)
-    write_outputs(result, out, overwrite=args.overwrite)
+    cfg_dict = dataclasses.asdict(cfg)
+    _check_folder(out, cfg_dict, args.overwrite, args.resume)
+    with signal_guard() as guard, locked_run_folder(out, "--output") as folder:
+        # The folder holds this run only: --overwrite removes everything, --resume the outputs (they are re-made).
+        for entry in list(out.iterdir()):
+            if entry.name == LOCK_FILE or (not args.overwrite and entry.name not in OUTPUTS):
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        folder.started = True
+        pairs = out / PAIRS_DIR
+        total = cfg.pairs * len(cfg.states)
+        status: dict[str, Any] = {"status": RUNNING, "pairs_total": total, "pairs_done": _pairs_done(pairs)}
+        write_json_atomic(out / CONFIG_FILE, cfg_dict)
+        write_json_atomic(out / STATUS_FILE, status)
+        try:
+            with guard.deferred():  # a signal stops the probe after the pair being measured is saved
+                result = run_probe(cfg, pairs_dir=pairs, on_pair=guard.check)
+            write_outputs(result, out)
+        except BaseException as exc:
+            record_end(status, exc)
+            status["pairs_done"] = _pairs_done(pairs)
+            if status["pairs_done"]:
+                status["resume"] = "the same command with --resume continues from the saved pairs"
+            write_json_atomic(out / STATUS_FILE, status)
+            raise
+        record_end(status, None)
+        status.update(pairs_done=_pairs_done(pairs), wall_time_s=result["wall_time_s"])
+        write_json_atomic(out / STATUS_FILE, status)
     print(allocations_table(result))
     print(f"\nwrote {out / 'probe.md'}, {out / 'probe.json'} and {len(result['sigma'])} sigma files in {out / 'sigma'}")
     return 0
