@@ -259,6 +259,9 @@ def render(data_dir: str | None) -> str:
         n for n, r in recs.items() if r["rows"].get("mezo+table", {}).get("note", NOTES["table"]) != NOTES["table"]
     ]
     older = [n for n, r in recs.items() if _machine_key(r["machine"]) != _machine_key(mach)]
+    from l2zo.tasks.scoring import SCORER_VERSION
+
+    old_scorer = [n for n, r in recs.items() if r.get("scorer", 1) < SCORER_VERSION]
     parts = [(ROOT / "docs" / "bench" / "INTRO.md").read_text().strip(), "",
              "## Machine", "",
              (f"{mach['cpu']}, {_isa(mach)}, {mach['cpu_count']} cores, {mach['threads']} torch threads, "
@@ -266,6 +269,9 @@ def render(data_dir: str | None) -> str:
              "## Targets", "", targets(recs), "",
              *([f"Measured with an earlier noise-table size (see each row's note): "
                 f"{', '.join(f'`{n}`' for n in stale_table)}."] if stale_table else []), "",
+             *([f"Measured with the earlier scorer, one forward row per candidate (the batch's two single-token "
+                f"candidates now share one row, which halves its forwards; see above): "
+                f"{', '.join(f'`{n}`' for n in old_scorer)}."] if old_scorer else []), "",
              *([f"Kept from an earlier session (another CPU, or a record without its ISA flags), so not comparable "
                 f"with the rows above: {', '.join(f'`{n}`' for n in older)}."] if older else []), "",
              *[f"`{n}`: not measured on this machine (run `python scripts/bench_all.py --only {n}`)." for n in configs(data_dir)

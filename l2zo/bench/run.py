@@ -16,6 +16,7 @@ from l2zo.bench.config import INFERENCE, REFERENCE, BenchConfig
 from l2zo.bench.memory import measure_in_subprocess
 from l2zo.bench.rows import Row, build_row, row_names
 from l2zo.bench.workload import build_workload
+from l2zo.tasks.scoring import SCORER_VERSION
 
 
 def _sync(device: torch.device) -> None:
@@ -92,6 +93,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
         "machine": machine_info(device),
         "model_params": params,
+        "scorer": SCORER_VERSION,
         "rows": out_rows,
     }
 

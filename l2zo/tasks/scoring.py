@@ -33,6 +33,9 @@ from l2zo.errors import L2ZOError
 from l2zo.tasks.base import Example
 
 LOSS_KINDS = ("classification", "lm")
+# 2: the last column is never run and identical rows run once (single-token candidates share the prompt's row);
+# 1: one row per candidate. Timing records (``l2zo bench``) carry it: a forward's cost depends on it.
+SCORER_VERSION = 2
 _CACHE_LIMIT = 200_000  # distinct strings kept tokenized; a run revisits the same ~1000 train prompts
 
 
