@@ -5,6 +5,8 @@
 #   bash scripts/tiny_recipes.sh meta B      # recipe es (one core, ~35 min)
 #   bash scripts/tiny_recipes.sh meta C      # the feature ablation: greedy and greedy-feat (one core, a few min)
 #   bash scripts/tiny_recipes.sh heldout     # two compares side by side (~1 h on two cores)
+#   bash scripts/tiny_recipes.sh meta D      # one feature at a time on the shipped recipe (7 meta-trains, one core)
+#   bash scripts/tiny_recipes.sh ablation    # their held-out evaluation beside mezo and the shipped net
 # Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
 # artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
 # tables go to docs/results/heldout-tiny/.
@@ -24,11 +26,17 @@ declare -A RECIPES=(
   # es: 100 meta-steps, because each costs 4 antithetic pairs of 10-step fine-tunes (~20 s on one core)
   [es]="--objective es --unroll-steps 10 --es-pairs 4 --batch-size 8 --outer-batch heldout --steps 100"
 )
-declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy greedy-feat")
+declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy greedy-feat"
+                  [D]="greedy-logn greedy-wnorm greedy-drift greedy-curv greedy-gradrms greedy-role greedy-depth")
 # Chain C, the feature ablation on the recipe that works: the shipped recipe (meta_configs/tiny.yaml as it is:
 # greedy, teacher trajectory, 600 meta-steps) re-made, and the same with the per-block features of issue 15.
 declare -A OWN=([greedy]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress"
                 [greedy-feat]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress $FEATS")
+# Chain D, one feature at a time on the shipped recipe (item 3: a feature is kept only if its ablation shows it helps).
+declare -A ONE=([logn]="--feature-log-numel" [wnorm]="--feature-weight-norm" [drift]="--feature-drift"
+                [curv]="--feature-curvature fisher" [gradrms]="--feature-grad-rms" [role]="--role-embedding-dim 4"
+                [depth]="--depth-feature")
+for f in "${!ONE[@]}"; do OWN[greedy-$f]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress ${ONE[$f]}"; done
 
 meta() {  # meta-train one recipe, resuming from its last checkpoint
   local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
@@ -64,5 +72,20 @@ case ${1:-} in
       --tune-seed 100 --baseline mezo --champions learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es,learned-greedy-remade,learned-greedy-feat \
       --out "$OUT/heldout" --docs docs/results/heldout-tiny --jobs 2 --threads 1
     ;;
-  *) echo "usage: $0 meta A|B|C | heldout" >&2; exit 2 ;;
+  ablation)
+    # The shipped net (the recipe without any of these features) and MeZO beside each one-feature net, with the
+    # protocol of `heldout`; its own folder and table (docs/results/ablation-tiny).
+    opts="mezo,learned:label=learned-greedy"
+    champions=learned-greedy
+    for f in "${!ONE[@]}"; do
+      [ -f "$OUT/art/tiny-greedy-$f/l2zo_artifact.json" ] || continue
+      opts="$opts,learned=$OUT/art/tiny-greedy-$f:label=learned-greedy-$f" && champions="$champions,learned-greedy-$f"
+    done
+    $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
+      --tasks synth-color,synth-successor --optimizers "$opts" --steps 300 --seeds 0,1,2 --batch-size 16 --eval-every 50 \
+      --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid 2e-4,4e-4,8e-4 \
+      --tune-seed 100 --baseline mezo --champions "$champions" \
+      --out "$OUT/ablation" --docs docs/results/ablation-tiny --jobs "${JOBS:-2}" --threads 1
+    ;;
+  *) echo "usage: $0 meta A|B|C|D | heldout | ablation" >&2; exit 2 ;;
 esac
