@@ -75,6 +75,15 @@ def test_report_rebuilds_the_same_tables_from_events_alone(compare_dir, capsys):
     assert all((compare_dir / p).is_file() for p in PNGS)
 
 
+def test_report_on_one_seed_folder_names_the_experiment_folder(compare_dir, capsys):
+    seed = compare_dir / "mezo" / "seed0"
+    before = sorted(p.name for p in seed.iterdir())
+    assert main(["report", str(seed)]) == 2
+    err = capsys.readouterr().err
+    assert "is one run of a compare" in err and err.rstrip().endswith(str(compare_dir)) and err.count("\n") == 1
+    assert sorted(p.name for p in seed.iterdir()) == before
+
+
 def test_failing_optimizers_are_reported_and_the_others_finish(tmp_path, monkeypatch, capsys):
     from l2zo.optim.methods.zo_sgd_variants import ZOSGDSign
 

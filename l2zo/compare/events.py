@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from l2zo.errors import L2ZOError
+
 RECORD_TAG = "l2zo/compare_record"
 SCALAR_TAGS = ("val/loss", "val/acc", "test/loss", "test/acc", "train/step_time_s", "train/peak_mem_mb",
                "train/forward_passes")  # fmt: skip
@@ -142,5 +144,11 @@ def find_run_folders(root: Path) -> list[Path]:
 def load_experiment(root: str | Path) -> list[RunRecord]:
     """All runs under ``root``, in --optimizers order, then by seed."""
     root = Path(root)
+    if _SEED_DIR.match(root.name) and any(root.glob("events.out.tfevents.*")):
+        # One seed of a compare names its run by the folders above it, which are outside root.
+        from l2zo.compare.run import EXPERIMENT_FILE
+
+        above = next((p for p in root.parents if (p / EXPERIMENT_FILE).is_file()), root.parent.parent)
+        raise L2ZOError(f"{root} is one run of a compare (a seed folder); give the experiment folder, e.g. {above}")
     runs = [read_run(folder, root) for folder in find_run_folders(root)]
     return sorted(runs, key=lambda r: (r.order, r.label, r.seed))
