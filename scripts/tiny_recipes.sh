@@ -7,6 +7,8 @@
 #   bash scripts/tiny_recipes.sh heldout     # two compares side by side (~1 h on two cores)
 #   bash scripts/tiny_recipes.sh meta D      # one feature at a time on the shipped recipe (7 meta-trains, one core)
 #   bash scripts/tiny_recipes.sh ablation    # their held-out evaluation beside mezo and the shipped net
+#   bash scripts/tiny_recipes.sh confirm F   # the shipped net against greedy + feature F (e.g. role), each beside
+#                                            # its own untrained net, on 6 paired seeds (docs/results/confirm-tiny-F)
 # Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
 # artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
 # tables go to docs/results/heldout-tiny/.
@@ -87,5 +89,20 @@ case ${1:-} in
       --tune-seed 100 --baseline mezo --champions "$champions" \
       --out "$OUT/ablation" --docs docs/results/ablation-tiny --jobs "${JOBS:-2}" --threads 1
     ;;
-  *) echo "usage: $0 meta A|B|C|D | heldout | ablation" >&2; exit 2 ;;
+  confirm)
+    # A feature that won a pair of the ablation, re-measured on 6 seeds (0-5, the ablation's 0-2 among them) with
+    # the untrained net of each architecture (learned-random takes the artifact's spec: the role embedding adds
+    # inputs, so its random net is another one).
+    f=${2:?a feature of chain D, e.g. role}
+    art=$OUT/art/tiny-greedy-$f
+    [ -f "$art/l2zo_artifact.json" ] || { echo "meta-train it first: $0 meta D" >&2; exit 2; }
+    opts="mezo,learned:label=learned-greedy,learned-random,learned=$art:label=learned-greedy-$f"
+    opts="$opts,learned-random=$art:label=learned-random-$f"
+    $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
+      --tasks synth-color,synth-successor --optimizers "$opts" --steps 300 --seeds 0,1,2,3,4,5 --batch-size 16 \
+      --eval-every 50 --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid 2e-4,4e-4,8e-4 \
+      --tune-seed 100 --baseline mezo --champions "learned-greedy,learned-greedy-$f" \
+      --out "$OUT/confirm-$f" --docs "docs/results/confirm-tiny-$f" --jobs "${JOBS:-2}" --threads 1
+    ;;
+  *) echo "usage: $0 meta A|B|C|D | heldout | ablation | confirm F" >&2; exit 2 ;;
 esac
