@@ -41,6 +41,9 @@ from tests.helpers import lm_loss, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [REPO / "checkpoints" / "tiny" / "zo-finetuner", REPO / "checkpoints" / "smollm2-135m" / "zo-finetuner"]
+# Artifacts written before features_version existed: the shipped tiny one, and the SmolLM2 one shipped until the
+# re-made artifact (features_version 2) replaced it, kept beside the results it produced.
+UNVERSIONED = [SHIPPED[0], REPO / "docs" / "results" / "meta-smollm2-135m-onpolicy"]
 ALL_ON = FeatureSpec(log_numel=True, weight_norm=True, drift=True, curvature="fisher", grad_rms=True)
 ONE_EACH = {
     "log_numel": FeatureSpec(log_numel=True),
@@ -282,10 +285,15 @@ def _paper_sigma(path: Path, stats: torch.Tensor, lp: float, lm: float, prev: to
     return (torch.einsum("bh,bh->b", h, t["w2"]) + t["b2"]).abs()
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
-def test_shipped_unversioned_artifacts_load_and_give_the_papers_sigma(path: Path) -> None:
+@pytest.mark.parametrize("path", UNVERSIONED + SHIPPED[1:], ids=lambda p: p.parent.name + "/" + p.name)
+def test_artifacts_with_the_papers_inputs_load_and_give_the_papers_sigma(path: Path) -> None:
+    """Unversioned (v1) artifacts and versioned ones with the default inputs are the same network."""
     manifest = read_manifest(path)
-    assert manifest["format_version"] == 1 and "features_version" not in manifest["net"]
+    assert manifest["format_version"] == 1
+    if path in UNVERSIONED:
+        assert "features_version" not in manifest["net"]
+    else:
+        assert manifest["net"]["features_version"] == 2 and manifest["net"]["feature_names"] == list(FEATURE_NAMES)
     net, _ = read_artifact(path)
     assert net.spec.features == FeatureSpec() and net.spec.num_inputs == 5
     assert not hasattr(net, "static_curvature")
