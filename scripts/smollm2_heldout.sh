@@ -8,7 +8,8 @@
 # each optimizer's lr is picked on seed 100 with a 60-step run, then seeds 0, 1, 2 run 200 steps.
 # Every stage resumes: the derivative is made once, and a compare folder that exists is resumed (its finished
 # runs are kept; a run killed mid-way starts again), so `run` can be stopped at any time and started again.
-# The compares live under docs/results/heldout-smollm2/runs (tens of KB a run, in git), so that the evaluation,
+# The compares live under docs/results/heldout-smollm2/compares (tens of KB a run, in git; not "runs/", which
+# .gitignore excludes at any depth), so that the evaluation,
 # which takes longer than one working session, survives a machine that keeps only the repository. The
 # derivative (540 MB) is not kept; it is re-made, and its weights' sha256 is checked against the one recorded
 # in derivative.sha256 by the first session (fp32 on one thread: the same bits on the same kind of CPU; a
@@ -25,7 +26,7 @@ ARGS=(--artifact "$ART" --models "smollm2-135m,$DERIV" --tasks rte,wic,cb
       --optimizers mezo,learned,learned-random --lr-grid 1e-5,3e-5,1e-4 --tune-steps 60 --tune-seed 100
       --steps 200 --seeds 0,1,2 --batch-size 8 --eval-every 50 --num-train 1000 --num-dev 128 --num-test 200
       --max-length 96 --precision 32 --data-dir "$DATA" --baseline mezo --champions learned
-      --out "$DOCS/runs" --docs "$DOCS" --jobs 2 --threads 1)
+      --out "$DOCS/compares" --docs "$DOCS" --jobs 2 --threads 1)
 
 check_derivative() {  # record the derivative's weights once; afterwards report any other bits
   local now
