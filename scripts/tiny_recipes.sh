@@ -52,10 +52,20 @@ meta() {  # meta-train one recipe, resuming from its last checkpoint
     >>"$OUT/meta/costs.txt"
 }
 
+# The held-out protocol of EVALUATION.md §0b, shared by heldout, ablation and confirm: tiny-derived x {synth-color,
+# synth-successor}, 300 steps, lr tuned on dev on seed 100, paired seeds; tables under docs/results/<name>.
+# Args: optimizers, seeds, lr grid, champions, output name under $OUT, docs folder.
+evaluate() {
+  $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
+    --tasks synth-color,synth-successor --optimizers "$1" --steps 300 --seeds "$2" --batch-size 16 --eval-every 50 \
+    --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$3" --tune-seed 100 --baseline mezo \
+    --champions "$4" --out "$OUT/$5" --docs "$6" --jobs "${JOBS:-2}" --threads 1
+}
+
 case ${1:-} in
   meta)
     mkdir -p "$OUT/meta"
-    for name in ${CHAINS[${2:?chain A, B or C}]}; do meta "$name"; done
+    for name in ${CHAINS[${2:?chain A, B, C or D}]}; do meta "$name"; done
     ;;
   heldout)
     opts="mezo,learned-random,per-block-const,learned:label=learned-greedy"
@@ -68,11 +78,9 @@ case ${1:-} in
     [ -f "$OUT/art/tiny-expected/l2zo_artifact.json" ] || grid=${grid%%;*}
     # tiny-derived only: the base tiny already knows the colours and the number order (dev loss ~0 at step 0,
     # nothing to learn), and synth-negation stays at chance for every optimizer at these budgets (EVALUATION.md §0b).
-    $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
-      --tasks synth-color,synth-successor --optimizers "$opts" --steps 300 --seeds 0,1,2 --batch-size 16 --eval-every 50 \
-      --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$grid" \
-      --tune-seed 100 --baseline mezo --champions learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es,learned-greedy-remade,learned-greedy-feat \
-      --out "$OUT/heldout" --docs docs/results/heldout-tiny --jobs 2 --threads 1
+    evaluate "$opts" 0,1,2 "$grid" \
+      learned-greedy,learned-expected,learned-distill,learned-distill-feat,learned-es,learned-greedy-remade,learned-greedy-feat \
+      heldout docs/results/heldout-tiny
     ;;
   ablation)
     # The shipped net (the recipe without any of these features) and MeZO beside each one-feature net, with the
@@ -83,11 +91,7 @@ case ${1:-} in
       [ -f "$OUT/art/tiny-greedy-$f/l2zo_artifact.json" ] || continue
       opts="$opts,learned=$OUT/art/tiny-greedy-$f:label=learned-greedy-$f" && champions="$champions,learned-greedy-$f"
     done
-    $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
-      --tasks synth-color,synth-successor --optimizers "$opts" --steps 300 --seeds 0,1,2 --batch-size 16 --eval-every 50 \
-      --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid 2e-4,4e-4,8e-4 \
-      --tune-seed 100 --baseline mezo --champions "$champions" \
-      --out "$OUT/ablation" --docs docs/results/ablation-tiny --jobs "${JOBS:-2}" --threads 1
+    evaluate "$opts" 0,1,2 2e-4,4e-4,8e-4 "$champions" ablation docs/results/ablation-tiny
     ;;
   confirm)
     # A feature that won a pair of the ablation, re-measured on 6 seeds (0-5, the ablation's 0-2 among them) with
@@ -98,11 +102,8 @@ case ${1:-} in
     [ -f "$art/l2zo_artifact.json" ] || { echo "meta-train it first: $0 meta D" >&2; exit 2; }
     opts="mezo,learned:label=learned-greedy,learned-random,learned=$art:label=learned-greedy-$f"
     opts="$opts,learned-random=$art:label=learned-random-$f"
-    $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
-      --tasks synth-color,synth-successor --optimizers "$opts" --steps 300 --seeds 0,1,2,3,4,5 --batch-size 16 \
-      --eval-every 50 --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid 2e-4,4e-4,8e-4 \
-      --tune-seed 100 --baseline mezo --champions "learned-greedy,learned-greedy-$f" \
-      --out "$OUT/confirm-$f" --docs "docs/results/confirm-tiny-$f" --jobs "${JOBS:-2}" --threads 1
+    evaluate "$opts" 0,1,2,3,4,5 2e-4,4e-4,8e-4 "learned-greedy,learned-greedy-$f" "confirm-$f" \
+      "docs/results/confirm-tiny-$f"
     ;;
   *) echo "usage: $0 meta A|B|C|D | heldout | ablation | confirm F" >&2; exit 2 ;;
 esac

@@ -105,13 +105,18 @@ def save_pair(path: Path, sample: PairSample) -> None:
     os.replace(tmp, path)
 
 
-def load_pair(path: Path) -> PairSample:
+def load_pair(path: Path, num_blocks: int) -> PairSample:
+    """A pair saved by :func:`save_pair`, refused unless it holds ``num_blocks`` blocks (another model's probe)."""
     data = torch.load(path, map_location="cpu", weights_only=True)
     try:
-        return PairSample(**{f.name: data[f.name] for f in dataclasses.fields(PairSample)})
+        sample = PairSample(**{f.name: data[f.name] for f in dataclasses.fields(PairSample)})
     except (KeyError, TypeError):
         raise L2ZOError(f"{path} is not a probe pair of this l2zo version; start the probe again with "
                         "--overwrite") from None  # fmt: skip
+    if sample.G.shape[0] != num_blocks:
+        raise L2ZOError(f"{path} holds {sample.G.shape[0]} blocks, the model {num_blocks}: it is another model's "
+                        "probe; start again with --overwrite")  # fmt: skip
+    return sample
 
 
 class _Batches:
@@ -296,13 +301,9 @@ def run_probe(
             for k in range(cfg.pairs):
                 saved = pair_path(pairs_dir, state, k) if pairs_dir is not None else None
                 if saved is not None and saved.is_file():
-                    sample = load_pair(saved)
-                    if sample.G.shape[0] != len(blocks):
-                        raise L2ZOError(f"{saved} holds {sample.G.shape[0]} blocks, the model {len(blocks)}: it is "
-                                        "another model's probe; start again with --overwrite")  # fmt: skip
+                    samples.append(load_pair(saved, len(blocks)))
                     batches.skip_draw()
                     batches.skip_draw()
-                    samples.append(sample)
                     log.info("probe-blocks: state %d, pair %d/%d loaded from %s", state, k + 1, cfg.pairs, saved)
                     continue
                 a, b = batches.draw(model), batches.draw(model)
