@@ -310,3 +310,30 @@ def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, mon
     assert all(read_run(logdir / "mezo" / f"seed{k}", logdir).hparams["lr"] == float(other) for k in (0, 1, 2))
     shown = [(r["lr"], r["picked"]) for r in _tuning(logdir) if r["run"] == "mezo"]
     assert shown == [(other, "1"), ("1000000000.0", "0")]  # the grid that ran, not the old points still on disk
+
+
+def test_resume_refuses_a_kept_run_made_with_another_optimizer_or_other_artifact_weights(tmp_path, capsys):
+    """A label reused for another optimizer, or a re-made artifact at the same path, would mix two experiments."""
+    repo = Path(__file__).resolve().parents[1]
+    art = tmp_path / "art"
+    shutil.copytree(repo / "docs" / "results" / "meta-tiny" / "tiny-greedy", art)
+    logdir = tmp_path / "exp"
+    argv = [*SMALL, "--steps", "2", "--eval-every", "2", "--seeds", "0", "--logdir", str(logdir)]
+    assert main(["compare", *argv, "--optimizers", f"mezo:lr=1e-4,learned={art}:lr=1e-4"]) == 0
+    summary = json.loads((logdir / "learned" / "seed0" / "summary.json").read_text())
+    assert summary["artifact_sha256"] == json.loads((art / "l2zo_artifact.json").read_text())["weights_sha256"]
+    assert main(["compare", *argv, "--optimizers", f"mezo:lr=1e-4,learned={art}:lr=1e-4", "--resume"]) == 0
+    capsys.readouterr()
+
+    assert main(["compare", *argv, "--optimizers", "zo-sgd-mmt:lr=1e-4:label=mezo", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        "mezo/seed0 holds a finished run of 'mezo' made with mezo, not zo-sgd-mmt; give the item another label" in err
+    )
+
+    shutil.rmtree(art)  # the same path, another net
+    shutil.copytree(repo / "docs" / "results" / "meta-tiny" / "tiny-greedy-role", art)
+    assert main(["compare", *argv, "--optimizers", f"learned={art}:lr=1e-4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"learned/seed0 holds a finished run of 'learned' made with other weights at {art}" in err
+    assert len(err.splitlines()) == 1

@@ -44,6 +44,7 @@ from l2zo.compare.spec import (
 from l2zo.compare.tuning import TUNE_DIR, TunePoint, grids_for, pick_lr
 from l2zo.config import PEFT_KEYS, FinetuneConfig, PeftArgs
 from l2zo.errors import L2ZOError
+from l2zo.learned.artifact import artifact_digest
 from l2zo.optim.registry import build_optimizer, get_optimizer_spec, optimizer_specs
 from l2zo.optim.run_hparams import optimizer_hparams
 from l2zo.tasks.loading import load_task_data
@@ -283,7 +284,37 @@ def prepare_logdir(plan: Plan, overwrite: bool, resume: bool = False) -> set[Pat
     if clash and not resume:
         raise L2ZOError(f"{clash[0]} already holds a run of this experiment; pass --resume to keep the finished runs "
                         "and redo the others, --overwrite to start over, or pick another --logdir")  # fmt: skip
-    return {f.resolve() for f in clash if _run_status(f) in FINISHED}
+    finished = {f.resolve() for f in clash if _run_status(f) in FINISHED}
+    _refuse_other_runs(plan, finished)
+    return finished
+
+
+def _planned_runs(plan: Plan) -> dict[Path, tuple[RunSpec, int]]:
+    """Every planned run folder (resolved) -> (spec, seed)."""
+    runs = {plan.run_dir(s, k).resolve(): (s, k) for s in plan.specs for k in plan.seeds}
+    runs.update({plan.run_dir(t, plan.tune_seed).resolve(): (t, plan.tune_seed)
+                 for s in plan.specs for t in plan.tune_specs(s)})  # fmt: skip
+    return runs
+
+
+def _refuse_other_runs(plan: Plan, finished: set[Path]) -> None:
+    """A finished run that --resume would keep must be the planned run: the same optimizer and the same artifact
+    (path, and weights sha256 where the run recorded it). Else a label reused for another optimizer or a re-made
+    artifact would silently mix two experiments in one table."""
+    planned = _planned_runs(plan)
+    for folder in sorted(finished):
+        spec, seed = planned[folder]
+        fcfg = plan.finetune_config(spec, seed)
+        summary = _read_summary(folder)
+        ran_art = (summary.get("hparams") or {}).get("artifact")
+        now = (fcfg.optimizer, None if fcfg.artifact is None else str(Path(fcfg.artifact)))
+        then = (summary.get("optimizer"), None if ran_art is None else str(Path(ran_art)))
+        ran_sha, now_sha = summary.get("artifact_sha256"), artifact_digest(fcfg.artifact)
+        if then != now or (ran_sha and now_sha and ran_sha != now_sha):
+            made = (f"{' '.join(filter(None, then))}, not {' '.join(filter(None, now))}" if then != now
+                    else f"other weights at {now[1]} (sha256 {ran_sha[:12]}, now {now_sha[:12]})")  # fmt: skip
+            raise L2ZOError(f"{folder} holds a finished run of {spec.base!r} made with {made}; give the item another "
+                            "label (learned=DIR:label=NAME), or pass --overwrite to start over")  # fmt: skip
 
 
 def _reset_peak_memory() -> None:

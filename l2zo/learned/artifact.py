@@ -147,6 +147,19 @@ def evaluate_sigma(
     return sigma_prev if rule == "none" else normalize_sigma(sigma_prev, n)[1]
 
 
+def artifact_digest(path: str | Path | None) -> str | None:
+    """The weights' sha256 that an artifact folder's manifest records (None: no artifact, or not a readable one).
+
+    Runs record it so that a run made with another artifact at the same path is told apart (compare --resume)."""
+    if path is None or not Path(path).is_dir():
+        return None
+    try:
+        digest = read_manifest(path).get("weights_sha256")
+    except L2ZOError:
+        return None
+    return digest if isinstance(digest, str) else None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from l2zo.config import FinetuneConfig, ZArgs, config_to_dict
 from l2zo.errors import L2ZOError
+from l2zo.learned.artifact import artifact_digest
 from l2zo.models import load_model
 from l2zo.models.adapters import AdaptedModel, apply_peft
 from l2zo.models.loading import LoadedModel, check_device
@@ -201,6 +202,7 @@ def _run(cfg: FinetuneConfig, spec: OptimizerSpec, hp: dict[str, Any], task: Any
         "optimizer": cfg.optimizer,
         "peft": None if adapted is None else adapted.record,
         "hparams": {k: v for k, v in {**spec.defaults, **hp}.items()},
+        "artifact_sha256": artifact_digest(hp.get("artifact")),  # the net that ran, whatever its path holds later
         "steps": cfg.steps,
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
