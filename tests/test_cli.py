@@ -206,6 +206,9 @@ def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
         assert f"| {run} |" in out
     assert "## Paired against `mezo`" in out
     assert (tmp_path / "demo" / "summary.md").is_file()
+    for run in ("learned", "learned-random"):  # the ablation is the shipped net's own spec (role embedding), untrained
+        hp = json.loads((tmp_path / "demo" / run / "seed0" / "summary.json").read_text())["hparams"]
+        assert Path(hp["artifact"]).resolve() == (Path(__file__).resolve().parents[1] / "checkpoints/tiny/zo-finetuner")
 
 
 def test_nan_loss_is_one_clear_error_and_a_failed_summary(tmp_path, capsys):

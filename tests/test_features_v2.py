@@ -40,10 +40,13 @@ from l2zo.optim.methods.learned import LearnedZO
 from tests.helpers import lm_loss, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = [REPO / "checkpoints" / "tiny" / "zo-finetuner", REPO / "checkpoints" / "smollm2-135m" / "zo-finetuner"]
-# Artifacts written before features_version existed: the shipped tiny one, and the SmolLM2 one shipped until the
-# re-made artifact (features_version 2) replaced it, kept beside the results it produced.
-UNVERSIONED = [SHIPPED[0], REPO / "docs" / "results" / "meta-smollm2-135m-onpolicy"]
+RESULTS = REPO / "docs" / "results"
+# Artifacts written before features_version existed, kept beside the results they produced: the tiny one shipped
+# until stop 22 (plain greedy; the role-embedding net replaced it) and the SmolLM2 on-policy one.
+UNVERSIONED = [RESULTS / "meta-tiny" / "tiny-greedy-v1", RESULTS / "meta-smollm2-135m-onpolicy"]
+# Versioned (features_version 2) artifacts with the paper's five inputs: tiny's plain greedy recipe re-made, and the
+# SmolLM2 one shipped until stop 22, which the first held-out runs (docs/results/heldout-smollm2) used.
+PAPER_INPUTS = [RESULTS / "meta-tiny" / "tiny-greedy", RESULTS / "meta-smollm2-135m-greedy"]
 ALL_ON = FeatureSpec(log_numel=True, weight_norm=True, drift=True, curvature="fisher", grad_rms=True)
 ONE_EACH = {
     "log_numel": FeatureSpec(log_numel=True),
@@ -285,7 +288,7 @@ def _paper_sigma(path: Path, stats: torch.Tensor, lp: float, lm: float, prev: to
     return (torch.einsum("bh,bh->b", h, t["w2"]) + t["b2"]).abs()
 
 
-@pytest.mark.parametrize("path", UNVERSIONED + SHIPPED[1:], ids=lambda p: p.parent.name + "/" + p.name)
+@pytest.mark.parametrize("path", UNVERSIONED + PAPER_INPUTS, ids=lambda p: p.parent.name + "/" + p.name)
 def test_artifacts_with_the_papers_inputs_load_and_give_the_papers_sigma(path: Path) -> None:
     """Unversioned (v1) artifacts and versioned ones with the default inputs are the same network."""
     manifest = read_manifest(path)
@@ -308,20 +311,22 @@ def test_artifacts_with_the_papers_inputs_load_and_give_the_papers_sigma(path: P
     assert bool(torch.isfinite(eff).all()) and float(eff.min()) > 0
 
 
-def test_the_shipped_tiny_artifact_in_the_optimizer_matches_the_papers_formula() -> None:
+def test_a_tiny_artifact_with_the_papers_inputs_in_the_optimizer_matches_the_papers_formula() -> None:
     from l2zo.models import load_model
     from l2zo.optim.registry import build_optimizer
 
     model = load_model("tiny").model
     blocks = partition(model)
-    opt = build_optimizer("learned", model, artifact=str(SHIPPED[0]), lr=1e-4, eps=1e-3, seed=0)
+    opt = build_optimizer("learned", model, artifact=str(UNVERSIONED[0]), lr=1e-4, eps=1e-3, seed=0)
     ids = _batch(0, vocab=800)
     prev, lp, lm = torch.ones(len(blocks)), 0.0, 0.0
     for _ in range(3):
         # The paper's features, straight from the weights (torch.var_mean), then its MLP.
         var, mean = zip(*[torch.var_mean(b.param.detach().double()) for b in blocks])
         stats = torch.stack([torch.stack(mean), torch.stack(var)], dim=1).float()
-        torch.testing.assert_close(opt.raw_sigma(), _paper_sigma(SHIPPED[0], stats, lp, lm, prev), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            opt.raw_sigma(), _paper_sigma(UNVERSIONED[0], stats, lp, lm, prev), rtol=1e-5, atol=1e-6
+        )
         opt.step(lambda: model(input_ids=ids, labels=ids).loss)
         prev, lp, lm = opt.sigma_prev, float(opt.last_probe.loss_plus), float(opt.last_probe.loss_minus)
 
