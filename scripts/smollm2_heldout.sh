@@ -5,7 +5,8 @@
 #   bash scripts/smollm2_heldout.sh run          # the compares, two side by side, 1 thread each (many hours)
 #   bash scripts/smollm2_heldout.sh aggregate    # the tables, win counts and plots into docs/results/heldout-smollm2
 # Budget (AVX-512 Xeon, fp32, 1 thread a process): a step of 8 prompts of <= 96 tokens is two SmolLM2 forwards;
-# each optimizer's lr is picked on seed 100 with a 60-step run, then seeds 0, 1, 2 run 200 steps.
+# each optimizer's lr is picked on seed 100 with a 60-step run from 3e-6, 1e-5, 3e-5 (the first grid's 1e-4 was
+# the worst for every optimizer on WiC and RTE, and 1e-5, its bottom, the best), then seeds 0, 1, 2 run 200 steps.
 # Every stage resumes: the derivative is made once, and a compare folder that exists is resumed (its finished
 # runs are kept; a run killed mid-way starts again), so `run` can be stopped at any time and started again.
 # The compares live under docs/results/heldout-smollm2/compares (tens of KB a run, in git; not "runs/", which
@@ -22,10 +23,16 @@ DERIV=runs/derivatives/smollm2-135m-sst2lm
 DOCS=docs/results/heldout-smollm2
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ART=checkpoints/smollm2-135m/zo-finetuner
-ARGS=(--artifact "$ART" --models "smollm2-135m,$DERIV" --tasks rte,wic,cb
-      --optimizers mezo,learned,learned-random --lr-grid 1e-5,3e-5,1e-4 --tune-steps 60 --tune-seed 100
+# The shipped net (greedy + role embedding since stop 22) and its untrained twin, labelled apart from the runs that
+# the plain greedy net (docs/results/meta-smollm2-135m-greedy, labels learned / learned-random) made before.
+# MODELS, TASKS, OPTS run a part (OPTS=mezo TASKS=wic ...); a compare resumed with more only adds runs.
+MODELS=${MODELS:-smollm2-135m,$DERIV}
+TASKS=${TASKS:-rte,wic,cb}
+OPTS=${OPTS:-mezo,learned:label=learned-role,learned-random:label=learned-random-role}
+ARGS=(--artifact "$ART" --models "$MODELS" --tasks "$TASKS" --optimizers "$OPTS"
+      --lr-grid 3e-6,1e-5,3e-5 --tune-steps 60 --tune-seed 100
       --steps 200 --seeds 0,1,2 --batch-size 8 --eval-every 50 --num-train 1000 --num-dev 128 --num-test 200
-      --max-length 96 --precision 32 --data-dir "$DATA" --baseline mezo --champions learned
+      --max-length 96 --precision 32 --data-dir "$DATA" --baseline mezo --champions learned-role
       --out "$DOCS/compares" --docs "$DOCS" --jobs 2 --threads 1)
 
 check_derivative() {  # record the derivative's weights once; afterwards report any other bits
