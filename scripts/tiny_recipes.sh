@@ -17,8 +17,11 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=runs/recipes
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Every recipe here starts from the plain greedy recipe that was shipped while they were measured: meta_configs/tiny.yaml
+# without the role embedding it has since stop 22 (which chain D's "role" is).
+PLAIN="--config meta_configs/tiny.yaml --role-embedding-dim 0"
 # On-policy trajectories (no teacher), at the inner lr the held-out runs use, one trajectory of 300 meta-steps.
-COMMON="--config meta_configs/tiny.yaml --steps 300 --p-teacher 0 --inner-lr 2e-4 --reset-every 300 \
+COMMON="$PLAIN --steps 300 --p-teacher 0 --inner-lr 2e-4 --reset-every 300 \
   --checkpoint-every 25 --no-progress"
 FEATS="--feature-log-numel --feature-weight-norm --feature-drift --feature-curvature fisher --feature-grad-rms"
 declare -A RECIPES=(
@@ -32,13 +35,13 @@ declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy gree
                   [D]="greedy-logn greedy-wnorm greedy-drift greedy-curv greedy-gradrms greedy-role greedy-depth")
 # Chain C, the feature ablation on the recipe that works: the shipped recipe (meta_configs/tiny.yaml as it is:
 # greedy, teacher trajectory, 600 meta-steps) re-made, and the same with the per-block features of issue 15.
-declare -A OWN=([greedy]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress"
-                [greedy-feat]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress $FEATS")
+declare -A OWN=([greedy]="$PLAIN --checkpoint-every 100 --no-progress"
+                [greedy-feat]="$PLAIN --checkpoint-every 100 --no-progress $FEATS")
 # Chain D, one feature at a time on the shipped recipe (item 3: a feature is kept only if its ablation shows it helps).
 declare -A ONE=([logn]="--feature-log-numel" [wnorm]="--feature-weight-norm" [drift]="--feature-drift"
                 [curv]="--feature-curvature fisher" [gradrms]="--feature-grad-rms" [role]="--role-embedding-dim 4"
                 [depth]="--depth-feature")
-for f in "${!ONE[@]}"; do OWN[greedy-$f]="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress ${ONE[$f]}"; done
+for f in "${!ONE[@]}"; do OWN[greedy-$f]="$PLAIN --checkpoint-every 100 --no-progress ${ONE[$f]}"; done
 
 meta() {  # meta-train one recipe, resuming from its last checkpoint
   local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
@@ -54,9 +57,10 @@ meta() {  # meta-train one recipe, resuming from its last checkpoint
 
 # The held-out protocol of EVALUATION.md §0b, shared by heldout, ablation and confirm: tiny-derived x {synth-color,
 # synth-successor}, 300 steps, lr tuned on dev on seed 100, paired seeds; tables under docs/results/<name>.
-# Args: optimizers, seeds, lr grid, champions, output name under $OUT, docs folder.
+# Args: optimizers, seeds, lr grid, champions, output name under $OUT, docs folder. "The shipped net" (bare learned,
+# learned-random, per-block-const) is the plain greedy one shipped until stop 22, kept in docs/results/meta-tiny.
 evaluate() {
-  $PY scripts/evaluate_heldout.py --artifact checkpoints/tiny/zo-finetuner --models tiny-derived \
+  $PY scripts/evaluate_heldout.py --artifact docs/results/meta-tiny/tiny-greedy-v1 --models tiny-derived \
     --tasks synth-color,synth-successor --optimizers "$1" --steps 300 --seeds "$2" --batch-size 16 --eval-every 50 \
     --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$3" --tune-seed 100 --baseline mezo \
     --champions "$4" --out "$OUT/$5" --docs "$6" --jobs "${JOBS:-2}" --threads 1
