@@ -2,7 +2,8 @@
 # Beyond-paper meta-training variants on the tiny world, each against MeZO and the untrained net on the held-out
 # synth-color (tiny-derived), on the same batches and seeds. Reported in EVALUATION.md ("Variants").
 #   bash scripts/tiny_variants.sh            # ~40 min on one CPU core; runs/variants/, table in docs/results/tiny-variants
-# Every variant: meta_configs/tiny.yaml with 300 meta-steps and one change (the paper's recipe is "paper").
+# Every variant: meta_configs/tiny.yaml with 300 meta-steps and one change (the paper's recipe is "paper"), without
+# the role embedding that config has had since stop 22 (these variants were measured before it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 L2ZO=${L2ZO:-.venv/bin/l2zo}
@@ -24,7 +25,7 @@ for v in "${ORDER[@]}"; do
   art=$OUT/artifacts/$v  # the folder name labels the run: learned@artifact=<variant>
   if [ ! -f "$art/l2zo_artifact.json" ]; then
     # shellcheck disable=SC2086
-    $L2ZO meta-train --config meta_configs/tiny.yaml --steps $STEPS ${VARIANTS[$v]} --output "$art" \
+    $L2ZO meta-train --config meta_configs/tiny.yaml --role-embedding-dim 0 --steps $STEPS ${VARIANTS[$v]} --output "$art" \
       --logdir "$OUT/meta/$v" --overwrite --no-progress
   fi
   opts="$opts,learned=$art:lr=1e-4"
