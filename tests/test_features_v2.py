@@ -384,3 +384,23 @@ def test_meta_train_with_every_feature_writes_an_artifact_the_learned_optimizer_
     # learned-random with this artifact: a fresh net, the same spec and the artifact's measured curvature.
     rnd = build_optimizer("learned-random", loaded.model, artifact=str(path), lr=1e-3, eps=1e-3, seed=0, net_seed=7)
     assert rnd.net.spec == net.spec and torch.equal(rnd.net.static_curvature, net.static_curvature)
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2-135m"])
+def test_each_shipped_artifact_is_the_recipe_of_its_meta_config(model: str) -> None:
+    """meta_configs/<model>.yaml re-makes checkpoints/<model>/zo-finetuner: the recipe the artifact recorded is the
+    config's (where it writes, how often it checkpoints and the data folder aside), role embedding included."""
+    from l2zo.config import config_to_dict
+
+    where = ("output", "logdir", "checkpoint_every", "histogram_every", "progress", "data_dir")
+    shipped = REPO / "checkpoints" / model / "zo-finetuner"
+
+    def recipe(file: Path) -> dict:
+        flat: dict = {}
+        for key, value in config_to_dict(build_config(MetaTrainConfig, file)).items():
+            flat.update(value if isinstance(value, dict) and key in ("data", "dist", "adapter") else {key: value})
+        return {k: v for k, v in flat.items() if k not in where}
+
+    assert recipe(shipped / "meta_config.yaml") == recipe(REPO / "meta_configs" / f"{model}.yaml")
+    net, _ = read_artifact(shipped)
+    assert net.spec.role_embedding_dim == 4 and read_manifest(shipped)["net"]["features_version"] == 2
