@@ -205,6 +205,7 @@ def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
             assert (tmp_path / "demo" / run / f"seed{seed}").is_dir(), (run, seed)
         assert f"| {run} |" in out
     assert "## Paired against `mezo`" in out
+    assert "learned - learned-random (the same net untrained), final dev loss over 3 paired seeds: " in out
     assert (tmp_path / "demo" / "summary.md").is_file()
     for run in ("learned", "learned-random"):  # the ablation is the shipped net's own spec (role embedding), untrained
         hp = json.loads((tmp_path / "demo" / run / "seed0" / "summary.json").read_text())["hparams"]

@@ -66,7 +66,20 @@ def run_demo(logdir: str = "runs/demo", steps: int = 300) -> int:
     from l2zo.cli.compare_cmd import print_report
 
     print_report(run_compare(cfg, overwrite=True), Path(logdir))
+    print_against_untrained(Path(logdir))
     return 0
+
+
+def print_against_untrained(logdir: Path) -> None:
+    """The ablation the paper never ran: the meta-trained net against the same net untrained, paired over seeds."""
+    from l2zo.compare.heldout import ci_text, compare_curves
+    from l2zo.compare.paired import compare_paired
+
+    by_opt = compare_curves(logdir)
+    if by_opt.get("learned") and by_opt.get("learned-random"):
+        p = compare_paired(by_opt["learned"], by_opt["learned-random"])
+        print(f"\nlearned - learned-random (the same net untrained), final dev loss over {p.ci.n} paired seeds: "
+              f"{ci_text(p)} (95% CI): {p.ci.verdict}")  # fmt: skip
 
 
 def register(cli: CommandParser) -> None:

@@ -220,7 +220,8 @@ def render_paired_csv(rows: Sequence[PairedRow]) -> str:
     return buf.getvalue()
 
 
-def _ci_text(p: Paired) -> str:
+def ci_text(p: Paired) -> str:
+    """'+0.0123 [-0.0050, +0.0296]': the paired mean difference and its CI ('-' without seeds)."""
     if p.ci.mean is None:
         return "-"
     return f"{p.ci.mean:+.4f}" + ("" if p.ci.lo is None else f" [{p.ci.lo:+.4f}, {p.ci.hi:+.4f}]")
@@ -246,7 +247,7 @@ def render_paired_md(rows: Sequence[PairedRow], champion: str) -> list[str]:
     lines += ["", (f"| model | task | against | seeds | diff {champion} - other [{pct}% CI] | verdict | "
                    "forwards ratio |"), "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r.model} | {r.task} | {r.against} | {r.paired.ci.n} | {_ci_text(r.paired)} | "
+        lines.append(f"| {r.model} | {r.task} | {r.against} | {r.paired.ci.n} | {ci_text(r.paired)} | "
                      f"{r.paired.ci.verdict} | {_ratio_text(r.paired)} |")  # fmt: skip
     lines += ["", ("A win needs the whole CI below 0 (lower dev loss); one seed, or a CI that holds 0, is a tie. "
                    f"Forwards ratio: {champion}'s forward passes to reach the other's final dev loss over the other's "
