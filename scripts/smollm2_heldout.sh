@@ -4,6 +4,7 @@
 #   bash scripts/smollm2_heldout.sh derivative   # the derivative (continued LM training on SST-2 text; ~12 min, 1 core)
 #   bash scripts/smollm2_heldout.sh run          # the compares, two side by side, 1 thread each (many hours)
 #   bash scripts/smollm2_heldout.sh aggregate    # the tables, win counts and plots into docs/results/heldout-smollm2
+#   bash scripts/smollm2_heldout.sh status       # how many runs of each compare have finished
 # Budget (AVX-512 Xeon, fp32, 1 thread a process): a step of 8 prompts of <= 96 tokens is two SmolLM2 forwards;
 # each optimizer's lr is picked on seed 100 with a 60-step run from 3e-6, 1e-5, 3e-5 (the first grid's 1e-4 was
 # the worst for every optimizer on WiC and RTE, and 1e-5, its bottom, the best), then seeds 0, 1, 2 run 200 steps.
@@ -58,5 +59,17 @@ case ${1:-} in
     $PY scripts/evaluate_heldout.py "${ARGS[@]}"
     ;;
   aggregate) $PY scripts/evaluate_heldout.py "${ARGS[@]}" --aggregate-only ;;
-  *) echo "usage: $0 derivative | run | aggregate" >&2; exit 2 ;;
+  status)  # finished (ok or failed) runs per compare and label: lr-tuning runs, then evaluation runs
+    done_in() { { grep -lsE '"status": "(ok|failed)"' "$@" || true; } | wc -l; }
+    for dir in "$DOCS"/compares/*/*/; do
+      [ -f "$dir/command.txt" ] || continue
+      line="${dir#"$DOCS"/compares/}"
+      for label in "$dir"tune/*/; do
+        name=$(basename "$label")
+        line="$line $name: tune $(done_in "$label"*/seed*/summary.json), seeds $(done_in "$dir$name"/seed*/summary.json);"
+      done
+      echo "$line"
+    done
+    ;;
+  *) echo "usage: $0 derivative | run | aggregate | status" >&2; exit 2 ;;
 esac
