@@ -8,6 +8,8 @@
 # Budget (AVX-512 Xeon, fp32, 1 thread a process): a step of 8 prompts of <= 96 tokens is two SmolLM2 forwards;
 # each optimizer's lr is picked on seed 100 with a 60-step run from 3e-6, 1e-5, 3e-5 (the first grid's 1e-4 was
 # the worst for every optimizer on WiC and RTE, and 1e-5, its bottom, the best), then seeds 0, 1, 2 run 200 steps.
+# The untrained net's grid reaches 1e-4: on RTE it picked 3e-5, the top of the 3-value grid (it shrinks the
+# embedding, where the trained net puts its sigma, and wants a larger lr).
 # Every stage resumes: the derivative is made once, and a compare folder that exists is resumed (its finished
 # runs are kept; a run killed mid-way starts again), so `run` can be stopped at any time and started again.
 # The compares live under docs/results/heldout-smollm2/compares (tens of KB a run, in git; not "runs/", which
@@ -31,7 +33,7 @@ MODELS=${MODELS:-smollm2-135m,$DERIV}
 TASKS=${TASKS:-rte,wic,cb}
 OPTS=${OPTS:-mezo,learned:label=learned-role,learned-random:label=learned-random-role}
 ARGS=(--artifact "$ART" --models "$MODELS" --tasks "$TASKS" --optimizers "$OPTS"
-      --lr-grid 3e-6,1e-5,3e-5 --tune-steps 60 --tune-seed 100
+      --lr-grid "3e-6,1e-5,3e-5;learned-random-role=3e-6,1e-5,3e-5,1e-4" --tune-steps 60 --tune-seed 100
       --steps 200 --seeds 0,1,2 --batch-size 8 --eval-every 50 --num-train 1000 --num-dev 128 --num-test 200
       --max-length 96 --precision 32 --data-dir "$DATA" --baseline mezo --champions learned-role
       --out "$DOCS/compares" --docs "$DOCS" --jobs 2 --threads 1)
