@@ -105,10 +105,13 @@ class Plan:
         hp = spec.hparams if picked is None else {**spec.hparams, "lr": picked}
         return replace(spec, hparams=hp, tuned=info)
 
-    def folders(self) -> set[Path]:
-        """Every run folder of the plan: the runs at each seed and the tuning runs."""
-        runs = {self.run_dir(s, k) for s in self.specs for k in self.seeds}
-        return runs | {self.run_dir(t, self.tune_seed) for s in self.specs for t in self.tune_specs(s)}
+    def runs(self) -> dict[Path, tuple[RunSpec, int]]:
+        """Every run folder of the plan -> (spec, seed): the runs at each seed and the tuning runs."""
+        runs = {self.run_dir(s, k): (s, k) for s in self.specs for k in self.seeds}
+        runs.update(
+            {self.run_dir(t, self.tune_seed): (t, self.tune_seed) for s in self.specs for t in self.tune_specs(s)}
+        )
+        return runs
 
 
 def run_adapter(spec: RunSpec) -> PeftArgs:
@@ -279,7 +282,7 @@ def prepare_logdir(plan: Plan, overwrite: bool, resume: bool = False) -> set[Pat
     if diff:
         shown = "; ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} now" for k in diff)
         raise L2ZOError(f"{root} holds another experiment ({shown}); {fix}")
-    planned = {f.resolve() for f in plan.folders()}
+    planned = {f.resolve() for f in plan.runs()}
     clash = [f for f in old if f.resolve() in planned]
     if clash and not resume:
         raise L2ZOError(f"{clash[0]} already holds a run of this experiment; pass --resume to keep the finished runs "
@@ -289,19 +292,12 @@ def prepare_logdir(plan: Plan, overwrite: bool, resume: bool = False) -> set[Pat
     return finished
 
 
-def _planned_runs(plan: Plan) -> dict[Path, tuple[RunSpec, int]]:
-    """Every planned run folder (resolved) -> (spec, seed)."""
-    runs = {plan.run_dir(s, k).resolve(): (s, k) for s in plan.specs for k in plan.seeds}
-    runs.update({plan.run_dir(t, plan.tune_seed).resolve(): (t, plan.tune_seed)
-                 for s in plan.specs for t in plan.tune_specs(s)})  # fmt: skip
-    return runs
-
-
 def _refuse_other_runs(plan: Plan, finished: set[Path]) -> None:
     """A finished run that --resume would keep must be the planned run: the same optimizer and the same artifact
     (path, and weights sha256 where the run recorded it). Else a label reused for another optimizer or a re-made
     artifact would silently mix two experiments in one table."""
-    planned = _planned_runs(plan)
+    planned = {folder.resolve(): run for folder, run in plan.runs().items()}
+    digests: dict[str | None, str | None] = {}  # artifact path -> its weights' sha256, each manifest read once
     for folder in sorted(finished):
         spec, seed = planned[folder]
         fcfg = plan.finetune_config(spec, seed)
@@ -309,7 +305,9 @@ def _refuse_other_runs(plan: Plan, finished: set[Path]) -> None:
         ran_art = (summary.get("hparams") or {}).get("artifact")
         now = (fcfg.optimizer, None if fcfg.artifact is None else str(Path(fcfg.artifact)))
         then = (summary.get("optimizer"), None if ran_art is None else str(Path(ran_art)))
-        ran_sha, now_sha = summary.get("artifact_sha256"), artifact_digest(fcfg.artifact)
+        if fcfg.artifact not in digests:
+            digests[fcfg.artifact] = artifact_digest(fcfg.artifact)
+        ran_sha, now_sha = summary.get("artifact_sha256"), digests[fcfg.artifact]
         if then != now or (ran_sha and now_sha and ran_sha != now_sha):
             made = (f"{' '.join(filter(None, then))}, not {' '.join(filter(None, now))}" if then != now
                     else f"other weights at {now[1]} (sha256 {ran_sha[:12]}, now {now_sha[:12]})")  # fmt: skip
