@@ -56,8 +56,8 @@ def optimizer_items(a: argparse.Namespace) -> list[str]:
 
 def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
     tuning = ["--lr-grid", a.lr_grid, "--tune-steps", str(a.tune_steps or a.steps)] if a.lr_grid else []
-    if a.lr_grid and a.tune_seed is not None:  # a seed outside --seeds: no evaluated run is also a tuning run
-        tuning += ["--tune-seed", str(a.tune_seed)]
+    if a.lr_grid and a.tune_seeds is not None:  # seeds outside --seeds: no evaluated run is also a tuning run
+        tuning += ["--tune-seeds", a.tune_seeds]
     return ["--model", model, "--task", task, "--data-dir", a.data_dir, "--optimizers", ",".join(optimizer_items(a)),
             "--steps", str(a.steps), "--seeds", a.seeds, "--batch-size", str(a.batch_size), "--eval-every",
             str(a.eval_every), "--num-train", str(a.num_train), "--num-dev", str(a.num_dev), "--num-test",
@@ -94,7 +94,7 @@ def _base_env() -> dict[str, str]:
 def aggregate(a: argparse.Namespace) -> None:
     lr = (
         f"lr tuned on dev from {a.lr_grid} ({a.tune_steps or a.steps} steps, seed "
-        f"{a.seeds.split(',')[0] if a.tune_seed is None else a.tune_seed})"
+        f"{a.seeds.split(',')[0] if a.tune_seeds is None else a.tune_seeds})"
         if a.lr_grid
         else f"lr {a.lr}"
     )
@@ -117,7 +117,7 @@ def main() -> None:
     )
     ap.add_argument("--tune-steps", type=int, default=None, help="steps of each lr-tuning run (default: --steps)")
     ap.add_argument(
-        "--tune-seed", type=int, default=None, help="seed of the lr-tuning runs (default: first of --seeds)"
+        "--tune-seeds", default=None, help="seeds of the lr-tuning runs, e.g. 100,101 (default: first of --seeds)"
     )
     ap.add_argument("--baseline", default=None, help="the reference of each compare's paired table")
     ap.add_argument("--champions", default="learned", help="run labels whose paired wins are counted")

@@ -33,7 +33,7 @@ MODELS=${MODELS:-smollm2-135m,$DERIV}
 TASKS=${TASKS:-rte,wic,cb}
 OPTS=${OPTS:-mezo,learned:label=learned-role,learned-random:label=learned-random-role}
 ARGS=(--artifact "$ART" --models "$MODELS" --tasks "$TASKS" --optimizers "$OPTS"
-      --lr-grid "3e-6,1e-5,3e-5;learned-random-role=3e-6,1e-5,3e-5,1e-4" --tune-steps 60 --tune-seed 100
+      --lr-grid "3e-6,1e-5,3e-5;learned-random-role=3e-6,1e-5,3e-5,1e-4" --tune-steps 60 --tune-seeds 100
       --steps 200 --seeds 0,1,2 --batch-size 8 --eval-every 50 --num-train 1000 --num-dev 128 --num-test 200
       --max-length 96 --precision 32 --data-dir "$DATA" --baseline mezo --champions learned-role
       --out "$DOCS/compares" --docs "$DOCS" --jobs 2 --threads 1)

@@ -1,4 +1,4 @@
-"""The evaluation protocol of `l2zo compare`: lr tuned on dev (one seed, short budget), paired seeds, the paired
+"""The evaluation protocol of `l2zo compare`: lr tuned on dev (tuning seeds, short budget), paired seeds, the paired
 95% CI against a baseline, win / tie / loss, forwards to reach the baseline's final dev loss, and --resume."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from l2zo.compare.paired import (
 )
 from l2zo.compare.spec import CompareConfig
 from l2zo.compare.summary import build_tables, render_csv, render_md
-from l2zo.compare.tuning import DEFAULT_KEY, TunePoint, at_edge, grids_for, parse_grid_text, pick_lr
+from l2zo.compare.tuning import DEFAULT_KEY, TunePoint, at_edge, grids_for, parse_grid_text, pick_lr, pool_seeds
 from l2zo.config.parser import build_config
 from l2zo.errors import L2ZOError
 
@@ -104,6 +104,18 @@ def test_pick_lr_lowest_dev_loss_among_finished_runs():
     assert not at_edge(1e-4, [1e-4])
 
 
+def test_pooled_tuning_seeds_score_the_mean_and_drop_an_lr_that_fails_on_any_seed():
+    runs = [TunePoint(1e-4, 0.50, True), TunePoint(1e-4, 0.70, True),  # mean 0.60
+            TunePoint(1e-3, 0.30, True), TunePoint(1e-3, 0.20, False),  # the best on one seed, diverged on the other
+            TunePoint(1e-5, 0.65, True), TunePoint(1e-5, float("nan"), True)]  # fmt: skip
+    pooled = pool_seeds(runs)
+    assert [p.lr for p in pooled] == [1e-5, 1e-4, 1e-3]
+    assert pooled[1] == TunePoint(1e-4, pytest.approx(0.60), True)
+    assert not pooled[0].ok and pooled[0].score is None and not pooled[2].ok and pooled[2].score is None
+    assert pick_lr(pooled) == 1e-4  # with one seed alone 1e-3 would have won
+    assert pick_lr(pool_seeds(runs[2:3] + runs[:1])) == 1e-3
+
+
 def test_grid_forms_and_errors():
     assert parse_grid_text("5e-5,1e-5,2e-5") == {DEFAULT_KEY: [1e-5, 2e-5, 5e-5]}
     assert parse_grid_text("1e-5;learned=5e-5,1e-4") == {DEFAULT_KEY: [1e-5], "learned": [5e-5, 1e-4]}
@@ -125,8 +137,8 @@ def test_grid_forms_and_errors():
 def test_config_keys_reach_the_compare_config(tmp_path):
     cfg_file = tmp_path / "cmp.yaml"
     cfg_file.write_text("lr_grid: {mezo: [1.0e-5, 2.0e-5], default: [1.0e-4]}\ntune-steps: 7\nbaseline: mezo\n")
-    cfg = build_config(CompareConfig, cfg_file, {"tune_seed": 3})
-    assert (cfg.lr_grid, cfg.tune_steps, cfg.tune_seed, cfg.baseline) == (
+    cfg = build_config(CompareConfig, cfg_file, {"tune_seeds": 3})
+    assert (cfg.lr_grid, cfg.tune_steps, cfg.tune_seeds, cfg.baseline) == (
         {"mezo": [1e-5, 2e-5], "default": [1e-4]}, 7, 3, "mezo")  # fmt: skip
 
 
@@ -136,6 +148,8 @@ def test_config_keys_reach_the_compare_config(tmp_path):
         (["--lr-grid", "1e-4", "--sweep", "eps=1e-3"], "--lr-grid and --sweep do not combine"),
         (["--optimizers", "mezo:lr=1e-4", "--lr-grid", "1e-5"], "fixes lr=0.0001 and --lr-grid tunes it"),
         (["--tune-steps", "3"], "give --lr-grid too"),
+        (["--tune-seeds", "3"], "give --lr-grid too"),
+        (["--lr-grid", "1e-4", "--tune-seeds", "3,3"], "--tune-seeds repeats a seed"),
         (["--lr-grid", "adam=1e-4"], "--lr-grid names 'adam', not an optimizer of this compare"),
         (["--lr-grid", "1e-4,-1"], "not a positive number"),
         (["--lr-grid", "1e-4", "--tune-steps", "0"], "--tune-steps must be positive"),
@@ -155,7 +169,7 @@ def test_tuning_mistakes_fail_fast_with_one_line(tmp_path, capsys, args, message
 def _run(label: str, seed: int, dev: list[tuple[int, float]], order: int, **config) -> RunRecord:
     return RunRecord(label=label, seed=seed, path=f"{label}/seed{seed}", optimizer=label, base=label, order=order,
                      hparams={"lr": 1e-4}, forwards_per_step=2, config=config, scalars={"val/loss": dev},
-                     tuned={"grid": [1e-5, 1e-4, 1e-3], "picked": 1e-4, "tune_steps": 50, "tune_seed": 0})  # fmt: skip
+                     tuned={"grid": [1e-5, 1e-4, 1e-3], "picked": 1e-4, "tune_steps": 50, "tune_seeds": [0]})  # fmt: skip
 
 
 def _fake_compare(baseline: str | None) -> list[RunRecord]:
@@ -236,7 +250,7 @@ def test_tuning_picks_the_lowest_dev_loss_and_every_seed_runs_it(tuned_compare, 
     tuning = _tuning(logdir)
     assert [(r["run"], r["lr"]) for r in tuning] == [("mezo", "0.0001"), ("mezo", "0.001"),
                                                      ("mezo", "1000000000.0"), ("zo-sgd-sign", "1000000000.0")]  # fmt: skip
-    assert all(r["seed"] == "0" and r["steps"] == "2" for r in tuning)
+    assert all(r["seeds"] == "0" and r["steps"] == "2" for r in tuning)
     for r in tuning:
         run = read_run(logdir / "tune" / r["run"] / f"lr={r['lr']}" / "seed0", logdir)
         assert run.phase == "tune" and run.hparams["lr"] == float(r["lr"]) and run.config["tune_steps"] == 2
@@ -267,6 +281,26 @@ def test_tuning_picks_the_lowest_dev_loss_and_every_seed_runs_it(tuned_compare, 
     assert "## Paired against `mezo` (3 paired seeds, 95% CI)" in md
     assert "| zo-sgd-sign | none (no lr of the grid finished) | — | — | — | — | — |" in md
     assert "Same batches: yes" in md  # the tuning runs (2 steps) are not mixed into the check
+
+
+def test_several_tuning_seeds_run_every_lr_on_each_and_pick_the_lowest_mean(tmp_path):
+    logdir = tmp_path / "exp"
+    argv = [*SMALL, "--optimizers", "mezo", "--lr-grid", "1e-4,1e-3", "--tune-seeds", "5,6", "--steps", "2",
+            "--tune-steps", "2", "--eval-every", "2", "--seeds", "0", "--logdir", str(logdir)]  # fmt: skip
+    assert main(["compare", *argv]) == 0
+    tuning = _tuning(logdir)
+    assert [(r["lr"], r["seeds"]) for r in tuning] == [("0.0001", "5,6"), ("0.001", "5,6")]
+    means = {}
+    for r in tuning:
+        finals = [read_run(logdir / "tune" / "mezo" / f"lr={r['lr']}" / f"seed{k}", logdir).series("val/loss")[-1][1]
+                  for k in (5, 6)]  # fmt: skip
+        means[r["lr"]] = statistics.fmean(finals)
+        assert float(r["score"]) == pytest.approx(means[r["lr"]])
+    picked = min(means, key=means.__getitem__)
+    assert [r["lr"] for r in tuning if r["picked"] == "1"] == [picked]
+    run = read_run(logdir / "mezo" / "seed0", logdir)
+    assert run.hparams["lr"] == float(picked) and run.tuned["tune_seeds"] == [5, 6]
+    assert "## lr tuning (seeds 5, 6, mean, 2 steps per lr;" in (logdir / "summary.md").read_text()
 
 
 def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, monkeypatch):

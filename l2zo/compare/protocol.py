@@ -17,7 +17,7 @@ from typing import Any
 from l2zo.compare.events import RunRecord
 from l2zo.compare.paired import CI_LEVEL, Curve, Paired, compare_paired
 from l2zo.compare.spec import fmt_value
-from l2zo.compare.tuning import TunePoint, at_edge, pick_lr
+from l2zo.compare.tuning import TunePoint, at_edge, pick_lr, pool_seeds
 
 
 def dev_score(runs: list[RunRecord], select: str) -> float | None:
@@ -46,25 +46,30 @@ def curves(runs: Sequence[RunRecord]) -> dict[int, Curve]:
 # -- lr tuning ----------------------------------------------------------------------------------------------
 def tuning_rows(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, Mapping[str, Any]] | None = None
                 ) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per (optimizer, lr) of the tuning runs, in --optimizers order, with the pick marked.
+    """One row per (optimizer, lr) of the tuning runs, in --optimizers order, with the pick marked. An lr that ran
+    on several tuning seeds scores their mean, and is out if any of its runs failed (see ``pool_seeds``).
 
     ``ran``: base label -> the ``tuned`` record of its runs ({"grid", "picked"}); where given, only the lrs of
     that grid are shown (a folder resumed with another grid keeps the old points' runs) and the picked lr is
     the one the runs ran at; elsewhere the pick is made here by ``select``.
     """
     ran = ran or {}
-    bases: dict[str, list[RunRecord]] = {}
-    for r in sorted(tune_runs, key=lambda r: (r.order, r.base, r.sweep.get("lr", 0.0))):
+    bases: dict[str, dict[float, list[RunRecord]]] = {}
+    for r in sorted(tune_runs, key=lambda r: (r.order, r.base, r.sweep.get("lr", 0.0), r.seed)):
         if r.base not in ran or r.sweep.get("lr") in ran[r.base].get("grid", []):
-            bases.setdefault(r.base, []).append(r)
+            bases.setdefault(r.base, {}).setdefault(r.sweep["lr"], []).append(r)
     out = []
-    for base, runs in bases.items():
-        points = [TunePoint(r.sweep["lr"], dev_score([r], select), r.ok) for r in runs]
+    for base, by_lr in bases.items():
+        points = pool_seeds([TunePoint(lr, dev_score([r], select), r.ok) for lr, runs in by_lr.items() for r in runs])
         picked = ran[base].get("picked") if base in ran else pick_lr(points)
         grid = [p.lr for p in points]
-        for r, p in zip(runs, points):
-            out.append({"run": base, "lr": p.lr, "seed": r.seed, "steps": r.config.get("tune_steps"),
-                        "score": p.score, "status": r.status if r.ok else f"{r.status}: {r.reason}",
+        for p in points:
+            runs = by_lr[p.lr]
+            bad = [r for r in runs if not r.ok]
+            seed_of = (lambda r: f"seed {r.seed} ") if len(runs) > 1 else (lambda r: "")
+            status = "; ".join(f"{seed_of(r)}{r.status}: {r.reason}" for r in bad) if bad else "ok"
+            out.append({"run": base, "lr": p.lr, "seeds": ",".join(str(r.seed) for r in runs),
+                        "steps": runs[0].config.get("tune_steps"), "score": p.score, "status": status,
                         "picked": p.lr == picked, "edge": p.lr == picked and at_edge(p.lr, grid)})  # fmt: skip
     return out
 
@@ -163,15 +168,16 @@ def render_paired_md(stats: Sequence[dict[str, Any]], baseline: str) -> list[str
 
 def render_tuning_md(rows: Sequence[dict[str, Any]], select: str) -> list[str]:
     """The lr-tuning table's markdown lines."""
-    seeds = ", ".join(map(str, sorted({r["seed"] for r in rows})))
+    seeds = sorted({int(k) for r in rows for k in r["seeds"].split(",")})
     steps = ", ".join(map(str, sorted({r["steps"] for r in rows if r["steps"] is not None})))
-    lines = [(f"## lr tuning (seed {seeds}, {steps or '?'} steps per lr; picked on the {select} dev loss, never on "
+    on = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}, mean"
+    lines = [(f"## lr tuning ({on}, {steps or '?'} steps per lr; picked on the {select} dev loss, never on "
               "test)"), "",
              f"| optimizer | lr | dev loss {select} | status | picked |", "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         picked = ("**yes** (at the grid's edge: widen the grid)" if r["edge"] else "**yes**") if r["picked"] else ""
         cells = [r["run"], fmt_value(r["lr"]), _num(r["score"]), r["status"], picked]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    lines += ["", ("- A failed or diverged tuning run never wins; every seed of the comparison then runs at the "
-                   "picked lr.")]  # fmt: skip
+    lines += ["", ("- An lr whose tuning run failed or diverged (on any tuning seed) never wins; every seed of the "
+                   "comparison then runs at the picked lr.")]  # fmt: skip
     return lines

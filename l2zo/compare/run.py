@@ -8,8 +8,8 @@ dev loss) is recorded as failed with its reason and the other runs go on. A SIGT
 current run as interrupted and stops the compare.
 
 With ``--lr-grid`` the runs are preceded by lr tuning (:mod:`l2zo.compare.tuning`): each optimizer's grid on
-one seed and ``--tune-steps`` steps, in LOGDIR/tune/<label>/lr=<lr>/seed<k>/; the picked lr then runs at
-every seed. A tuning run that fails is part of tuning (it loses), not a failure of the compare.
+the tuning seeds and ``--tune-steps`` steps, in LOGDIR/tune/<label>/lr=<lr>/seed<k>/; the picked lr then runs
+at every seed. A tuning run that fails is part of tuning (it loses), not a failure of the compare.
 
 The experiment folder is locked while the compare runs. ``compare.json`` names the experiment (model, task,
 data, steps, ...) and says how each run ended; a folder that holds another experiment is refused unless
@@ -41,7 +41,7 @@ from l2zo.compare.spec import (
     parse_seeds,
     parse_sweep,
 )
-from l2zo.compare.tuning import TUNE_DIR, TunePoint, grids_for, pick_lr
+from l2zo.compare.tuning import TUNE_DIR, TunePoint, grids_for, pick_lr, pool_seeds
 from l2zo.config import PEFT_KEYS, FinetuneConfig, PeftArgs
 from l2zo.errors import L2ZOError
 from l2zo.learned.artifact import artifact_digest
@@ -76,7 +76,7 @@ class Plan:
     sweep_points: list[dict[str, Any]]
     base: FinetuneConfig  # the compare's data and schedule; each run sets its optimizer, seed and folder
     grids: dict[str, list[float]] = field(default_factory=dict)  # label -> lr grid, for the labels tuned
-    tune_seed: int = 0
+    tune_seeds: list[int] = field(default_factory=lambda: [0])
     tune_steps: int = 0
     baseline: str = ""  # the label of the paired table's reference
 
@@ -101,7 +101,7 @@ class Plan:
     def tuned(self, spec: RunSpec, picked: float | None) -> RunSpec:
         """``spec`` with its picked lr (None: no tuning run finished, so its runs are recorded as failed)."""
         info = {"grid": self.grids[spec.label], "picked": picked, "tune_steps": self.tune_steps,
-                "tune_seed": self.tune_seed}  # fmt: skip
+                "tune_seeds": self.tune_seeds}  # fmt: skip
         hp = spec.hparams if picked is None else {**spec.hparams, "lr": picked}
         return replace(spec, hparams=hp, tuned=info)
 
@@ -109,7 +109,7 @@ class Plan:
         """Every run folder of the plan -> (spec, seed): the runs at each seed and the tuning runs."""
         runs = {self.run_dir(s, k): (s, k) for s in self.specs for k in self.seeds}
         runs.update(
-            {self.run_dir(t, self.tune_seed): (t, self.tune_seed) for s in self.specs for t in self.tune_specs(s)}
+            {self.run_dir(t, k): (t, k) for s in self.specs for t in self.tune_specs(s) for k in self.tune_seeds}
         )
         return runs
 
@@ -153,7 +153,8 @@ def make_plan(cfg: CompareConfig) -> Plan:
                           lr_schedule=cfg.lr_schedule, zo=cfg.zo, progress=cfg.progress)  # fmt: skip
     grids = check_tuning(cfg, specs)
     plan = Plan(cfg=cfg, specs=expand_sweep(specs, points), seeds=seeds, sweep_points=points, base=base, grids=grids,
-                tune_seed=seeds[0] if cfg.tune_seed is None else cfg.tune_seed, tune_steps=cfg.tune_steps or cfg.steps,
+                tune_seeds=seeds[:1] if cfg.tune_seeds is None else parse_seeds(cfg.tune_seeds, "--tune-seeds"),
+                tune_steps=cfg.tune_steps or cfg.steps,
                 baseline=resolve_baseline(cfg.baseline, specs))  # fmt: skip
     for spec in plan.specs:
         fcfg = plan.finetune_config(spec, seeds[0])
@@ -191,8 +192,8 @@ def check_tuning(cfg: CompareConfig, specs: list[RunSpec]) -> dict[str, list[flo
     """The lr grid of each label to tune; refuses what cannot mean anything (a grid beside --sweep, an lr both
     fixed and tuned, an optimizer without an lr, tuning options without a grid)."""
     if not cfg.lr_grid:
-        if cfg.tune_steps is not None or cfg.tune_seed is not None:
-            raise L2ZOError("--tune-steps and --tune-seed set the lr-tuning runs: give --lr-grid too, e.g. "
+        if cfg.tune_steps is not None or cfg.tune_seeds is not None:
+            raise L2ZOError("--tune-steps and --tune-seeds set the lr-tuning runs: give --lr-grid too, e.g. "
                             "--lr-grid 1e-5,2e-5,5e-5")  # fmt: skip
         return {}
     if cfg.sweep:
@@ -382,7 +383,7 @@ def base_record(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str, A
                                                              "num_test", "data_seed", "precision", "max_length")},
                    **{k: getattr(plan.cfg, k) for k in ("steps", "eval_every", "lr_schedule", "select")},
                    "tune_steps": experiment_key(plan.cfg)["tune_steps"],
-                   "tune_seed": plan.tune_seed if plan.grids else None, "baseline": plan.baseline},
+                   "tune_seeds": plan.tune_seeds if plan.grids else None, "baseline": plan.baseline},
     }  # fmt: skip
 
 
@@ -390,8 +391,8 @@ def record_untuned(plan: Plan, spec: RunSpec, seed: int, order: int) -> dict[str
     """A run that cannot start because no lr of its grid finished: recorded as failed, saying so."""
     folder = plan.run_dir(spec, seed)
     record = base_record(plan, spec, seed, order)
-    record.update(status=FAILED, reason=f"lr tuning: no lr of the grid {spec.tuned['grid']} finished on seed "
-                  f"{plan.tune_seed}; see {TUNE_DIR}/", batch_digest=None, steps_done=0)  # fmt: skip
+    record.update(status=FAILED, reason=f"lr tuning: no lr of the grid {spec.tuned['grid']} finished on every "
+                  f"tuning seed ({', '.join(map(str, plan.tune_seeds))}); see {TUNE_DIR}/", batch_digest=None, steps_done=0)  # fmt: skip
     if folder.is_dir():
         clear_run(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -434,13 +435,14 @@ def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
 
     cfg = plan.cfg
     root = Path(cfg.logdir)
-    n_tune = sum(len(g) for g in plan.grids.values())
+    n_tune = sum(len(g) for g in plan.grids.values()) * len(plan.tune_seeds)
     total = len(plan.specs) * len(plan.seeds)
     state: dict[str, Any] = {"status": "running", "experiment": experiment_key(cfg), "runs": []}
     if plan.grids:
         state["tuning"] = {}
     log.info("l2zo compare: %s%d runs (%d configurations x %d seeds) into %s%s",
-             f"{n_tune} lr-tuning runs (seed {plan.tune_seed}, {plan.tune_steps} steps), then " if n_tune else "",
+             f"{n_tune} lr-tuning runs (seeds {', '.join(map(str, plan.tune_seeds))}, {plan.tune_steps} steps), then "
+             if n_tune else "",
              total, len(plan.specs), len(plan.seeds), cfg.logdir,
              f"; {len(skip)} finished before, kept" if skip else "")  # fmt: skip
     write_json_atomic(root / EXPERIMENT_FILE, state)
@@ -463,13 +465,16 @@ def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
                 continue
             points = []
             for t in plan.tune_specs(spec):
-                folder = plan.run_dir(t, plan.tune_seed)
-                current = (t, plan.tune_seed)
-                kept = folder.resolve() in skip
-                rec = _kept_record(folder, root) if kept else run_one(plan, t, plan.tune_seed, order=i)
-                tune_records.append(rec)
-                note({**rec, "phase": "tune"}, folder, f"tune {len(tune_records)}/{n_tune}")
-                points.append(TunePoint(t.sweep["lr"], _tune_score(folder, root, cfg.select), rec["status"] == "ok"))
+                for k in plan.tune_seeds:
+                    folder = plan.run_dir(t, k)
+                    current = (t, k)
+                    kept = folder.resolve() in skip
+                    rec = _kept_record(folder, root) if kept else run_one(plan, t, k, order=i)
+                    tune_records.append(rec)
+                    note({**rec, "phase": "tune"}, folder, f"tune {len(tune_records)}/{n_tune}")
+                    score = _tune_score(folder, root, cfg.select)
+                    points.append(TunePoint(t.sweep["lr"], score, rec["status"] == "ok"))
+            points = pool_seeds(points)
             picked = pick_lr(points)
             specs[i] = plan.tuned(spec, picked)
             state["tuning"][spec.label] = {**specs[i].tuned, "scores": {fmt_value(p.lr): p.score for p in points}}

@@ -71,12 +71,14 @@ class CompareConfig:
     """sweep and lr-tuning selection: 'final' or 'best' dev loss (sweeps: mean over seeds); never test"""
     lr_grid: list[float] | dict[str, Any] | str | None = None
     """tune each optimizer's lr on dev first: v1,v2,... for every optimizer, or NAME=v1,v2;NAME=... per optimizer
-    (a bare list covers the others); each lr runs once on --tune-seed for --tune-steps steps, the lowest dev loss
-    (--select) wins, failed or diverged runs never do; then every seed runs with the picked lr"""
+    (a bare list covers the others); each lr runs on the --tune-seeds for --tune-steps steps, the lowest mean dev
+    loss (--select) wins, an lr that failed or diverged on any tuning seed never does; then every seed runs with
+    the picked lr"""
     tune_steps: int | None = None
     """optimizer steps of each lr-tuning run (default: --steps)"""
-    tune_seed: int | None = None
-    """the seed of the lr-tuning runs (default: the first of --seeds)"""
+    tune_seeds: list[int] | int | str | None = None
+    """the seeds of the lr-tuning runs, e.g. 100 or 100,101 (default: the first of --seeds); 2+ keep an lr that
+    survives one seed by luck from being picked"""
     baseline: str | None = None
     """the reference of the paired table (final dev loss differences with a 95% CI over seeds, forwards to
     reach its final dev loss): an optimizer name or run label (default: the first optimizer listed)"""
@@ -102,7 +104,7 @@ class RunSpec:
         base: the label before a sweep point was applied (== label without a sweep).
         sweep: the sweep point, e.g. {"lr": 1e-6}; empty without a sweep.
         phase: "run" (a run of the comparison) or "tune" (an lr-tuning run, see :mod:`l2zo.compare.tuning`).
-        tuned: for a run whose lr was tuned: {"grid": [...], "picked": lr, "tune_steps": n, "tune_seed": k}.
+        tuned: for a run whose lr was tuned: {"grid": [...], "picked": lr, "tune_steps": n, "tune_seeds": [k, ...]}.
     """
 
     label: str
@@ -127,16 +129,17 @@ def fmt_hparams(hp: dict[str, Any]) -> str:
     return " ".join(f"{k}={fmt_value(v)}" for k, v in sorted(hp.items()))
 
 
-def parse_seeds(value: str | list[int] | int) -> list[int]:
+def parse_seeds(value: str | list[int] | int, flag: str = "--seeds") -> list[int]:
+    """'0,1,2' (or a list, or one int) -> [0, 1, 2]; ``flag`` names the option in errors."""
     items = value if isinstance(value, list) else str(value).split(",")
     try:
         seeds = [int(str(s).strip()) for s in items if str(s).strip()]
     except ValueError:
-        raise L2ZOError(f"bad --seeds {value!r}: expected integers like 0,1,2") from None
+        raise L2ZOError(f"bad {flag} {value!r}: expected integers like 0,1,2") from None
     if not seeds:
-        raise L2ZOError("--seeds is empty: give at least one seed, e.g. --seeds 0")
+        raise L2ZOError(f"{flag} is empty: give at least one seed, e.g. {flag} 0")
     if len(set(seeds)) != len(seeds):
-        raise L2ZOError(f"--seeds repeats a seed: {value!r}")
+        raise L2ZOError(f"{flag} repeats a seed: {value!r}")
     return seeds
 
 

@@ -185,7 +185,7 @@ CSV_COLUMNS = ("run", "optimizer", "hyperparameters", "status", "seeds", "seeds_
                "forwards_per_step", "lr", "baseline", "paired_seeds", "diff_vs_baseline_mean", "diff_ci_low",
                "diff_ci_high", "verdict", "forwards_to_baseline_final", "baseline_final_reached",
                "forwards_ratio")  # fmt: skip
-TUNING_CSV_COLUMNS = ("run", "lr", "seed", "steps", "score", "status", "picked")
+TUNING_CSV_COLUMNS = ("run", "lr", "seeds", "steps", "score", "status", "picked")
 
 
 def _num(x: Any, spec: str = ".4f") -> str:
@@ -220,7 +220,8 @@ def render_csv(tables: dict[str, Any]) -> str:
 
 
 def render_tuning_csv(tables: dict[str, Any]) -> str:
-    """tuning.csv: every lr-tuning run (score: its final or best dev loss, per the compare's --select)."""
+    """tuning.csv: every lr of every grid (score: the mean over its tuning seeds of the final or best dev loss, per
+    the compare's --select; none when a run of it failed)."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(TUNING_CSV_COLUMNS)

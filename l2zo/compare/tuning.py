@@ -1,9 +1,10 @@
 """The lr-tuning protocol of ``l2zo compare --lr-grid``: which lrs each optimizer tries, and which one wins.
 
-Each optimizer runs every lr of its grid once, on one seed (``--tune-seed``, default the first of
-``--seeds``) and a short budget (``--tune-steps``); the lr with the lowest final (or best, ``--select``)
-dev loss is picked, a run that failed or diverged losing to every finished one. Then every seed runs at
-the full budget with the picked lr. Nothing here looks at test data.
+Each optimizer runs every lr of its grid on the tuning seeds (``--tune-seeds``, default the first of
+``--seeds``) with a short budget (``--tune-steps``). An lr scores the mean over those seeds of its final (or
+best, ``--select``) dev loss; an lr whose run failed or diverged on any tuning seed is out, since an lr at the
+edge of stability that happens to survive one seed blows up on others. The lowest score is picked; then
+every seed runs the full budget with it. Nothing here looks at test data.
 
 Grid text: ``1e-5,2e-5,5e-5`` (every optimizer), ``mezo=1e-5,2e-5;learned=5e-5,1e-4`` (per run label or
 optimizer name; a label wins over its optimizer's name), or both (``1e-5,2e-5;learned=5e-5,1e-4``: the
@@ -88,6 +89,20 @@ class TunePoint:
     lr: float
     score: float | None
     ok: bool
+
+
+def pool_seeds(runs: Sequence[TunePoint]) -> list[TunePoint]:
+    """One point per lr from its runs on the tuning seeds (``runs`` holds a point per run): the mean score, ok
+    only when every one of its runs finished ok with a finite score. Sorted by lr."""
+    by_lr: dict[float, list[TunePoint]] = {}
+    for p in runs:
+        by_lr.setdefault(p.lr, []).append(p)
+    out = []
+    for lr, ps in sorted(by_lr.items()):
+        scores = [p.score for p in ps if p.score is not None and math.isfinite(p.score)]
+        ok = all(p.ok for p in ps) and len(scores) == len(ps)
+        out.append(TunePoint(lr, sum(scores) / len(scores) if ok else None, ok))
+    return out
 
 
 def pick_lr(points: Sequence[TunePoint]) -> float | None:
