@@ -254,6 +254,18 @@ def test_only_mezo_like_optimizers_run_sharded():
             check_shardable(build_optimizer(name, model))
 
 
+def test_fsdp_refuses_an_unshardable_optimizer_before_the_run_folder_exists(tmp_path, capsys):
+    from l2zo.cli.main import main
+
+    logdir = tmp_path / "run"
+    rc = main(["finetune", "--model", "tiny", "--task", "synth-color", "--num-train", "16", "--num-dev", "8",
+               "--num-test", "8", "--batch-size", "4", "--steps", "1", "--strategy", "fsdp", "--optimizer", "zo-adam",
+               "--logdir", str(logdir)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "ZOAdam has its own" in err and "use --strategy ddp" in err, err
+    assert not logdir.exists()
+
+
 # ----------------------------------------------------------------------------------- --device-map auto
 
 

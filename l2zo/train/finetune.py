@@ -46,7 +46,7 @@ from l2zo.train.logs import quiet_libraries
 from l2zo.train.module import FinetuneModule
 from l2zo.train.replicas import ReplicaChecksum
 from l2zo.train.resume import RUN_KEY, ResumePoint, check_resume, resume_command
-from l2zo.train.sharded import make_device_map_strategy, whole_state_dict
+from l2zo.train.sharded import check_shardable, make_device_map_strategy, whole_state_dict
 from l2zo.train.strategies import make_strategy, refuse_closureless_precision, replica_paths
 from l2zo.utils.io import atomic_dir, write_json_atomic, write_yaml_atomic
 from l2zo.utils.memory import peak_memory_mb
@@ -125,9 +125,13 @@ def check_inputs(cfg: FinetuneConfig, data: TaskData) -> None:
     check_writable_dir(cfg.logdir)
 
 
-def check_data_parallel(cfg: FinetuneConfig, opt: torch.optim.Optimizer, resume: bool) -> None:
-    """What a run on several processes refuses: an optimizer that needs gradients (data-parallel ZO sums loss
-    values, nothing else), and --resume (for now; the checkpoint is written and holds the whole run)."""
+def check_distributed(cfg: FinetuneConfig, opt: torch.optim.Optimizer, resume: bool) -> None:
+    """What the strategy refuses, before the run folder exists: under --strategy fsdp an optimizer whose step a
+    row shard cannot compute alone (``check_shardable``); on several data-parallel processes an optimizer that
+    needs gradients (data-parallel ZO sums loss values, nothing else), and --resume (for now; the checkpoint is
+    written and holds the whole run)."""
+    if cfg.dist.strategy == "fsdp":
+        check_shardable(opt)  # the strategy checks again when Lightning hands it the optimizers
     if cfg.dist.world_size == 1 or cfg.dist.strategy != "ddp":
         return
     if not (isinstance(opt, ZOOptimizer) and opt.data_parallel):
@@ -161,7 +165,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
         adapted = with_adapter(loaded, cfg)
         # Built once here, discarded: a bad hyperparameter value or an artifact that does not fit the model is
         # refused before the run folder exists. Constructors draw no random numbers and allocate no state.
-        check_data_parallel(cfg, build_optimizer(cfg.optimizer, loaded.model, **hp), resume)
+        check_distributed(cfg, build_optimizer(cfg.optimizer, loaded.model, **hp), resume)
         with locked_run_folder(cfg.logdir) as folder:
             start = check_resume(cfg, folder.path) if resume else None
             if start is None and holds_run(folder.path):
