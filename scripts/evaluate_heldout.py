@@ -138,7 +138,8 @@ def main() -> None:
     ap.add_argument("--aggregate-only", action="store_true")
     a = ap.parse_args()
     if not a.aggregate_only:
-        work = [(m, t) for m in a.models.split(",") for t in a.tasks.split(",")]
+        # Task by task: the tasks listed first finish on every model first.
+        work = [(m, t) for t in a.tasks.split(",") for m in a.models.split(",")]
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             for msg, secs, _ in pool.map(lambda mt: run_one(a, *mt), work):
                 print(f"{msg} ({secs:.0f} s)", flush=True)
