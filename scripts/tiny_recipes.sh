@@ -9,9 +9,12 @@
 #   bash scripts/tiny_recipes.sh ablation    # their held-out evaluation beside mezo and the shipped net
 #   bash scripts/tiny_recipes.sh confirm F   # the shipped net against greedy + feature F (e.g. role), each beside
 #                                            # its own untrained net, on 6 paired seeds (docs/results/confirm-tiny-F)
+#   bash scripts/tiny_recipes.sh meta S      # the shipped recipe (meta_configs/tiny.yaml) again with meta-seeds 1, 2
+#   bash scripts/tiny_recipes.sh meta L      # the shipped recipe with 4x the meta-steps (2400)
 #   bash scripts/tiny_recipes.sh robust      # the net shipped since stop 22 (greedy + role) against MeZO, its own
 #                                            # untrained twin and the paper-spec untrained net, lr tuned on 2 seeds
-#                                            # (100, 101), 6 paired seeds (docs/results/robust-tiny)
+#                                            # (100, 101), 6 paired seeds (docs/results/robust-tiny); with the nets
+#                                            # of chains S and L beside it where they exist
 # Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
 # artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
 # tables go to docs/results/heldout-tiny/.
@@ -35,7 +38,8 @@ declare -A RECIPES=(
   [es]="--objective es --unroll-steps 10 --es-pairs 4 --batch-size 8 --outer-batch heldout --steps 100"
 )
 declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy greedy-feat"
-                  [D]="greedy-logn greedy-wnorm greedy-drift greedy-curv greedy-gradrms greedy-role greedy-depth")
+                  [D]="greedy-logn greedy-wnorm greedy-drift greedy-curv greedy-gradrms greedy-role greedy-depth"
+                  [S]="role-seed1 role-seed2" [L]="role-long")
 # Chain C, the feature ablation on the recipe that works: the shipped recipe (meta_configs/tiny.yaml as it is:
 # greedy, teacher trajectory, 600 meta-steps) re-made, and the same with the per-block features of issue 15.
 declare -A OWN=([greedy]="$PLAIN --checkpoint-every 100 --no-progress"
@@ -45,6 +49,10 @@ declare -A ONE=([logn]="--feature-log-numel" [wnorm]="--feature-weight-norm" [dr
                 [curv]="--feature-curvature fisher" [gradrms]="--feature-grad-rms" [role]="--role-embedding-dim 4"
                 [depth]="--depth-feature")
 for f in "${!ONE[@]}"; do OWN[greedy-$f]="$PLAIN --checkpoint-every 100 --no-progress ${ONE[$f]}"; done
+# Chains S and L: the shipped recipe itself (role embedding included). S asks whether its wins are the recipe's or
+# one lucky meta-training seed's; L whether more meta-training buys speed (the forwards target).
+SHIPPED="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress"
+OWN[role-seed1]="$SHIPPED --seed 1" && OWN[role-seed2]="$SHIPPED --seed 2" && OWN[role-long]="$SHIPPED --steps 2400"
 
 meta() {  # meta-train one recipe, resuming from its last checkpoint
   local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
@@ -72,7 +80,7 @@ evaluate() {
 case ${1:-} in
   meta)
     mkdir -p "$OUT/meta"
-    for name in ${CHAINS[${2:?chain A, B, C or D}]}; do meta "$name"; done
+    for name in ${CHAINS[${2:?chain A, B, C, D, S or L}]}; do meta "$name"; done
     ;;
   heldout)
     opts="mezo,learned-random,per-block-const,learned:label=learned-greedy"
@@ -117,8 +125,13 @@ case ${1:-} in
     # 8e-4, which diverges on seeds 0-2 (EVALUATION.md §0b). The grid gains 1e-4 below and 1.6e-3 above.
     ship=checkpoints/tiny/zo-finetuner
     opts="mezo,learned=$ship:label=learned-role,learned-random=$ship:label=learned-random-role,learned-random"
-    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 learned-role robust \
+    champions=learned-role
+    for name in role-seed1 role-seed2 role-long; do  # chains S and L, where meta-trained: added to the compares
+      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] || continue
+      opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name" && champions="$champions,learned-$name"
+    done
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$champions" robust \
       docs/results/robust-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D | heldout | ablation | confirm F | robust" >&2; exit 2 ;;
+  *) echo "usage: $0 meta A|B|C|D|S|L | heldout | ablation | confirm F | robust" >&2; exit 2 ;;
 esac
