@@ -15,6 +15,9 @@
 #                                            # untrained twin and the paper-spec untrained net, lr tuned on 2 seeds
 #                                            # (100, 101), 6 paired seeds (docs/results/robust-tiny); with the nets
 #                                            # of chains S and L beside it where they exist
+#   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
+#                                            # synth-size): can a run that never sees a held-out task tell the
+#                                            # meta-seeds apart? (docs/results/metaval-tiny)
 # Every step resumes: a meta-train restarts from its last.ckpt, a compare keeps its finished runs and adds the
 # artifacts that exist now (run `heldout` again after `meta B` to add es). Outputs under runs/recipes/; the
 # tables go to docs/results/heldout-tiny/.
@@ -72,7 +75,7 @@ meta() {  # meta-train one recipe, resuming from its last checkpoint
 # learned-random, per-block-const) is the plain greedy one shipped until stop 22, kept in docs/results/meta-tiny.
 evaluate() {
   $PY scripts/evaluate_heldout.py --artifact docs/results/meta-tiny/tiny-greedy-v1 --models tiny-derived \
-    --tasks synth-color,synth-successor --optimizers "$1" --steps 300 --seeds "$2" --batch-size 16 --eval-every 50 \
+    --tasks "${TASKS:-synth-color,synth-successor}" --optimizers "$1" --steps 300 --seeds "$2" --batch-size 16 --eval-every 50 \
     --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$3" --tune-seeds "${TUNE_SEEDS:-100}" --baseline mezo \
     --champions "$4" --out "$OUT/$5" --docs "$6" --jobs "${JOBS:-2}" --threads 1
 }
@@ -133,5 +136,17 @@ case ${1:-} in
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$champions" robust \
       docs/results/robust-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L | heldout | ablation | confirm F | robust" >&2; exit 2 ;;
+  metaval)
+    # Selecting among meta-trained nets on the held-out pairs would be selecting on the test: this measures them on
+    # two of the meta-training tasks instead (on the derivative, which meta-training never saw), 3 seeds.
+    ship=checkpoints/tiny/zo-finetuner
+    opts="mezo,learned=$ship:label=learned-role" && champions=learned-role
+    for name in role-seed1 role-seed2 role-long; do
+      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] || continue
+      opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name" && champions="$champions,learned-$name"
+    done
+    TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
+      "$champions" metaval docs/results/metaval-tiny
+    ;;
+  *) echo "usage: $0 meta A|B|C|D|S|L | heldout | ablation | confirm F | robust | metaval" >&2; exit 2 ;;
 esac
