@@ -80,6 +80,13 @@ evaluate() {
     --champions "$4" --out "$OUT/$5" --docs "$6" --jobs "${JOBS:-2}" --threads 1
 }
 
+add_role_nets() {  # the nets of chains S and L that are meta-trained, appended to $opts and $champions
+  for name in role-seed1 role-seed2 role-long; do
+    [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] || continue
+    opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name" && champions="$champions,learned-$name"
+  done
+}
+
 case ${1:-} in
   meta)
     mkdir -p "$OUT/meta"
@@ -129,10 +136,7 @@ case ${1:-} in
     ship=checkpoints/tiny/zo-finetuner
     opts="mezo,learned=$ship:label=learned-role,learned-random=$ship:label=learned-random-role,learned-random"
     champions=learned-role
-    for name in role-seed1 role-seed2 role-long; do  # chains S and L, where meta-trained: added to the compares
-      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] || continue
-      opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name" && champions="$champions,learned-$name"
-    done
+    add_role_nets
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$champions" robust \
       docs/results/robust-tiny
     ;;
@@ -141,10 +145,7 @@ case ${1:-} in
     # two of the meta-training tasks instead (on the derivative, which meta-training never saw), 3 seeds.
     ship=checkpoints/tiny/zo-finetuner
     opts="mezo,learned=$ship:label=learned-role" && champions=learned-role
-    for name in role-seed1 role-seed2 role-long; do
-      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] || continue
-      opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name" && champions="$champions,learned-$name"
-    done
+    add_role_nets
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;

@@ -66,8 +66,8 @@ def tuning_rows(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, M
         for p in points:
             runs = by_lr[p.lr]
             bad = [r for r in runs if not r.ok]
-            seed_of = (lambda r: f"seed {r.seed} ") if len(runs) > 1 else (lambda r: "")
-            status = "; ".join(f"{seed_of(r)}{r.status}: {r.reason}" for r in bad) if bad else "ok"
+            on = [f"seed {r.seed} " if len(runs) > 1 else "" for r in bad]  # which tuning seed failed, when several
+            status = "; ".join(f"{o}{r.status}: {r.reason}" for o, r in zip(on, bad)) if bad else "ok"
             out.append({"run": base, "lr": p.lr, "seeds": ",".join(str(r.seed) for r in runs),
                         "steps": runs[0].config.get("tune_steps"), "score": p.score, "status": status,
                         "picked": p.lr == picked, "edge": p.lr == picked and at_edge(p.lr, grid)})  # fmt: skip
