@@ -42,7 +42,8 @@ declare -A RECIPES=(
 )
 declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy greedy-feat"
                   [D]="greedy-logn greedy-wnorm greedy-drift greedy-curv greedy-gradrms greedy-role greedy-depth"
-                  [S]="role-seed1 role-seed2" [L]="role-long")
+                  [S]="role-seed1 role-seed2" [L]="role-long"
+                  [T]="role-seed3 role-seed4 role-seed5")
 # Chain C, the feature ablation on the recipe that works: the shipped recipe (meta_configs/tiny.yaml as it is:
 # greedy, teacher trajectory, 600 meta-steps) re-made, and the same with the per-block features of issue 15.
 declare -A OWN=([greedy]="$PLAIN --checkpoint-every 100 --no-progress"
@@ -56,6 +57,8 @@ for f in "${!ONE[@]}"; do OWN[greedy-$f]="$PLAIN --checkpoint-every 100 --no-pro
 # one lucky meta-training seed's; L whether more meta-training buys speed (the forwards target).
 SHIPPED="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress"
 OWN[role-seed1]="$SHIPPED --seed 1" && OWN[role-seed2]="$SHIPPED --seed 2" && OWN[role-long]="$SHIPPED --steps 2400"
+# Chain T: three more meta-seeds, never evaluated held out before the selection rule below (`select`) picked one.
+for s in 3 4 5; do OWN[role-seed$s]="$SHIPPED --seed $s"; done
 
 meta() {  # meta-train one recipe, resuming from its last checkpoint
   local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
