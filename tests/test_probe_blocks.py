@@ -254,3 +254,57 @@ def test_fixed_sigma_needs_a_readable_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(L2ZOError, match="not valid JSON"):
         build_optimizer("fixed-sigma", Quadratic(), sigma_file=str(tmp_path / "bad.json"))
+
+
+def _as_task(probe: dict, task: str, loss: float, r_by_label: dict[str, float]) -> dict:
+    """A copy of a real probe.json relabelled as another task, with its start loss and learned-k R replaced."""
+    p = json.loads(json.dumps(probe))
+    p["task"] = task
+    p["states"][min(p["states"], key=int)]["loss"] = loss
+    for label, r in r_by_label.items():
+        p["allocations"]["fisher"][label]["R"] = r
+    return p
+
+
+def test_rank_artifacts_scores_by_mean_r_over_unsaturated_tasks(probe_dir):
+    from l2zo.blockstats.select import rank_artifacts
+
+    real = json.loads((probe_dir / "probe.json").read_text())
+    real["config"]["artifacts"] = ["a", "b"]
+    fisher = real["allocations"]["fisher"]
+    fisher["learned-1"], fisher["learned-2"] = dict(fisher["learned"]), dict(fisher["learned"])  # two artifacts
+    probes = [_as_task(real, "t1", 2.0, {"learned-1": 1.5, "learned-2": 1.0}),
+              _as_task(real, "t2", 0.5, {"learned-1": 0.7, "learned-2": 1.0}),
+              # saturated: its R would flip the ranking, and it is left out
+              _as_task(real, "t3", 0.01, {"learned-1": 0.1, "learned-2": 9.0})]  # fmt: skip
+    scores, kept = rank_artifacts(probes, min_loss=0.1)
+    assert kept == ["t1", "t2"]
+    assert [s.artifact for s in scores] == ["a", "b"]
+    assert scores[0].score == pytest.approx(1.1) and scores[1].score == pytest.approx(1.0)
+    assert scores[1].per_task == {"t1": 1.0, "t2": 1.0, "t3": 9.0}
+    scores, kept = rank_artifacts(probes, min_loss=0.0)  # t3 kept: b first
+    assert [s.artifact for s in scores] == ["b", "a"] and kept == ["t1", "t2", "t3"]
+
+
+def test_rank_artifacts_script_and_its_one_line_errors(probe_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rank_artifacts", Path("scripts/rank_artifacts.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ranking.md"
+    assert mod.main([str(probe_dir), "--out", str(out), "--min-loss", "0"]) == 0
+    text = out.read_text()
+    assert "synth-color" in text and text.count("| `") == 1  # one artifact row
+    assert mod.main([str(tmp_path / "nothing")]) == 2
+    assert "holds no probe.json" in capsys.readouterr().err.strip().splitlines()[-1]
+    # two probes that score other artifacts: refused, naming the fix
+    other = tmp_path / "other"
+    other.mkdir()
+    p = json.loads((probe_dir / "probe.json").read_text())
+    p["task"], p["config"]["artifacts"] = "synth-size", ["elsewhere"]
+    (other / "probe.json").write_text(json.dumps(p))
+    assert mod.main([str(probe_dir), str(other)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert mod.main([str(probe_dir), str(probe_dir)]) == 2
+    assert "same task" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from torch import Tensor
 from l2zo.blockstats.allocations import const_sigma, net_sigma, permuted, sigma_mapping
 from l2zo.blockstats.gain import QuadraticModel, kstep, step_terms
 from l2zo.blockstats.oracles import gsl, hizoo, water_filling, water_filling_eta
+from l2zo.blockstats.select import artifact_tag
 from l2zo.blockstats.stats import BatchFns, BlockStats, PairSample, combine, measure_pair
 from l2zo.engine.blocks import Block, partition
 from l2zo.errors import L2ZOError
@@ -199,7 +200,7 @@ def _allocations(cfg: ProbeConfig, model: torch.nn.Module, blocks: list[Block], 
     allocs["learned-random"] = rnd
     allocs["learned-random-permuted"] = permuted(rnd, blocks, cfg.perm_seed)
     for i, artifact in enumerate(cfg.artifacts):
-        tag = "" if len(cfg.artifacts) == 1 else f"-{i + 1}"
+        tag = artifact_tag(i, len(cfg.artifacts))
         allocs[f"learned{tag}"] = net_sigma("learned", model, blocks, settle, artifact=artifact, eps=cfg.eps,
                                             seed=cfg.seed)  # fmt: skip
         allocs[f"per-block-const{tag}"] = const_sigma("per-block-const", model, blocks, artifact=artifact)
