@@ -15,6 +15,11 @@
 #                                            # untrained twin and the paper-spec untrained net, lr tuned on 2 seeds
 #                                            # (100, 101), 6 paired seeds (docs/results/robust-tiny); with the nets
 #                                            # of chains S and L beside it where they exist
+#   bash scripts/tiny_recipes.sh meta T      # meta-seeds 3, 4, 5 of the shipped recipe
+#   bash scripts/tiny_recipes.sh select      # rank the 7 role nets by the probe on the meta-training tasks (the rule
+#                                            # of docs/results/select-tiny/rule.md; ~1 min a task on one core)
+#   bash scripts/tiny_recipes.sh select-heldout  # chain T's nets held out (the robust protocol) beside MeZO and the
+#                                            # untrained twin: does the rule's pick win? (docs/results/select-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
 #                                            # synth-size): can a run that never sees a held-out task tell the
 #                                            # meta-seeds apart? (docs/results/metaval-tiny)
@@ -143,6 +148,29 @@ case ${1:-} in
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$champions" robust \
       docs/results/robust-tiny
     ;;
+  select)
+    # Every net of the recipe scored on the meta-training tasks only; a finished probe is re-scored (--resume)
+    # without measuring again, so nets added later cost seconds.
+    arts=(checkpoints/tiny/zo-finetuner docs/results/meta-tiny/tiny-role-seed1 docs/results/meta-tiny/tiny-role-seed2
+          docs/results/meta-tiny/tiny-role-long "$OUT"/art/tiny-role-seed{3,4,5})
+    args=() && for a in "${arts[@]}"; do args+=(--artifact "$a"); done
+    mkdir -p "$OUT/select-probes"
+    for t in synth-sentiment synth-category synth-size synth-parity synth-compare; do
+      resume=() && [ -f "$OUT/select-probes/probe-$t/status.json" ] && resume=(--resume)
+      $PY -m l2zo.cli.main probe-blocks --model tiny --task "$t" "${args[@]}" --states 0,100,200 --mezo-lr 2e-4 \
+        --pairs 16 --output "$OUT/select-probes/probe-$t" "${resume[@]}" >>"$OUT/select-probes/$t.log" 2>&1
+    done
+    $PY scripts/rank_artifacts.py "$OUT"/select-probes/probe-* --out docs/results/select-tiny/ranking.md
+    ;;
+  select-heldout)
+    ship=checkpoints/tiny/zo-finetuner
+    opts="mezo,learned-random=$ship:label=learned-random-role" && champions=""
+    for s in 3 4 5; do
+      opts="$opts,learned=$OUT/art/tiny-role-seed$s:label=learned-role-seed$s" && champions="$champions,learned-role-seed$s"
+    done
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "${champions#,}" select \
+      docs/results/select-tiny
+    ;;
   metaval)
     # Selecting among meta-trained nets on the held-out pairs would be selecting on the test: this measures them on
     # two of the meta-training tasks instead (on the derivative, which meta-training never saw), 3 seeds.
@@ -152,5 +180,6 @@ case ${1:-} in
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L | heldout | ablation | confirm F | robust | metaval" >&2; exit 2 ;;
+  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | metaval" >&2
+     exit 2 ;;
 esac
