@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,54 @@ def test_rank_artifacts_script_and_its_one_line_errors(probe_dir, tmp_path, caps
     assert "--resume" in capsys.readouterr().err
     assert mod.main([str(probe_dir), str(probe_dir)]) == 2
     assert "same task" in capsys.readouterr().err
+
+
+def test_transfer_oracle_from_saved_pairs_matches_the_probes_gsl(probe_dir):
+    """The GS-L oracle rebuilt from OUTPUT/pairs without the model is the one the probe wrote (sigma/gsl.json)."""
+    from l2zo.blockstats.transfer import agreement, oracle_log_s, pearson, read_pairs, split_half
+
+    probe = json.loads((probe_dir / "probe.json").read_text())
+    names, numels = [b["name"] for b in probe["blocks"]], [int(b["n"]) for b in probe["blocks"]]
+    pairs = read_pairs(probe_dir / "pairs", len(names))
+    assert [(s, k) for s, k, _ in pairs] == [(0, 0), (0, 1), (2, 0), (2, 1)]  # --states 0,2 --pairs 2
+    temperature = probe["oracle_params"]["gsl"]["temperature"]
+    curvature = "fisher" if probe["allocations"]["fisher"] else "hessian"
+    got = oracle_log_s(names, numels, [p for *_, p in pairs], temperature=temperature, curvature=curvature)
+    written = json.loads((probe_dir / "sigma" / "gsl.json").read_text())
+    want = torch.log(torch.tensor([written[n] for n in names], dtype=torch.float64).clamp_min(1e-3))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    r = split_half(names, numels, pairs, temperature=temperature, curvature=curvature)
+    assert -1.0 <= r <= 1.0
+    m = agreement({"a": got, "b": -got, "c": 2 * got + 1})
+    torch.testing.assert_close(m, torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float64))
+    assert math.isnan(pearson(torch.ones(3), torch.arange(3.0)))
+
+
+def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_path, capsys):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("allocation_transfer", Path("scripts/allocation_transfer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # a second "task": the same probe relabelled; its oracle equals the first's, so they correlate at +1.00
+    other = tmp_path / "other"
+    shutil.copytree(probe_dir, other)
+    p = json.loads((other / "probe.json").read_text())
+    p["task"] = "synth-size"
+    (other / "probe.json").write_text(json.dumps(p))
+    out = tmp_path / "t.md"
+    assert mod.main([str(probe_dir), str(other), "--allocation", "learned", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "split-half" in text and "`learned`" in text
+    assert text.count("+1.00") == 8  # both 2x2 matrices: all four entries +1.00
+    assert mod.main([str(probe_dir), str(probe_dir)]) == 2
+    assert "two probes of" in capsys.readouterr().err
+    assert mod.main([str(probe_dir), "--allocation", "nope"]) == 2
+    assert "has no allocation 'nope'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    shutil.copytree(probe_dir, empty)
+    shutil.rmtree(empty / "pairs")
+    (empty / "pairs").mkdir()
+    assert mod.main([str(empty)]) == 2
+    assert "holds no probe pairs" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -297,6 +297,11 @@ def _mean_se(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def combine(blocks: Sequence[Block], samples: Sequence[PairSample]) -> BlockStats:
     """Average pair samples (from one state or several) into ``BlockStats`` with standard errors."""
+    return combine_named([b.name for b in blocks], [b.numel for b in blocks], samples)
+
+
+def combine_named(names: Sequence[str], numels: Sequence[int], samples: Sequence[PairSample]) -> BlockStats:
+    """``combine`` from the blocks' names and sizes alone (a saved probe's pairs, without the model)."""
     if not samples:
         raise L2ZOError("no batch pairs were measured; use at least one pair")
     G, G_se = _mean_se(torch.stack([s.G for s in samples]))
@@ -306,8 +311,8 @@ def combine(blocks: Sequence[Block], samples: Sequence[PairSample]) -> BlockStat
     fisher, fisher_se = _mean_se(torch.cat([s.fisher.double() for s in samples]))
     gFg, gFg_se = _mean_se(torch.cat([s.gFg for s in samples]))
     return BlockStats(
-        names=tuple(b.name for b in blocks), kinds=tuple(block_kind(b.name) for b in blocks),
-        n=torch.tensor([float(b.numel) for b in blocks], dtype=torch.float64),
+        names=tuple(names), kinds=tuple(block_kind(n) for n in names),
+        n=torch.tensor([float(n) for n in numels], dtype=torch.float64),
         G=G, noise=noise, tau=tau, gHg=gHg, G_se=G_se, noise_se=noise_se, tau_se=tau_se, gHg_se=gHg_se,
         fisher=fisher, gFg=gFg, fisher_se=fisher_se, gFg_se=gFg_se,
         loss=sum(s.loss for s in samples) / len(samples), pairs=len(samples),

@@ -1,0 +1,86 @@
+"""Is the best per-block allocation a property of the base model or of the task? Oracles compared across probes.
+
+A variance net whose inputs carry no per-block gradient information (the paper's: weight mean and variance, two
+losses, its previous sigma; plus a role embedding) gives nearly the same allocation on every task. Such an
+allocation can transfer to a held-out task only if the best allocation is shared across tasks. This measures that
+from the pairs a finished ``l2zo probe-blocks`` saved (OUTPUT/pairs), with no model:
+
+- the tempered Gauss-Southwell-Lipschitz oracle per task, as log s_b;
+- its split-half reliability: the oracle from the even-numbered batch pairs against the odd ones (how well the
+  probe's pairs measure it; a task without gradient signal gives noise);
+- the correlation of the oracles of two tasks: near 1 if one allocation serves both.
+
+Pure functions over saved statistics (``PairSample``); no Lightning, no model code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from l2zo.blockstats.oracles import gsl
+from l2zo.blockstats.probe import load_pair
+from l2zo.blockstats.stats import PairSample, combine_named
+from l2zo.errors import L2ZOError
+
+_PAIR = re.compile(r"state(\d+)-pair(\d+)\.pt")
+
+
+def read_pairs(pairs_dir: Path, num_blocks: int) -> list[tuple[int, int, PairSample]]:
+    """Every saved pair of a probe as (state, pair index k, sample), sorted by state then k."""
+    found = sorted(
+        (int(m[1]), int(m[2]), p) for p in pairs_dir.glob("state*-pair*.pt") if (m := _PAIR.fullmatch(p.name))
+    )
+    if not found:
+        raise L2ZOError(f"{pairs_dir} holds no probe pairs (state<S>-pair<K>.pt): pass a probe-blocks output folder "
+                        "whose statistics were measured")  # fmt: skip
+    return [(s, k, load_pair(p, num_blocks)) for s, k, p in found]
+
+
+def oracle_log_s(
+    names: Sequence[str],
+    numels: Sequence[int],
+    samples: Sequence[PairSample],
+    *,
+    temperature: float = 0.5,
+    curvature: str = "fisher",
+    floor: float = 1e-3,
+) -> Tensor:
+    """log s_b of the tempered GS-L oracle (s_b^2 ~ (G_b / tau_b)^(1/T), normalised) from pooled pairs. [B] float64.
+
+    Blocks the oracle switches off (G_b <= 0) get log(floor), so that a correlation stays finite.
+    """
+    stats = combine_named(names, numels, samples)
+    if curvature == "fisher":
+        stats = stats.with_fisher_curvature()
+    elif curvature != "hessian":
+        raise L2ZOError(f"curvature must be fisher or hessian, got {curvature!r}")
+    return torch.log(gsl(stats, temperature).clamp_min(floor))
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two [B] vectors (nan if either is constant)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    den = float(a.norm() * b.norm())
+    return float(a @ b) / den if den > 0 else float("nan")
+
+
+def split_half(
+    names: Sequence[str], numels: Sequence[int], pairs: Sequence[tuple[int, int, PairSample]], **oracle_kw: float | str
+) -> float:
+    """Correlation of the oracle from the pairs with even k against the one from odd k (all states pooled in each)."""
+    even = [p for _, k, p in pairs if k % 2 == 0]
+    odd = [p for _, k, p in pairs if k % 2 == 1]
+    if not even or not odd:
+        raise L2ZOError("a split-half needs at least two batch pairs per probe; measure with --pairs 2 or more")
+    return pearson(oracle_log_s(names, numels, even, **oracle_kw), oracle_log_s(names, numels, odd, **oracle_kw))  # type: ignore[arg-type]
+
+
+def agreement(log_s: Mapping[str, Tensor]) -> Tensor:
+    """[T, T] Pearson correlations between the tasks' oracle allocations (``log_s``: task -> [B])."""
+    keys = list(log_s)
+    return torch.tensor([[pearson(log_s[a], log_s[b]) for b in keys] for a in keys], dtype=torch.float64)

@@ -1,0 +1,91 @@
+"""Does one per-block allocation serve several tasks? The GS-L oracle of each probed task, its split-half
+reliability, and the correlations between tasks (``l2zo.blockstats.transfer``).
+
+    python scripts/allocation_transfer.py runs/probe/synth-size runs/probe/synth-category ... [--out transfer.md]
+
+Each argument is the --output folder of a finished `l2zo probe-blocks` of one model (its pairs/ and probe.json).
+Exit 2 with one line on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from l2zo.blockstats.transfer import agreement, oracle_log_s, read_pairs, split_half
+from l2zo.errors import L2ZOError
+from l2zo.utils.io import write_text_atomic
+
+
+def saved_log_s(folder: Path, label: str, names: list[str], floor: float = 1e-3) -> torch.Tensor:
+    """log s_b of an allocation the probe wrote (sigma/<label>.json: block name -> s_b), in block order. [B]"""
+    path = folder / "sigma" / f"{label}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in (folder / "sigma").glob("*.json"))
+        raise L2ZOError(f"{folder} has no allocation {label!r}; it has {', '.join(have) or 'none'}")
+    s = json.loads(path.read_text())
+    return torch.log(torch.tensor([float(s[n]) for n in names], dtype=torch.float64).clamp_min(floor))
+
+
+def matrix(title: str, labels: list[str], corr: torch.Tensor) -> list[str]:
+    return [title, "", "| | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1),
+            *[f"| {t} | " + " | ".join(f"{float(corr[i, j]):+.2f}" for j in range(len(labels))) + " |"
+              for i, t in enumerate(labels)], ""]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("probes", nargs="+", type=Path, help="probe-blocks output folders, one per task")
+    ap.add_argument("--temperature", type=float, default=0.5, help="GS-L temperature T: s^2 ~ (G/tau)^(1/T)")
+    ap.add_argument("--curvature", choices=("fisher", "hessian"), default="fisher")
+    ap.add_argument("--allocation", action="append", default=[], metavar="LABEL",
+                    help="also correlate across tasks an allocation the probes wrote (sigma/LABEL.json, e.g. "
+                         "learned-1); repeat for several")  # fmt: skip
+    ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
+    a = ap.parse_args(argv)
+    kw = {"temperature": a.temperature, "curvature": a.curvature}
+    log_s, reliability, names_of = {}, {}, None
+    saved: dict[str, dict[str, torch.Tensor]] = {label: {} for label in a.allocation}
+    try:
+        for folder in a.probes:
+            meta = folder / "probe.json"
+            if not meta.is_file():
+                raise L2ZOError(f"{folder} holds no probe.json: pass the --output folder of a finished probe-blocks")
+            probe = json.loads(meta.read_text())
+            names = [b["name"] for b in probe["blocks"]]
+            if names_of is not None and names != names_of:
+                raise L2ZOError(f"{folder} probes other blocks than {a.probes[0]}: compare probes of one model")
+            names_of = names
+            numels = [int(b["n"]) for b in probe["blocks"]]
+            label = f"{probe['task']} @ {Path(str(probe['model_name_or_path'])).name}"
+            if label in log_s:
+                raise L2ZOError(f"two probes of {label}: pass one probe per task and model")
+            pairs = read_pairs(folder / "pairs", len(names))
+            log_s[label] = oracle_log_s(names, numels, [p for *_, p in pairs], **kw)  # type: ignore[arg-type]
+            reliability[label] = split_half(names, numels, pairs, **kw)
+            for alloc in a.allocation:
+                saved[alloc][label] = saved_log_s(folder, alloc, names)
+    except L2ZOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    labels = list(log_s)
+    lines = [f"GS-L oracle (T = {a.temperature}, {a.curvature} curvature), log s_b per block.", "",
+             "| task | split-half r (even vs odd batch pairs) |", "|---|---|",
+             *[f"| {t} | {reliability[t]:.2f} |" for t in labels], "",
+             *matrix("Correlation between the tasks' oracles:", labels, agreement(log_s))]  # fmt: skip
+    for alloc in a.allocation:
+        lines += matrix(f"Correlation between the tasks of `{alloc}`'s allocation (log s_b):", labels,
+                        agreement(saved[alloc]))  # fmt: skip
+    text = "\n".join(lines)
+    print(text, end="")
+    if a.out:
+        write_text_atomic(a.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
