@@ -16,7 +16,15 @@ from pathlib import Path
 
 import torch
 
-from l2zo.blockstats.transfer import agreement, oracle_log_s, read_pairs, split_half
+from l2zo.blockstats.transfer import (
+    agreement,
+    cross_gain,
+    leave_one_out_gain,
+    oracle_log_s,
+    pooled_stats,
+    read_pairs,
+    split_half,
+)
 from l2zo.errors import L2ZOError
 from l2zo.utils.io import write_text_atomic
 
@@ -31,9 +39,9 @@ def saved_log_s(folder: Path, label: str, names: list[str], floor: float = 1e-3)
     return torch.log(torch.tensor([float(s[n]) for n in names], dtype=torch.float64).clamp_min(floor))
 
 
-def matrix(title: str, labels: list[str], corr: torch.Tensor) -> list[str]:
+def matrix(title: str, labels: list[str], m: torch.Tensor, fmt: str = "+.2f") -> list[str]:
     return [title, "", "| | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1),
-            *[f"| {t} | " + " | ".join(f"{float(corr[i, j]):+.2f}" for j in range(len(labels))) + " |"
+            *[f"| {t} | " + " | ".join(f"{float(m[i, j]):{fmt}}" for j in range(len(labels))) + " |"
               for i, t in enumerate(labels)], ""]  # fmt: skip
 
 
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     a = ap.parse_args(argv)
     kw = {"temperature": a.temperature, "curvature": a.curvature}
-    log_s, reliability, names_of = {}, {}, None
+    log_s, reliability, stats, names_of = {}, {}, {}, None
     saved: dict[str, dict[str, torch.Tensor]] = {label: {} for label in a.allocation}
     try:
         for folder in a.probes:
@@ -67,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = read_pairs(folder / "pairs", len(names))
             log_s[label] = oracle_log_s(names, numels, [p for *_, p in pairs], **kw)  # type: ignore[arg-type]
             reliability[label] = split_half(names, numels, pairs, **kw)
+            stats[label] = pooled_stats(names, numels, [p for *_, p in pairs], a.curvature)
             for alloc in a.allocation:
                 saved[alloc][label] = saved_log_s(folder, alloc, names)
     except L2ZOError as e:
@@ -77,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
              "| task | split-half r (even vs odd batch pairs) |", "|---|---|",
              *[f"| {t} | {reliability[t]:.2f} |" for t in labels], "",
              *matrix("Correlation between the tasks' oracles:", labels, agreement(log_s))]  # fmt: skip
+    loo = leave_one_out_gain(log_s, stats) if len(labels) > 1 else {}
+    lines += matrix("R over MeZO of the row task's oracle on the column task's statistics (diagonal: the task's own):",
+                    labels, cross_gain(log_s, stats), ".2f")  # fmt: skip
+    if loo:
+        lines += ["R over MeZO of the consensus of the other tasks' oracles (exp of their mean log s_b), on each task:",
+                  "", "| task | R |", "|---|---|", *[f"| {t} | {r:.2f} |" for t, r in loo.items()], ""]  # fmt: skip
     for alloc in a.allocation:
         lines += matrix(f"Correlation between the tasks of `{alloc}`'s allocation (log s_b):", labels,
                         agreement(saved[alloc]))  # fmt: skip

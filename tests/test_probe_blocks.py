@@ -313,7 +313,16 @@ def test_rank_artifacts_script_and_its_one_line_errors(probe_dir, tmp_path, caps
 
 def test_transfer_oracle_from_saved_pairs_matches_the_probes_gsl(probe_dir):
     """The GS-L oracle rebuilt from OUTPUT/pairs without the model is the one the probe wrote (sigma/gsl.json)."""
-    from l2zo.blockstats.transfer import agreement, oracle_log_s, pearson, read_pairs, split_half
+    from l2zo.blockstats.transfer import (
+        agreement,
+        cross_gain,
+        leave_one_out_gain,
+        oracle_log_s,
+        pearson,
+        pooled_stats,
+        read_pairs,
+        split_half,
+    )
 
     probe = json.loads((probe_dir / "probe.json").read_text())
     names, numels = [b["name"] for b in probe["blocks"]], [int(b["n"]) for b in probe["blocks"]]
@@ -325,6 +334,13 @@ def test_transfer_oracle_from_saved_pairs_matches_the_probes_gsl(probe_dir):
     written = json.loads((probe_dir / "sigma" / "gsl.json").read_text())
     want = torch.log(torch.tensor([written[n] for n in names], dtype=torch.float64).clamp_min(1e-3))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    # its one-step gain on the task's own statistics is the R the probe reported for gsl
+    stats = pooled_stats(names, numels, [p for *_, p in pairs], curvature)
+    own = probe["allocations"][curvature]["gsl"]["R"]
+    assert float(cross_gain({"t": got}, {"t": stats})[0, 0]) == pytest.approx(own, rel=1e-6)
+    # two copies of the task: the other's consensus is the same oracle, so the same R; MeZO's own allocation gives 1
+    loo = leave_one_out_gain({"t": got, "u": torch.zeros_like(got)}, {"t": stats, "u": stats})
+    assert loo["t"] == pytest.approx(1.0) and loo["u"] == pytest.approx(own, rel=1e-6)
     r = split_half(names, numels, pairs, temperature=temperature, curvature=curvature)
     assert -1.0 <= r <= 1.0
     m = agreement({"a": got, "b": -got, "c": 2 * got + 1})
@@ -349,7 +365,8 @@ def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_pa
     assert mod.main([str(probe_dir), str(other), "--allocation", "learned", "--out", str(out)]) == 0
     text = out.read_text()
     assert "split-half" in text and "`learned`" in text
-    assert text.count("+1.00") == 8  # both 2x2 matrices: all four entries +1.00
+    assert text.count("+1.00") == 8  # both 2x2 correlation matrices: all four entries +1.00
+    assert "consensus of the other tasks" in text
     assert mod.main([str(probe_dir), str(probe_dir)]) == 2
     assert "two probes of" in capsys.readouterr().err
     assert mod.main([str(probe_dir), "--allocation", "nope"]) == 2

@@ -8,7 +8,9 @@ from the pairs a finished ``l2zo probe-blocks`` saved (OUTPUT/pairs), with no mo
 - the tempered Gauss-Southwell-Lipschitz oracle per task, as log s_b;
 - its split-half reliability: the oracle from the even-numbered batch pairs against the odd ones (how well the
   probe's pairs measure it; a task without gradient signal gives noise);
-- the correlation of the oracles of two tasks: near 1 if one allocation serves both.
+- the correlation of the oracles of two tasks: near 1 if one allocation serves both;
+- the one-step gain over MeZO, R, of task i's oracle on task j's statistics, and of the consensus of the other
+  tasks (their mean log s_b): what a static allocation learned from the other tasks could gain on this one.
 
 Pure functions over saved statistics (``PairSample``); no Lightning, no model code.
 """
@@ -22,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from l2zo.blockstats.gain import gain_ratio
 from l2zo.blockstats.oracles import gsl
 from l2zo.blockstats.probe import load_pair
-from l2zo.blockstats.stats import PairSample, combine_named
+from l2zo.blockstats.stats import BlockStats, PairSample, combine_named
 from l2zo.errors import L2ZOError
 
 _PAIR = re.compile(r"state(\d+)-pair(\d+)\.pt")
@@ -41,6 +44,18 @@ def read_pairs(pairs_dir: Path, num_blocks: int) -> list[tuple[int, int, PairSam
     return [(s, k, load_pair(p, num_blocks)) for s, k, p in found]
 
 
+def pooled_stats(
+    names: Sequence[str], numels: Sequence[int], samples: Sequence[PairSample], curvature: str = "fisher"
+) -> BlockStats:
+    """The pairs combined, with tau_b the Fisher trace ("fisher") or Hutchinson's tr(H_b) ("hessian")."""
+    stats = combine_named(names, numels, samples)
+    if curvature == "fisher":
+        return stats.with_fisher_curvature()
+    if curvature != "hessian":
+        raise L2ZOError(f"curvature must be fisher or hessian, got {curvature!r}")
+    return stats
+
+
 def oracle_log_s(
     names: Sequence[str],
     numels: Sequence[int],
@@ -54,11 +69,7 @@ def oracle_log_s(
 
     Blocks the oracle switches off (G_b <= 0) get log(floor), so that a correlation stays finite.
     """
-    stats = combine_named(names, numels, samples)
-    if curvature == "fisher":
-        stats = stats.with_fisher_curvature()
-    elif curvature != "hessian":
-        raise L2ZOError(f"curvature must be fisher or hessian, got {curvature!r}")
+    stats = pooled_stats(names, numels, samples, curvature)
     return torch.log(gsl(stats, temperature).clamp_min(floor))
 
 
@@ -84,3 +95,23 @@ def agreement(log_s: Mapping[str, Tensor]) -> Tensor:
     """[T, T] Pearson correlations between the tasks' oracle allocations (``log_s``: task -> [B])."""
     keys = list(log_s)
     return torch.tensor([[pearson(log_s[a], log_s[b]) for b in keys] for a in keys], dtype=torch.float64)
+
+
+def cross_gain(log_s: Mapping[str, Tensor], stats: Mapping[str, BlockStats]) -> Tensor:
+    """[T, T]: R over MeZO of task i's allocation (row, ``log_s``) on task j's statistics (column, ``stats``)."""
+    keys = list(log_s)
+    return torch.tensor(
+        [[float(gain_ratio(torch.exp(log_s[a]), stats[b])) for b in keys] for a in keys], dtype=torch.float64
+    )
+
+
+def leave_one_out_gain(log_s: Mapping[str, Tensor], stats: Mapping[str, BlockStats]) -> dict[str, float]:
+    """task -> R on it of the consensus of the *other* tasks' allocations, exp(mean log s_b): a static allocation
+    that has never seen the task."""
+    if len(log_s) < 2:
+        raise L2ZOError("a leave-one-out consensus needs at least two tasks")
+    out = {}
+    for t in log_s:
+        others = torch.stack([v for k, v in log_s.items() if k != t])
+        out[t] = float(gain_ratio(torch.exp(others.mean(dim=0)), stats[t]))
+    return out
