@@ -20,6 +20,9 @@
 #                                            # of docs/results/select-tiny/rule.md; ~1 min a task on one core)
 #   bash scripts/tiny_recipes.sh select-heldout  # chain T's nets held out (the robust protocol) beside MeZO and the
 #                                            # untrained twin: does the rule's pick win? (docs/results/select-tiny)
+#   bash scripts/tiny_recipes.sh transfer    # is the best allocation the model's or the task's? The probe on
+#                                            # tiny-derived x the two held-out and five meta-training tasks, then
+#                                            # scripts/allocation_transfer.py (docs/results/select-tiny/transfer-*.md)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
 #                                            # synth-size): can a run that never sees a held-out task tell the
 #                                            # meta-seeds apart? (docs/results/metaval-tiny)
@@ -148,19 +151,34 @@ case ${1:-} in
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$champions" robust \
       docs/results/robust-tiny
     ;;
-  select)
+  select|transfer)
     # Every net of the recipe scored on the meta-training tasks only; a finished probe is re-scored (--resume)
     # without measuring again, so nets added later cost seconds.
     arts=(checkpoints/tiny/zo-finetuner docs/results/meta-tiny/tiny-role-seed1 docs/results/meta-tiny/tiny-role-seed2
           docs/results/meta-tiny/tiny-role-long "$OUT"/art/tiny-role-seed{3,4,5})
     args=() && for a in "${arts[@]}"; do args+=(--artifact "$a"); done
+    if [ "$1" = transfer ]; then
+      # the same probe on the derivative (where the held-out tasks are not yet solved), held-out tasks included
+      mkdir -p "$OUT/transfer-probes"
+      for t in synth-color synth-successor synth-sentiment synth-category synth-size synth-parity synth-compare; do
+        resume=() && [ -f "$OUT/transfer-probes/derived-$t/status.json" ] && resume=(--resume)
+        $PY -m l2zo.cli.main probe-blocks --model tiny-derived --task "$t" "${args[@]}" --states 0,100,200 \
+          --mezo-lr 2e-4 --pairs 16 --output "$OUT/transfer-probes/derived-$t" "${resume[@]}" \
+          >>"$OUT/transfer-probes/derived-$t.log" 2>&1
+      done
+      # the shipped net (learned-1) and the untrained one: how task-dependent is a net's allocation?
+      $PY scripts/allocation_transfer.py "$OUT"/transfer-probes/derived-*/ --allocation learned-1 --allocation learned-random \
+        --out docs/results/select-tiny/transfer-derived.md
+      $PY scripts/allocation_transfer.py "$OUT"/select-probes/probe-*/ --out docs/results/select-tiny/transfer-tiny.md
+      exit 0
+    fi
     mkdir -p "$OUT/select-probes"
     for t in synth-sentiment synth-category synth-size synth-parity synth-compare; do
       resume=() && [ -f "$OUT/select-probes/probe-$t/status.json" ] && resume=(--resume)
       $PY -m l2zo.cli.main probe-blocks --model tiny --task "$t" "${args[@]}" --states 0,100,200 --mezo-lr 2e-4 \
         --pairs 16 --output "$OUT/select-probes/probe-$t" "${resume[@]}" >>"$OUT/select-probes/$t.log" 2>&1
     done
-    $PY scripts/rank_artifacts.py "$OUT"/select-probes/probe-* --out docs/results/select-tiny/ranking.md
+    $PY scripts/rank_artifacts.py "$OUT"/select-probes/probe-*/ --out docs/results/select-tiny/ranking.md
     ;;
   select-heldout)
     ship=checkpoints/tiny/zo-finetuner
@@ -180,6 +198,6 @@ case ${1:-} in
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | metaval" >&2
+  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | metaval" >&2
      exit 2 ;;
 esac
