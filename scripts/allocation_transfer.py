@@ -19,6 +19,7 @@ import torch
 from l2zo.blockstats.transfer import (
     agreement,
     cross_gain,
+    leave_one_out_consensus,
     leave_one_out_gain,
     oracle_log_s,
     pooled_stats,
@@ -54,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also correlate across tasks an allocation the probes wrote (sigma/LABEL.json, e.g. "
                          "learned-1); repeat for several")  # fmt: skip
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
+    ap.add_argument("--write-sigma", type=Path, metavar="DIR",
+                    help="write each task's oracle (DIR/oracle-<task>.json) and the consensus of the other tasks' "
+                         "oracles (DIR/consensus-<task>.json) as fixed-sigma files (block name -> s_b)")  # fmt: skip
     a = ap.parse_args(argv)
     kw = {"temperature": a.temperature, "curvature": a.curvature}
-    log_s, reliability, stats, names_of = {}, {}, {}, None
+    log_s, reliability, stats, names_of, task_of = {}, {}, {}, None, {}
     saved: dict[str, dict[str, torch.Tensor]] = {label: {} for label in a.allocation}
     try:
         for folder in a.probes:
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{probe['task']} @ {Path(str(probe['model_name_or_path'])).name}"
             if label in log_s:
                 raise L2ZOError(f"two probes of {label}: pass one probe per task and model")
+            task_of[label] = str(probe["task"])
+            if a.write_sigma and list(task_of.values()).count(task_of[label]) > 1:
+                raise L2ZOError(f"two probes of task {task_of[label]}: --write-sigma names its files by task; "
+                                "pass the probes of one model")  # fmt: skip
             pairs = read_pairs(folder / "pairs", len(names))
             log_s[label] = oracle_log_s(names, numels, [p for *_, p in pairs], **kw)  # type: ignore[arg-type]
             reliability[label] = split_half(names, numels, pairs, **kw)
@@ -96,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += matrix(f"Correlation between the tasks of `{alloc}`'s allocation (log s_b):", labels,
                         agreement(saved[alloc]))  # fmt: skip
     text = "\n".join(lines)
+    if a.write_sigma and len(labels) > 1:
+        a.write_sigma.mkdir(parents=True, exist_ok=True)
+        consensus = leave_one_out_consensus(log_s)
+        for t in labels:
+            for kind, s in (("oracle", torch.exp(log_s[t])), ("consensus", consensus[t])):
+                mapping = {n: float(v) for n, v in zip(names_of or [], s.tolist(), strict=True)}
+                write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")
     print(text, end="")
     if a.out:
         write_text_atomic(a.out, text)

@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_OPTS = ("learned", "per-block-const", "learned-random")
 
 
-def optimizer_items(a: argparse.Namespace) -> list[str]:
+def optimizer_items(a: argparse.Namespace, task: str) -> list[str]:
     """The compare's --optimizers items: a bare learned/per-block-const/learned-random takes --artifact; an item
     may carry its own artifact and label (``learned=DIR:label=learned-es``); with no --lr-grid every item runs
-    at --lr."""
+    at --lr. ``{task}`` in an item becomes the task (a per-task file: ``fixed-sigma:sigma_file=DIR/{task}.json``)."""
     items = []
-    for opt in a.optimizers.split(","):
+    for opt in a.optimizers.replace("{task}", task).split(","):
         name, _, extra = opt.partition(":")
         item = f"{name}={a.artifact}" if name in ARTIFACT_OPTS else name
         hp = ([] if a.lr_grid else [f"lr={a.lr}"]) + ([extra] if extra else [])
@@ -58,7 +58,7 @@ def compare_args(a: argparse.Namespace, model: str, task: str) -> list[str]:
     tuning = ["--lr-grid", a.lr_grid, "--tune-steps", str(a.tune_steps or a.steps)] if a.lr_grid else []
     if a.lr_grid and a.tune_seeds is not None:  # seeds outside --seeds: no evaluated run is also a tuning run
         tuning += ["--tune-seeds", a.tune_seeds]
-    return ["--model", model, "--task", task, "--data-dir", a.data_dir, "--optimizers", ",".join(optimizer_items(a)),
+    return ["--model", model, "--task", task, "--data-dir", a.data_dir, "--optimizers", ",".join(optimizer_items(a, task)),
             "--steps", str(a.steps), "--seeds", a.seeds, "--batch-size", str(a.batch_size), "--eval-every",
             str(a.eval_every), "--num-train", str(a.num_train), "--num-dev", str(a.num_dev), "--num-test",
             str(a.num_test), "--max-length", str(a.max_length), "--precision", a.precision, "--cache-z", *tuning,

@@ -23,6 +23,9 @@
 #   bash scripts/tiny_recipes.sh transfer    # is the best allocation the model's or the task's? The probe on
 #                                            # tiny-derived x the two held-out and five meta-training tasks, then
 #                                            # scripts/allocation_transfer.py (docs/results/select-tiny/transfer-*.md)
+#   bash scripts/tiny_recipes.sh oracle-heldout  # after transfer: each held-out task's own GS-L oracle and the
+#                                            # consensus of the five meta-training tasks' oracles, as fixed-sigma
+#                                            # runs beside MeZO (the robust protocol; docs/results/oracle-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
 #                                            # synth-size): can a run that never sees a held-out task tell the
 #                                            # meta-seeds apart? (docs/results/metaval-tiny)
@@ -189,6 +192,21 @@ case ${1:-} in
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "${champions#,}" select \
       docs/results/select-tiny
     ;;
+  oracle-heldout)
+    # The headroom a task-aware allocation could claim (the task's own oracle, from a backprop probe on its train
+    # split) against what a static allocation learned from the meta-training family could (their consensus).
+    P=$OUT/transfer-probes
+    [ -f "$P/derived-synth-color/probe.json" ] || { echo "run $0 transfer first" >&2; exit 2; }
+    meta=() && for t in synth-sentiment synth-category synth-size synth-parity synth-compare; do meta+=("$P/derived-$t"); done
+    for t in synth-color synth-successor; do
+      $PY scripts/allocation_transfer.py "$P/derived-$t" "${meta[@]}" --write-sigma "$OUT/transfer-sigma/$t" \
+        --out "docs/results/oracle-tiny/transfer-$t.md" >/dev/null
+    done
+    opts="mezo,fixed-sigma:sigma_file=$P/derived-{task}/sigma/gsl.json:label=gsl-own"
+    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/consensus-{task}.json:label=gsl-meta-consensus"
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus oracle \
+      docs/results/oracle-tiny
+    ;;
   metaval)
     # Selecting among meta-trained nets on the held-out pairs would be selecting on the test: this measures them on
     # two of the meta-training tasks instead (on the derivative, which meta-training never saw), 3 seeds.
@@ -198,6 +216,6 @@ case ${1:-} in
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | metaval" >&2
+  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | metaval" >&2
      exit 2 ;;
 esac

@@ -182,6 +182,21 @@ def test_script_aggregate_only_prints_and_writes_the_tables(heldout_out, tmp_pat
     assert commands[1].endswith(f"--logdir {heldout_out / 'base' / 'wsc'}")
 
 
+def test_script_puts_each_task_into_an_optimizer_item_that_names_it(heldout_out, tmp_path, monkeypatch):
+    """``{task}`` in --optimizers becomes the task of each compare (a per-task fixed-sigma file)."""
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(sys, "argv", ["evaluate_heldout.py", "--artifact", "art", "--models", "base",
+                                      "--tasks", ",".join(TASKS), "--out", str(heldout_out), "--docs", str(docs),
+                                      "--optimizers", "mezo,fixed-sigma:sigma_file=s/{task}.json:label=own",
+                                      "--lr-grid", "1e-4,2e-4", "--aggregate-only"])  # fmt: skip
+    runpy.run_path(str(ROOT / "scripts" / "evaluate_heldout.py"), run_name="__main__")
+    commands = (docs / "commands.txt").read_text().splitlines()
+    assert commands[0] == "l2zo compare --as-recorded"  # base/wic ran and recorded its own command
+    assert (
+        "--task wsc " in commands[1] and "--optimizers mezo,fixed-sigma:sigma_file=s/wsc.json:label=own " in commands[1]
+    )
+
+
 # ----------------------------------------------------------------------------- paired verdicts by CI
 def test_paired_counts_by_ci_on_the_built_compares(heldout_out):
     paired = read_paired(heldout_out, MODELS, TASKS, "learned")

@@ -367,6 +367,16 @@ def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_pa
     assert "split-half" in text and "`learned`" in text
     assert text.count("+1.00") == 8  # both 2x2 correlation matrices: all four entries +1.00
     assert "consensus of the other tasks" in text
+    # --write-sigma: fixed-sigma files; with two tasks each one's consensus is the other's oracle
+    from l2zo.optim.methods.fixed_sigma import read_sigma_file
+
+    sig = tmp_path / "sig"
+    assert mod.main([str(probe_dir), str(other), "--write-sigma", str(sig)]) == 0
+    assert sorted(p.name for p in sig.iterdir()) == ["consensus-synth-color.json", "consensus-synth-size.json",
+                                                      "oracle-synth-color.json", "oracle-synth-size.json"]  # fmt: skip
+    assert read_sigma_file(sig / "consensus-synth-color.json") == pytest.approx(
+        read_sigma_file(sig / "oracle-synth-size.json")
+    )
     assert mod.main([str(probe_dir), str(probe_dir)]) == 2
     assert "two probes of" in capsys.readouterr().err
     assert mod.main([str(probe_dir), "--allocation", "nope"]) == 2

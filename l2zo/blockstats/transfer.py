@@ -105,13 +105,14 @@ def cross_gain(log_s: Mapping[str, Tensor], stats: Mapping[str, BlockStats]) -> 
     )
 
 
-def leave_one_out_gain(log_s: Mapping[str, Tensor], stats: Mapping[str, BlockStats]) -> dict[str, float]:
-    """task -> R on it of the consensus of the *other* tasks' allocations, exp(mean log s_b): a static allocation
-    that has never seen the task."""
+def leave_one_out_consensus(log_s: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """task -> the consensus of the *other* tasks' allocations, s_b = exp(mean log s_b) [B]: a static allocation
+    that has never seen the task (unnormalised; every use of it is scale-free or normalises)."""
     if len(log_s) < 2:
         raise L2ZOError("a leave-one-out consensus needs at least two tasks")
-    out = {}
-    for t in log_s:
-        others = torch.stack([v for k, v in log_s.items() if k != t])
-        out[t] = float(gain_ratio(torch.exp(others.mean(dim=0)), stats[t]))
-    return out
+    return {t: torch.exp(torch.stack([v for k, v in log_s.items() if k != t]).mean(dim=0)) for t in log_s}
+
+
+def leave_one_out_gain(log_s: Mapping[str, Tensor], stats: Mapping[str, BlockStats]) -> dict[str, float]:
+    """task -> R on it of ``leave_one_out_consensus``."""
+    return {t: float(gain_ratio(s, stats[t])) for t, s in leave_one_out_consensus(log_s).items()}
