@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")
     print(text, end="")
     if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(a.out, text)
     return 0
 

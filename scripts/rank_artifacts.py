@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{ranking_table(scores, kept, losses)}\n")  # fmt: skip
     print(text, end="")
     if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(a.out, text)
     return 0
 
