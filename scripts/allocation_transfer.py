@@ -17,10 +17,15 @@ from pathlib import Path
 import torch
 
 from l2zo.blockstats.transfer import (
+    VARIANTS,
     agreement,
     cross_gain,
+    decompose_gain,
     leave_one_out_consensus,
     leave_one_out_gain,
+    leave_one_out_variants,
+    log_curvature,
+    log_gradient_share,
     oracle_log_s,
     pooled_stats,
     read_pairs,
@@ -57,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     ap.add_argument("--write-sigma", type=Path, metavar="DIR",
                     help="write each task's oracle (DIR/oracle-<task>.json) and the consensus of the other tasks' "
-                         "oracles (DIR/consensus-<task>.json) as fixed-sigma files (block name -> s_b)")  # fmt: skip
+                         "oracles (DIR/consensus-<task>.json) and the task's G with the other tasks' curvature "
+                         "(DIR/own-g-<task>.json) as fixed-sigma files (block name -> s_b)")  # fmt: skip
     a = ap.parse_args(argv)
     kw = {"temperature": a.temperature, "curvature": a.curvature}
     log_s, reliability, stats, names_of, task_of = {}, {}, {}, None, {}
@@ -100,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     if loo:
         lines += ["R over MeZO of the consensus of the other tasks' oracles (exp of their mean log s_b), on each task:",
                   "", "| task | R |", "|---|---|", *[f"| {t} | {r:.2f} |" for t, r in loo.items()], ""]  # fmt: skip
+    if len(labels) > 1:
+        parts = decompose_gain(stats, a.temperature)
+        lines += ["Which half of the oracle is the task's: R over MeZO on each task of GS-L with the task's own G and",
+                  "curvature, its own G with the other tasks' consensus curvature (own-G), the consensus gradient",
+                  "shares with its own curvature (own-curvature), and both from the other tasks (neither):", "",
+                  "| task | own | own-G | own-curvature | neither |", "|---|---|---|---|---|",
+                  *[f"| {t} | " + " | ".join(f"{r[k]:.2f}" for k in VARIANTS)
+                    + " |" for t, r in parts.items()], ""]  # fmt: skip
+        lines += matrix("Correlation between the tasks of the per-element curvature (log tau_b / n_b):", labels,
+                        agreement({t: log_curvature(s) for t, s in stats.items()}))  # fmt: skip
+        lines += matrix("Correlation between the tasks of the gradient shares (log G_b / sum G):", labels,
+                        agreement({t: log_gradient_share(s) for t, s in stats.items()}))  # fmt: skip
     for alloc in a.allocation:
         lines += matrix(f"Correlation between the tasks of `{alloc}`'s allocation (log s_b):", labels,
                         agreement(saved[alloc]))  # fmt: skip
@@ -107,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.write_sigma and len(labels) > 1:
         a.write_sigma.mkdir(parents=True, exist_ok=True)
         consensus = leave_one_out_consensus(log_s)
+        own_g = leave_one_out_variants(stats, a.temperature)
         for t in labels:
-            for kind, s in (("oracle", torch.exp(log_s[t])), ("consensus", consensus[t])):
+            for kind, s in (("oracle", torch.exp(log_s[t])), ("consensus", consensus[t]), ("own-g", own_g[t]["own-G"])):
                 mapping = {n: float(v) for n, v in zip(names_of or [], s.tolist(), strict=True)}
                 write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")
     print(text, end="")

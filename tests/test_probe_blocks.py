@@ -365,7 +365,7 @@ def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_pa
     assert mod.main([str(probe_dir), str(other), "--allocation", "learned", "--out", str(out)]) == 0
     text = out.read_text()
     assert "split-half" in text and "`learned`" in text
-    assert text.count("+1.00") == 8  # both 2x2 correlation matrices: all four entries +1.00
+    assert text.count("+1.00") == 16  # the four 2x2 correlation matrices (oracle, curvature, G, learned): all +1.00
     assert "consensus of the other tasks" in text
     # --write-sigma: fixed-sigma files; with two tasks each one's consensus is the other's oracle
     from l2zo.optim.methods.fixed_sigma import read_sigma_file
@@ -373,7 +373,13 @@ def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_pa
     sig = tmp_path / "sig"
     assert mod.main([str(probe_dir), str(other), "--write-sigma", str(sig)]) == 0
     assert sorted(p.name for p in sig.iterdir()) == ["consensus-synth-color.json", "consensus-synth-size.json",
-                                                      "oracle-synth-color.json", "oracle-synth-size.json"]  # fmt: skip
+                                                      "oracle-synth-color.json", "oracle-synth-size.json",
+                                                      "own-g-synth-color.json", "own-g-synth-size.json"]  # fmt: skip
+    # the two "tasks" are one probe: its own G with the other's curvature is its oracle (which the oracle files
+    # write with switched-off blocks at the 1e-3 floor of log s)
+    own_g, oracle = read_sigma_file(sig / "own-g-synth-color.json"), read_sigma_file(sig / "oracle-synth-color.json")
+    assert {k: max(v, 1e-3) for k, v in own_g.items()} == pytest.approx(oracle)
+    assert "Which half of the oracle" in out.read_text()
     assert read_sigma_file(sig / "consensus-synth-color.json") == pytest.approx(
         read_sigma_file(sig / "oracle-synth-size.json")
     )
@@ -387,3 +393,49 @@ def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_pa
     (empty / "pairs").mkdir()
     assert mod.main([str(empty)]) == 2
     assert "holds no probe pairs" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _task_stats(G, tau, n=(10.0, 20.0, 30.0, 40.0)):
+    from l2zo.blockstats.stats import BlockStats
+
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    nan = torch.full((len(G),), math.nan, dtype=torch.float64)
+    return BlockStats(
+        names=tuple(f"b{i}" for i in range(len(G))), kinds=("w",) * len(G), n=t(n), G=t(G), noise=t([0.5] * len(G)),
+        tau=t(tau), gHg=t([0.1] * len(G)), G_se=nan, noise_se=nan, tau_se=nan, gHg_se=nan, fisher=t(tau),
+        gFg=t([0.1] * len(G)), fisher_se=nan, gFg_se=nan, loss=1.0, pairs=1, probes=1,
+    )  # fmt: skip
+
+
+def test_decompose_gain_attributes_the_task_specific_half():
+    """Tasks that share curvature and differ in G: own-G is the oracle, and neither is the others' consensus."""
+    from l2zo.blockstats.gain import gain_ratio
+    from l2zo.blockstats.oracles import gsl
+    from l2zo.blockstats.transfer import decompose_gain, leave_one_out_variants, log_gradient_share
+
+    tau = [1.0, 8.0, 3.0, 20.0]
+    tasks = {"a": _task_stats([4.0, 0.1, 1.0, 2.0], tau), "b": _task_stats([0.1, 3.0, 2.0, 0.5], tau),
+             "c": _task_stats([1.0, 1.0, 0.2, 5.0], tau)}  # fmt: skip
+    r = decompose_gain(tasks, temperature=0.5)
+    for t, st in tasks.items():
+        own = float(gain_ratio(gsl(st, 0.5), st))
+        assert r[t]["own"] == pytest.approx(own) and r[t]["own-G"] == pytest.approx(own)
+        assert r[t]["own-curvature"] == pytest.approx(r[t]["neither"])
+        assert r[t]["own"] > 1.0  # the oracle beats MeZO on its own statistics
+    # the gradient shares differ here, so taking them from the other tasks costs gain on every task
+    assert all(r[t]["neither"] < r[t]["own"] for t in tasks)
+    # shared G, different curvature: the roles swap
+    g = [4.0, 0.1, 1.0, 2.0]
+    swapped = {"a": _task_stats(g, [1.0, 8.0, 3.0, 20.0]), "b": _task_stats(g, [9.0, 1.0, 3.0, 2.0]),
+               "c": _task_stats(g, [2.0, 2.0, 30.0, 1.0])}  # fmt: skip
+    v = leave_one_out_variants(swapped)
+    for t in swapped:
+        torch.testing.assert_close(v[t]["own-curvature"], v[t]["own"])
+        torch.testing.assert_close(v[t]["neither"], v[t]["own-G"])
+    # G <= 0 blocks get the floor share, not -inf; a probe with no signal at all is refused in one line
+    share = log_gradient_share(_task_stats([-1.0, 0.0, 2.0, 2.0], tau))
+    assert torch.isfinite(share).all() and float(share[0]) == pytest.approx(math.log(0.5e-3))
+    with pytest.raises(L2ZOError, match="no block has G_b > 0"):
+        log_gradient_share(_task_stats([-1.0, 0.0, -2.0, 0.0], tau))
+    with pytest.raises(L2ZOError, match="at least two tasks"):
+        decompose_gain({"a": tasks["a"]})

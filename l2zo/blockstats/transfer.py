@@ -17,6 +17,7 @@ Pure functions over saved statistics (``PairSample``); no Lightning, no model co
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from l2zo.blockstats.gain import gain_ratio
+from l2zo.blockstats.gain import gain_ratio, positive_curvature
 from l2zo.blockstats.oracles import gsl
 from l2zo.blockstats.probe import load_pair
 from l2zo.blockstats.stats import BlockStats, PairSample, combine_named
@@ -116,3 +117,67 @@ def leave_one_out_consensus(log_s: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def leave_one_out_gain(log_s: Mapping[str, Tensor], stats: Mapping[str, BlockStats]) -> dict[str, float]:
     """task -> R on it of ``leave_one_out_consensus``."""
     return {t: float(gain_ratio(s, stats[t])) for t, s in leave_one_out_consensus(log_s).items()}
+
+
+# ------------------------------------------------------------------ which half of the oracle is the task's
+
+
+def log_curvature(stats: BlockStats, floor: float = 1e-3) -> Tensor:
+    """[B] log of the per-element curvature tau_b / n_b (floored as the oracles floor it)."""
+    return torch.log(positive_curvature(stats.tau, stats.n, floor))
+
+
+def log_gradient_share(stats: BlockStats, floor: float = 1e-3) -> Tensor:
+    """[B] log of each block's share of the gradient energy, G_b / sum_c G_c, with G_b <= 0 (and shares below
+    ``floor`` x the largest) raised to ``floor`` x the largest: the scale-free half of the GS-L ratio."""
+    g = stats.G.clamp_min(0.0)
+    if not float(g.max()) > 0:
+        raise L2ZOError("no block has G_b > 0: the probe measured no gradient signal; measure more batch pairs")
+    share = g / g.sum()
+    return torch.log(share.clamp_min(floor * float(share.max())))
+
+
+VARIANTS = ("own", "own-G", "own-curvature", "neither")
+
+
+def leave_one_out_variants(
+    stats: Mapping[str, BlockStats], temperature: float = 0.5, floor: float = 1e-3
+) -> dict[str, dict[str, Tensor]]:
+    """task -> variant -> [B] normalised s of four GS-L allocations s_b^2 ~ (G_b / tau_b)^(1/T):
+
+    - ``own``: the task's G and curvature (its oracle);
+    - ``own-G``: the task's G with the consensus curvature of the other tasks (exp of their mean log tau_b / n_b);
+      what an allocation that measures G on the task and takes the curvature from elsewhere can reach;
+    - ``own-curvature``: the consensus gradient shares of the other tasks with the task's own curvature;
+    - ``neither``: both halves from the other tasks.
+    """
+    if len(stats) < 2:
+        raise L2ZOError("a leave-one-out decomposition needs at least two tasks")
+    curv = {t: log_curvature(s, floor) for t, s in stats.items()}
+    share = {t: log_gradient_share(s, floor) for t, s in stats.items()}
+    out: dict[str, dict[str, Tensor]] = {}
+    for t, st in stats.items():
+        l_other = torch.exp(torch.stack([v for k, v in curv.items() if k != t]).mean(dim=0))
+        g_other = torch.exp(torch.stack([v for k, v in share.items() if k != t]).mean(dim=0))
+        variants = {
+            "own": st,
+            "own-G": dataclasses.replace(st, tau=l_other * st.n),
+            "own-curvature": dataclasses.replace(st, G=g_other),
+            "neither": dataclasses.replace(st, G=g_other, tau=l_other * st.n),
+        }
+        out[t] = {k: gsl(v, temperature, floor) for k, v in variants.items()}
+    return out
+
+
+def decompose_gain(
+    stats: Mapping[str, BlockStats], temperature: float = 0.5, floor: float = 1e-3
+) -> dict[str, dict[str, float]]:
+    """task -> variant -> R over MeZO on the task's own statistics of each ``leave_one_out_variants`` allocation.
+
+    If ``own-G`` keeps most of ``own``'s gain, the task-specific part of the oracle is its gradient: a first-order
+    quantity that forward passes can measure on the task.
+    """
+    return {
+        t: {k: float(gain_ratio(s, stats[t])) for k, s in v.items()}
+        for t, v in leave_one_out_variants(stats, temperature, floor).items()
+    }
