@@ -24,8 +24,9 @@
 #                                            # tiny-derived x the two held-out and five meta-training tasks, then
 #                                            # scripts/allocation_transfer.py (docs/results/select-tiny/transfer-*.md)
 #   bash scripts/tiny_recipes.sh oracle-heldout  # after transfer: each held-out task's own GS-L oracle and the
-#                                            # consensus of the five meta-training tasks' oracles, as fixed-sigma
-#                                            # runs beside MeZO (the robust protocol; docs/results/oracle-tiny)
+#                                            # consensus of the five meta-training tasks' oracles, and its own G
+#                                            # with their consensus curvature, as fixed-sigma runs beside MeZO
+#                                            # (the robust protocol; docs/results/oracle-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
 #                                            # synth-size): can a run that never sees a held-out task tell the
 #                                            # meta-seeds apart? (docs/results/metaval-tiny)
@@ -204,7 +205,10 @@ case ${1:-} in
     done
     opts="mezo,fixed-sigma:sigma_file=$P/derived-{task}/sigma/gsl.json:label=gsl-own"
     opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/consensus-{task}.json:label=gsl-meta-consensus"
-    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus oracle \
+    # the task's own G with the meta-training tasks' consensus curvature: the half of the oracle that forward
+    # passes on the task can measure, with the half that transfers (stop 25)
+    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/own-g-{task}.json:label=gsl-own-g"
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g oracle \
       docs/results/oracle-tiny
     ;;
   metaval)
