@@ -439,3 +439,32 @@ def test_decompose_gain_attributes_the_task_specific_half():
         log_gradient_share(_task_stats([-1.0, 0.0, -2.0, 0.0], tau))
     with pytest.raises(L2ZOError, match="at least two tasks"):
         decompose_gain({"a": tasks["a"]})
+
+
+def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir, model_dir, artifact, tmp_path,
+                                                                       capsys):  # fmt: skip
+    """--resume --zo-probes on a finished probe: the backprop pairs are loaded, not re-measured, and each batch pair's
+    forward-only G is measured on the same batches (the draws replayed) and saved beside it; a second resume
+    loads those too and gives the same numbers."""
+    import shutil
+
+    out = tmp_path / "zo"
+    shutil.copytree(probe_dir, out)
+    assert main([*_probe_args(model_dir, artifact, out), "--resume", "--zo-probes", "2"]) == 0
+    first = json.loads((out / "probe.json").read_text())
+    before = json.loads((probe_dir / "probe.json").read_text())
+    assert first["blocks"] == before["blocks"]  # the backprop statistics are the saved ones
+    zo = first["zo"]
+    B = first["num_blocks"]
+    assert zo["pairs"] == 4 and zo["forwards_per_pair"] == 4 * 2 * B and zo["forwards"] == 4 * zo["forwards_per_pair"]
+    assert -1.0 <= zo["share_corr"] <= 1.0
+    assert sorted(p.name for p in (out / "pairs").glob("*-zo.pt")) == sorted(
+        f"state{s}-pair{k}-zo.pt" for s in (0, 2) for k in (0, 1)
+    )
+    assert "gsl-zo" in first["sigma"] and (out / "sigma" / "gsl-zo.json").is_file()
+    assert "Forward-only G" in (out / "probe.md").read_text()
+    assert main([*_probe_args(model_dir, artifact, out), "--resume", "--zo-probes", "2"]) == 0
+    again = json.loads((out / "probe.json").read_text())
+    assert again["zo"]["blocks"] == zo["blocks"]
+    assert main([*_probe_args(model_dir, artifact, out), "--resume", "--zo-probes", "-1"]) == 2
+    assert "--zo-probes must be >= 0" in capsys.readouterr().err

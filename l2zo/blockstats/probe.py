@@ -34,6 +34,7 @@ from l2zo.blockstats.gain import QuadraticModel, kstep, step_terms
 from l2zo.blockstats.oracles import gsl, hizoo, water_filling, water_filling_eta
 from l2zo.blockstats.select import artifact_tag
 from l2zo.blockstats.stats import BatchFns, BlockStats, PairSample, combine, measure_pair
+from l2zo.blockstats.zo_energy import ZOEnergy, zo_block_energy
 from l2zo.engine.blocks import Block, partition
 from l2zo.errors import L2ZOError
 from l2zo.optim.base import eval_mode
@@ -61,6 +62,7 @@ class ProbeConfig:
     probes: int = 8
     gHg_probes: int = 2
     fisher_samples: int = 4
+    zo_probes: int = 0
     curvature: str = "auto"
     horizon: int = 300
     gsl_temperature: float | None = None
@@ -78,6 +80,8 @@ class ProbeConfig:
                 raise L2ZOError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.curvature not in ("auto", "fisher", "hessian"):
             raise L2ZOError(f"--curvature must be auto, fisher or hessian, got {self.curvature!r}")
+        if self.zo_probes < 0:
+            raise L2ZOError(f"--zo-probes must be >= 0 (0: no forward-only G), got {self.zo_probes}")
         if self.fisher_samples < 0:
             raise L2ZOError(f"--fisher-samples must be >= 0, got {self.fisher_samples}")
         if self.settle < 2:
@@ -104,6 +108,32 @@ def save_pair(path: Path, sample: PairSample) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({f.name: getattr(sample, f.name) for f in dataclasses.fields(PairSample)}, tmp)
     os.replace(tmp, path)
+
+
+def zo_path(pairs_dir: Path, state: int, k: int) -> Path:
+    return pairs_dir / f"state{state}-pair{k}-zo.pt"
+
+
+def save_zo(path: Path, energy: ZOEnergy) -> None:
+    """One pair's forward-only G (``zo_energy``), written atomically beside the pair's backprop statistics."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"G": energy.G, "sq": energy.sq, "G_se": energy.G_se, "probes": energy.probes,
+                "forwards": energy.forwards}, tmp)  # fmt: skip
+    os.replace(tmp, path)
+
+
+def load_zo(path: Path, num_blocks: int, probes: int | None = None) -> ZOEnergy | None:
+    """A pair's saved forward-only G; None where it is absent or was measured with another number of probes."""
+    if not path.is_file():
+        return None
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if data["G"].shape[0] != num_blocks:
+        raise L2ZOError(f"{path} holds {data['G'].shape[0]} blocks, the model {num_blocks}: it is another model's "
+                        "probe; start again with --overwrite")  # fmt: skip
+    if probes is not None and int(data["probes"]) != probes:
+        return None
+    return ZOEnergy(G=data["G"], sq=data["sq"], G_se=data["G_se"], probes=int(data["probes"]),
+                    forwards=int(data["forwards"]))  # fmt: skip
 
 
 def load_pair(path: Path, num_blocks: int) -> PairSample:
@@ -293,6 +323,7 @@ def run_probe(
     batches = _Batches(list(data.train), scorer, task.loss_kind, cfg.batch_size, cfg.seed, device)
     blocks = partition(model)
     per_state: dict[int, list[PairSample]] = {}
+    zo_energy: list[ZOEnergy] = []
     first_state_weights: list[Tensor] | None = None
     if pairs_dir is not None:
         pairs_dir.mkdir(parents=True, exist_ok=True)
@@ -301,18 +332,30 @@ def run_probe(
             samples = []
             for k in range(cfg.pairs):
                 saved = pair_path(pairs_dir, state, k) if pairs_dir is not None else None
-                if saved is not None and saved.is_file():
+                zo_saved = zo_path(pairs_dir, state, k) if pairs_dir is not None else None
+                zo = load_zo(zo_saved, len(blocks), cfg.zo_probes) if zo_saved is not None and cfg.zo_probes else None
+                if saved is not None and saved.is_file() and (zo is not None or not cfg.zo_probes):
                     samples.append(load_pair(saved, len(blocks)))
+                    if zo is not None:
+                        zo_energy.append(zo)
                     batches.skip_draw()
                     batches.skip_draw()
                     log.info("probe-blocks: state %d, pair %d/%d loaded from %s", state, k + 1, cfg.pairs, saved)
                     continue
                 a, b = batches.draw(model), batches.draw(model)
-                sample = measure_pair(blocks, a, b, probes=cfg.probes, gHg_probes=cfg.gHg_probes,
-                                      fisher_samples=cfg.fisher_samples,
-                                      seed=cfg.seed * 7919 + state * 131 + k)  # fmt: skip
-                if saved is not None:
-                    save_pair(saved, sample)
+                seed = cfg.seed * 7919 + state * 131 + k
+                if saved is not None and saved.is_file():  # only the forward-only G is missing
+                    sample = load_pair(saved, len(blocks))
+                else:
+                    sample = measure_pair(blocks, a, b, probes=cfg.probes, gHg_probes=cfg.gHg_probes,
+                                          fisher_samples=cfg.fisher_samples, seed=seed)  # fmt: skip
+                    if saved is not None:
+                        save_pair(saved, sample)
+                if cfg.zo_probes:
+                    zo = zo_block_energy(blocks, a.loss, b.loss, eps=cfg.eps, probes=cfg.zo_probes, seed=seed)
+                    if zo_saved is not None:
+                        save_zo(zo_saved, zo)
+                    zo_energy.append(zo)
                 samples.append(sample)
                 # a pair costs minutes on SmolLM2-135M: say where the probe is
                 log.info("probe-blocks: state %d, pair %d/%d measured (%.0f s so far)", state, k + 1, cfg.pairs,
@@ -333,6 +376,11 @@ def run_probe(
             for b, w in zip(blocks, first_state_weights):
                 b.param.copy_(w)
         allocs, oracle_params = _allocations(cfg, model, blocks, batches, curv)
+        zo_report = None
+        if zo_energy:
+            zo_stats = dataclasses.replace(curv, G=torch.stack([z.G for z in zo_energy]).mean(dim=0))
+            allocs["gsl-zo"] = gsl(zo_stats, oracle_params["gsl"]["temperature"])
+            zo_report = _zo_report(zo_energy, curv)
         with torch.no_grad():
             for b, w in zip(blocks, current):
                 b.param.copy_(w)
@@ -358,4 +406,27 @@ def run_probe(
             "kstep": _kstep_scores(allocs, curv, cfg.horizon),
         },
         "sigma": {name: sigma_mapping(blocks, s) for name, s in allocs.items()},
+        **({"zo": zo_report} if zo_report is not None else {}),
+    }
+
+
+def _zo_report(energy: list[ZOEnergy], stats: BlockStats) -> dict[str, Any]:
+    """The forward-only G pooled over the pairs, its cost, and how well it reproduces the backprop G (``stats``):
+    the correlation of the log gradient shares, the half of the GS-L oracle that is the task's."""
+    # transfer imports this module (for load_pair), so its helpers are imported here, not at the top
+    from l2zo.blockstats.transfer import log_gradient_share, pearson
+
+    G = torch.stack([z.G for z in energy])  # [pairs, B]
+    se = G.std(dim=0) / len(energy) ** 0.5 if len(energy) > 1 else torch.full_like(G[0], float("nan"))
+    zo = dataclasses.replace(stats, G=G.mean(dim=0))
+    return {
+        "probes": energy[0].probes,
+        "pairs": len(energy),
+        "forwards": sum(z.forwards for z in energy),
+        "forwards_per_pair": energy[0].forwards,
+        "share_corr": pearson(log_gradient_share(zo), log_gradient_share(stats)),
+        "blocks": [
+            {"name": n, "G_zo": float(g), "G_zo_se": float(e), "G": float(b)}
+            for n, g, e, b in zip(stats.names, zo.G, se, stats.G)
+        ],  # fmt: skip
     }

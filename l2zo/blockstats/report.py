@@ -72,6 +72,22 @@ def kinds_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def zo_section(result: dict[str, Any]) -> list[str]:
+    """The forward-only G (``--zo-probes``): its cost and its agreement with the backprop G; [] without it."""
+    zo = result.get("zo")
+    if zo is None:
+        return []
+    return [
+        "## Forward-only G",
+        "",
+        (f"G_b from block-restricted antithetic probes ({zo['probes']} per block and batch pair, {zo['pairs']} pairs): "
+         f"{zo['forwards']} forwards in all ({zo['forwards_per_pair']} a pair). Correlation of its log gradient "
+         f"shares with the backprop G's: {zo['share_corr']:+.2f}. `gsl-zo` is the GS-L oracle with this G and the "
+         "probe's own curvature."),
+        "",
+    ]  # fmt: skip
+
+
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     states = ", ".join(result["states"])
@@ -98,6 +114,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         allocations_table(result),
         "",
+        *zo_section(result),
         "## Mean s_b per block kind",
         "",
         kinds_table(result),

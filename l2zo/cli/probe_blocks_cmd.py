@@ -76,6 +76,9 @@ def register(cli: CommandParser) -> None:
         help="sign-mixed HVPs per pair for g^T H_b g",
     )
     a("--fisher-samples", type=int, default=4, help="sampled-label backwards per batch for the Fisher")
+    a("--zo-probes", type=int, default=0,
+      help="also measure G_b with forward passes only on each batch pair (block-restricted antithetic probes, "
+           "4 x this x blocks forwards a pair), against the backprop G; 0: not")  # fmt: skip
     a(
         "--curvature",
         default="auto",
