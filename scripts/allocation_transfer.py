@@ -29,10 +29,14 @@ from l2zo.blockstats.transfer import (
     oracle_log_s,
     pooled_stats,
     read_pairs,
+    read_zo,
     split_half,
+    zo_budget_gain,
 )
 from l2zo.errors import L2ZOError
 from l2zo.utils.io import write_text_atomic
+
+ZO_BUDGETS = (1, 2, 4, 8, 16, 48)
 
 
 def saved_log_s(folder: Path, label: str, names: list[str], floor: float = 1e-3) -> torch.Tensor:
@@ -63,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-sigma", type=Path, metavar="DIR",
                     help="write each task's oracle (DIR/oracle-<task>.json) and the consensus of the other tasks' "
                          "oracles (DIR/consensus-<task>.json) and the task's G with the other tasks' curvature "
-                         "(DIR/own-g-<task>.json) as fixed-sigma files (block name -> s_b)")  # fmt: skip
+                         "(DIR/own-g-<task>.json; with a forward-only G, DIR/zo-g-<task>.json too) as fixed-sigma files "
+                         "(block name -> s_b)")  # fmt: skip
     a = ap.parse_args(argv)
     kw = {"temperature": a.temperature, "curvature": a.curvature}
     log_s, reliability, stats, names_of, task_of = {}, {}, {}, None, {}
+    zo: dict[str, list] = {}  # task -> its forward-only G per batch pair (probe-blocks --zo-probes), if measured
     saved: dict[str, dict[str, torch.Tensor]] = {label: {} for label in a.allocation}
     try:
         for folder in a.probes:
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             log_s[label] = oracle_log_s(names, numels, [p for *_, p in pairs], **kw)  # type: ignore[arg-type]
             reliability[label] = split_half(names, numels, pairs, **kw)
             stats[label] = pooled_stats(names, numels, [p for *_, p in pairs], a.curvature)
+            if found := [e for *_, e in read_zo(folder / "pairs", len(names))]:
+                zo[label] = found
             for alloc in a.allocation:
                 saved[alloc][label] = saved_log_s(folder, alloc, names)
     except L2ZOError as e:
@@ -106,14 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     if loo:
         lines += ["R over MeZO of the consensus of the other tasks' oracles (exp of their mean log s_b), on each task:",
                   "", "| task | R |", "|---|---|", *[f"| {t} | {r:.2f} |" for t, r in loo.items()], ""]  # fmt: skip
+    zo_G = {t: torch.stack([e.G for e in v]).mean(dim=0) for t, v in zo.items()}
     if len(labels) > 1:
-        parts = decompose_gain(stats, a.temperature)
+        parts = decompose_gain(stats, a.temperature, measured_G=zo_G)
         lines += ["Which half of the oracle is the task's: R over MeZO on each task of GS-L with the task's own G and",
                   "curvature, its own G with the other tasks' consensus curvature (own-G), the consensus gradient",
-                  "shares with its own curvature (own-curvature), and both from the other tasks (neither):", "",
-                  "| task | own | own-G | own-curvature | neither |", "|---|---|---|---|---|",
-                  *[f"| {t} | " + " | ".join(f"{r[k]:.2f}" for k in VARIANTS)
+                  "shares with its own curvature (own-curvature), both from the other tasks (neither), and own-G",
+                  "with the G measured by forward passes alone (zo-G; probe-blocks --zo-probes, all pairs):", "",
+                  "| task | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|",
+                  *[f"| {t} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in VARIANTS)
                     + " |" for t, r in parts.items()], ""]  # fmt: skip
+        if zo:
+            budgets = zo_budget_gain(stats, zo, ZO_BUDGETS, a.temperature)
+            lines += ["R over MeZO of zo-G from the first P batch pairs of the forward-only probe (state 0 first:",
+                      "what a fine-tune would measure at its start), with the forwards it costs:", "",
+                      "| task | " + " | ".join(f"P = {p}" for p in ZO_BUDGETS) + " |",
+                      "|---" * (len(ZO_BUDGETS) + 1) + "|",
+                      *[f"| {t} | " + " | ".join(f"{b[p][1]:.2f} ({b[p][0]} fwd)" if p in b else "-"
+                                                 for p in ZO_BUDGETS) + " |" for t, b in budgets.items()], ""]  # fmt: skip
         lines += matrix("Correlation between the tasks of the per-element curvature (log tau_b / n_b):", labels,
                         agreement({t: log_curvature(s) for t, s in stats.items()}))  # fmt: skip
         lines += matrix("Correlation between the tasks of the gradient shares (log G_b / sum G):", labels,
@@ -125,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.write_sigma and len(labels) > 1:
         a.write_sigma.mkdir(parents=True, exist_ok=True)
         consensus = leave_one_out_consensus(log_s)
-        own_g = leave_one_out_variants(stats, a.temperature)
+        own_g = leave_one_out_variants(stats, a.temperature, measured_G=zo_G)
         for t in labels:
-            for kind, s in (("oracle", torch.exp(log_s[t])), ("consensus", consensus[t]), ("own-g", own_g[t]["own-G"])):
+            kinds = [("oracle", torch.exp(log_s[t])), ("consensus", consensus[t]), ("own-g", own_g[t]["own-G"])]
+            if "zo-G" in own_g[t]:
+                kinds.append(("zo-g", own_g[t]["zo-G"]))
+            for kind, s in kinds:
                 mapping = {n: float(v) for n, v in zip(names_of or [], s.tolist(), strict=True)}
                 write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")
     print(text, end="")

@@ -439,6 +439,17 @@ def test_decompose_gain_attributes_the_task_specific_half():
         log_gradient_share(_task_stats([-1.0, 0.0, -2.0, 0.0], tau))
     with pytest.raises(L2ZOError, match="at least two tasks"):
         decompose_gain({"a": tasks["a"]})
+    # zo-G: a forward-only G equal to the backprop one is own-G; a budget curve over its pairs counts their forwards
+    from l2zo.blockstats.transfer import zo_budget_gain
+    from l2zo.blockstats.zo_energy import ZOEnergy
+
+    r = decompose_gain(tasks, measured_G={"a": tasks["a"].G})
+    assert r["a"]["zo-G"] == pytest.approx(r["a"]["own-G"]) and "zo-G" not in r["b"]
+    exact = ZOEnergy(G=tasks["a"].G, sq=tasks["a"].G, G_se=tasks["a"].G, probes=2, forwards=32)
+    flipped = ZOEnergy(G=-tasks["a"].G, sq=tasks["a"].G, G_se=tasks["a"].G, probes=2, forwards=32)
+    curve = zo_budget_gain(tasks, {"a": [exact, exact, exact]}, (1, 2, 8))
+    assert curve["a"] == {1: (32, pytest.approx(r["a"]["own-G"])), 2: (64, pytest.approx(r["a"]["own-G"]))}
+    assert math.isnan(zo_budget_gain(tasks, {"a": [flipped]}, (1,))["a"][1][1])  # no positive G: no allocation
 
 
 def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir, model_dir, artifact, tmp_path,
@@ -468,3 +479,21 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
     assert again["zo"]["blocks"] == zo["blocks"]
     assert main([*_probe_args(model_dir, artifact, out), "--resume", "--zo-probes", "-1"]) == 2
     assert "--zo-probes must be >= 0" in capsys.readouterr().err
+    # allocation_transfer reads the forward-only G: a zo-G column, its budget curve and zo-g fixed-sigma files
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("allocation_transfer", Path("scripts/allocation_transfer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    other = tmp_path / "other"
+    shutil.copytree(probe_dir, other)
+    p = json.loads((other / "probe.json").read_text())
+    p["task"] = "synth-size"
+    (other / "probe.json").write_text(json.dumps(p))
+    assert (
+        mod.main([str(out), str(other), "--write-sigma", str(tmp_path / "sig"), "--out", str(tmp_path / "t.md")]) == 0
+    )
+    text = (tmp_path / "t.md").read_text()
+    assert "| zo-G |" in text and "first P batch pairs" in text and f"({zo['forwards_per_pair']} fwd)" in text
+    assert (tmp_path / "sig" / "zo-g-synth-color.json").is_file()
+    assert not (tmp_path / "sig" / "zo-g-synth-size.json").exists()  # that probe has no forward-only G

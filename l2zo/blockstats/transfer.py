@@ -27,11 +27,13 @@ from torch import Tensor
 
 from l2zo.blockstats.gain import gain_ratio, positive_curvature
 from l2zo.blockstats.oracles import gsl
-from l2zo.blockstats.probe import load_pair
+from l2zo.blockstats.probe import load_pair, load_zo
 from l2zo.blockstats.stats import BlockStats, PairSample, combine_named
+from l2zo.blockstats.zo_energy import ZOEnergy
 from l2zo.errors import L2ZOError
 
 _PAIR = re.compile(r"state(\d+)-pair(\d+)\.pt")
+_ZO = re.compile(r"state(\d+)-pair(\d+)-zo\.pt")
 
 
 def read_pairs(pairs_dir: Path, num_blocks: int) -> list[tuple[int, int, PairSample]]:
@@ -43,6 +45,19 @@ def read_pairs(pairs_dir: Path, num_blocks: int) -> list[tuple[int, int, PairSam
         raise L2ZOError(f"{pairs_dir} holds no probe pairs (state<S>-pair<K>.pt): pass a probe-blocks output folder "
                         "whose statistics were measured")  # fmt: skip
     return [(s, k, load_pair(p, num_blocks)) for s, k, p in found]
+
+
+def read_zo(pairs_dir: Path, num_blocks: int) -> list[tuple[int, int, ZOEnergy]]:
+    """Every forward-only G a probe saved (``--zo-probes``) as (state, pair index k, energy), sorted; [] if none."""
+    found = sorted(
+        (int(m[1]), int(m[2]), p) for p in pairs_dir.glob("state*-pair*-zo.pt") if (m := _ZO.fullmatch(p.name))
+    )
+    out = []
+    for s, k, p in found:
+        energy = load_zo(p, num_blocks)
+        assert energy is not None  # the file exists
+        out.append((s, k, energy))
+    return out
 
 
 def pooled_stats(
@@ -137,11 +152,14 @@ def log_gradient_share(stats: BlockStats, floor: float = 1e-3) -> Tensor:
     return torch.log(share.clamp_min(floor * float(share.max())))
 
 
-VARIANTS = ("own", "own-G", "own-curvature", "neither")
+VARIANTS = ("own", "own-G", "own-curvature", "neither", "zo-G")
 
 
 def leave_one_out_variants(
-    stats: Mapping[str, BlockStats], temperature: float = 0.5, floor: float = 1e-3
+    stats: Mapping[str, BlockStats],
+    temperature: float = 0.5,
+    floor: float = 1e-3,
+    measured_G: Mapping[str, Tensor] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """task -> variant -> [B] normalised s of four GS-L allocations s_b^2 ~ (G_b / tau_b)^(1/T):
 
@@ -149,7 +167,9 @@ def leave_one_out_variants(
     - ``own-G``: the task's G with the consensus curvature of the other tasks (exp of their mean log tau_b / n_b);
       what an allocation that measures G on the task and takes the curvature from elsewhere can reach;
     - ``own-curvature``: the consensus gradient shares of the other tasks with the task's own curvature;
-    - ``neither``: both halves from the other tasks.
+    - ``neither``: both halves from the other tasks;
+    - ``zo-G``, for the tasks in ``measured_G`` (task -> [B]): ``own-G`` with that G in place of the backprop one
+      (the forward-only G of ``zo_energy``): what a fine-tune that measures G with forwards alone can reach.
     """
     if len(stats) < 2:
         raise L2ZOError("a leave-one-out decomposition needs at least two tasks")
@@ -165,12 +185,17 @@ def leave_one_out_variants(
             "own-curvature": dataclasses.replace(st, G=g_other),
             "neither": dataclasses.replace(st, G=g_other, tau=l_other * st.n),
         }
+        if measured_G is not None and t in measured_G:
+            variants["zo-G"] = dataclasses.replace(st, G=measured_G[t], tau=l_other * st.n)
         out[t] = {k: gsl(v, temperature, floor) for k, v in variants.items()}
     return out
 
 
 def decompose_gain(
-    stats: Mapping[str, BlockStats], temperature: float = 0.5, floor: float = 1e-3
+    stats: Mapping[str, BlockStats],
+    temperature: float = 0.5,
+    floor: float = 1e-3,
+    measured_G: Mapping[str, Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """task -> variant -> R over MeZO on the task's own statistics of each ``leave_one_out_variants`` allocation.
 
@@ -179,5 +204,32 @@ def decompose_gain(
     """
     return {
         t: {k: float(gain_ratio(s, stats[t])) for k, s in v.items()}
-        for t, v in leave_one_out_variants(stats, temperature, floor).items()
+        for t, v in leave_one_out_variants(stats, temperature, floor, measured_G).items()
     }
+
+
+def zo_budget_gain(
+    stats: Mapping[str, BlockStats],
+    zo: Mapping[str, Sequence[ZOEnergy]],
+    budgets: Sequence[int],
+    temperature: float = 0.5,
+    floor: float = 1e-3,
+) -> dict[str, dict[int, tuple[int, float]]]:
+    """task -> pairs P -> (forwards, R): the ``zo-G`` allocation from the first P forward-only batch pairs of the
+    task (``zo[task]``, in measurement order: a fine-tune would measure at its start), with the other tasks'
+    consensus curvature, scored on the task's pooled backprop statistics. Budgets above the pairs measured are
+    left out; a G with no positive block (too few pairs to resolve any) scores R = nan."""
+    out: dict[str, dict[int, tuple[int, float]]] = {}
+    for t, energies in zo.items():
+        out[t] = {}
+        for p in budgets:
+            if p > len(energies):
+                continue
+            G = torch.stack([e.G for e in energies[:p]]).mean(dim=0)
+            try:
+                s = leave_one_out_variants(stats, temperature, floor, {t: G})[t]["zo-G"]
+                r = float(gain_ratio(s, stats[t]))
+            except L2ZOError:
+                r = float("nan")
+            out[t][p] = (sum(e.forwards for e in energies[:p]), r)
+    return out
