@@ -348,19 +348,33 @@ def test_transfer_oracle_from_saved_pairs_matches_the_probes_gsl(probe_dir):
     assert math.isnan(pearson(torch.ones(3), torch.arange(3.0)))
 
 
-def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_path, capsys):
+def _transfer_script():
+    """scripts/allocation_transfer.py as a module (scripts are not a package)."""
     import importlib.util
-    import shutil
 
     spec = importlib.util.spec_from_file_location("allocation_transfer", Path("scripts/allocation_transfer.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _relabelled(probe: Path, folder: Path, task: str = "synth-size") -> Path:
+    """A copy of a finished probe that claims another task: a second "task" whose oracle equals the first's."""
+    import shutil
+
+    shutil.copytree(probe, folder)
+    p = json.loads((folder / "probe.json").read_text())
+    p["task"] = task
+    (folder / "probe.json").write_text(json.dumps(p))
+    return folder
+
+
+def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_path, capsys):
+    import shutil
+
+    mod = _transfer_script()
     # a second "task": the same probe relabelled; its oracle equals the first's, so they correlate at +1.00
-    other = tmp_path / "other"
-    shutil.copytree(probe_dir, other)
-    p = json.loads((other / "probe.json").read_text())
-    p["task"] = "synth-size"
-    (other / "probe.json").write_text(json.dumps(p))
+    other = _relabelled(probe_dir, tmp_path / "other")
     out = tmp_path / "t.md"
     assert mod.main([str(probe_dir), str(other), "--allocation", "learned", "--out", str(out)]) == 0
     text = out.read_text()
@@ -480,16 +494,8 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
     assert main([*_probe_args(model_dir, artifact, out), "--resume", "--zo-probes", "-1"]) == 2
     assert "--zo-probes must be >= 0" in capsys.readouterr().err
     # allocation_transfer reads the forward-only G: a zo-G column, its budget curve and zo-g fixed-sigma files
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("allocation_transfer", Path("scripts/allocation_transfer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    other = tmp_path / "other"
-    shutil.copytree(probe_dir, other)
-    p = json.loads((other / "probe.json").read_text())
-    p["task"] = "synth-size"
-    (other / "probe.json").write_text(json.dumps(p))
+    mod = _transfer_script()
+    other = _relabelled(probe_dir, tmp_path / "other")
     assert (
         mod.main([str(out), str(other), "--write-sigma", str(tmp_path / "sig"), "--out", str(tmp_path / "t.md")]) == 0
     )

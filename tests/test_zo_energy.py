@@ -13,18 +13,20 @@ from l2zo.errors import L2ZOError
 from tests.test_blockstats import LeastSquares
 
 
-def _two_batches(model: LeastSquares, size: int = 4):
+def _setup(size: int = 4):
+    """A least-squares model, its blocks, two fixed batches and their exact per-block gradients."""
+    model = LeastSquares()
+    blocks = partition(model)
     gen = torch.Generator().manual_seed(3)
-    return model.batch(gen, size), model.batch(gen, size)
+    a, b = model.batch(gen, size), model.batch(gen, size)
+    ga = torch.autograd.grad(a.loss(), [blk.param for blk in blocks])
+    gb = torch.autograd.grad(b.loss(), [blk.param for blk in blocks])
+    return blocks, a, b, ga, gb
 
 
 def test_each_probe_is_the_exact_product_of_directional_derivatives_on_a_quadratic():
     """The antithetic difference is exact on a quadratic: one probe's c^a c^b is <g^a_b, z><g^b_b, z> to rounding."""
-    model = LeastSquares()
-    blocks = partition(model)
-    a, b = _two_batches(model)
-    ga = torch.autograd.grad(a.loss(), [blk.param for blk in blocks])
-    gb = torch.autograd.grad(b.loss(), [blk.param for blk in blocks])
+    blocks, a, b, ga, gb = _setup()
     before = [blk.param.detach().clone() for blk in blocks]
     got = zo_block_energy(blocks, a.loss, b.loss, eps=0.5, probes=1, seed=7)
     for i, blk in enumerate(blocks):
@@ -37,11 +39,7 @@ def test_each_probe_is_the_exact_product_of_directional_derivatives_on_a_quadrat
 
 
 def test_the_mean_over_probes_is_unbiased_for_the_two_batch_gradient_product():
-    model = LeastSquares()
-    blocks = partition(model)
-    a, b = _two_batches(model)
-    ga = torch.autograd.grad(a.loss(), [blk.param for blk in blocks])
-    gb = torch.autograd.grad(b.loss(), [blk.param for blk in blocks])
+    blocks, a, b, ga, gb = _setup()
     got = zo_block_energy(blocks, a.loss, b.loss, eps=1e-2, probes=3000, seed=0)
     for i in range(len(blocks)):
         exact = float(ga[i] @ gb[i])
@@ -52,9 +50,7 @@ def test_the_mean_over_probes_is_unbiased_for_the_two_batch_gradient_product():
 
 
 def test_bad_settings_and_non_finite_losses_are_refused_in_one_line():
-    model = LeastSquares()
-    blocks = partition(model)
-    a, b = _two_batches(model)
+    blocks, a, b, _, _ = _setup()
     with pytest.raises(L2ZOError, match="eps must be"):
         zo_block_energy(blocks, a.loss, b.loss, eps=0.0)
     with pytest.raises(L2ZOError, match="probes >= 1"):
