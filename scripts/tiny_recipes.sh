@@ -166,8 +166,10 @@ case ${1:-} in
       mkdir -p "$OUT/transfer-probes"
       for t in synth-color synth-successor synth-sentiment synth-category synth-size synth-parity synth-compare; do
         resume=() && [ -f "$OUT/transfer-probes/derived-$t/status.json" ] && resume=(--resume)
+        # the held-out tasks also get the forward-only G (stop 25: 608 forwards a pair, ~15 min a task on one core)
+        zo=() && case $t in synth-color|synth-successor) zo=(--zo-probes 4) ;; esac
         $PY -m l2zo.cli.main probe-blocks --model tiny-derived --task "$t" "${args[@]}" --states 0,100,200 \
-          --mezo-lr 2e-4 --pairs 16 --output "$OUT/transfer-probes/derived-$t" "${resume[@]}" \
+          --mezo-lr 2e-4 --pairs 16 --output "$OUT/transfer-probes/derived-$t" "${resume[@]}" "${zo[@]}" \
           >>"$OUT/transfer-probes/derived-$t.log" 2>&1
       done
       # the shipped net (learned-1) and the untrained one: how task-dependent is a net's allocation?
@@ -199,6 +201,9 @@ case ${1:-} in
     P=$OUT/transfer-probes
     [ -f "$P/derived-synth-color/probe.json" ] || { echo "run $0 transfer first" >&2; exit 2; }
     meta=() && for t in synth-sentiment synth-category synth-size synth-parity synth-compare; do meta+=("$P/derived-$t"); done
+    # the decomposition over all seven tasks (which half of the oracle is the task's), then each held-out task
+    # against the five meta-training tasks only
+    $PY scripts/allocation_transfer.py "$P"/derived-*/ --out docs/results/oracle-tiny/transfer-all.md >/dev/null
     for t in synth-color synth-successor; do
       $PY scripts/allocation_transfer.py "$P/derived-$t" "${meta[@]}" --write-sigma "$OUT/transfer-sigma/$t" \
         --out "docs/results/oracle-tiny/transfer-$t.md" >/dev/null
