@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("probes", nargs="+", type=Path, help="probe-blocks output folders, one per task")
     ap.add_argument("--temperature", type=float, default=0.5, help="GS-L temperature T: s^2 ~ (G/tau)^(1/T)")
     ap.add_argument("--curvature", choices=("fisher", "hessian"), default="fisher")
+    ap.add_argument("--horizon", type=int, default=300, help="K of the K-step scores R_K (the fine-tune's steps)")
     ap.add_argument("--allocation", action="append", default=[], metavar="LABEL",
                     help="also correlate across tasks an allocation the probes wrote (sigma/LABEL.json, e.g. "
                          "learned-1); repeat for several")  # fmt: skip
@@ -116,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
                   "", "| task | R |", "|---|---|", *[f"| {t} | {r:.2f} |" for t, r in loo.items()], ""]  # fmt: skip
     zo_G = {t: torch.stack([e.G for e in v]).mean(dim=0) for t, v in zo.items()}
     if len(labels) > 1:
-        parts = decompose_gain(stats, a.temperature, measured_G=zo_G)
+        parts = decompose_gain(stats, a.temperature, measured_G=zo_G, horizon=a.horizon)
         lines += ["Which half of the oracle is the task's: R over MeZO on each task of GS-L with the task's own G and",
                   "curvature, its own G with the other tasks' consensus curvature (own-G), the consensus gradient",
                   "shares with its own curvature (own-curvature), both from the other tasks (neither), and own-G",
                   "with the G measured by forward passes alone (zo-G; probe-blocks --zo-probes, all pairs):", "",
                   "| task | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|",
                   *[f"| {t} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in VARIANTS)
+                    + " |" for t, r in parts.items()], "",
+                  f"The same allocations scored by R_K, the {a.horizon}-step expected loss decrease over MeZO's under",
+                  "the two-scale block-quadratic model of the task's statistics (the probe's K-step prediction; it",
+                  "sees a block's gradient deplete as the steps spend it, which the one-step R does not):", "",
+                  "| task | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|",
+                  *[f"| {t} | " + " | ".join(f"{r[k + '@K']:.2f}" if k + "@K" in r else "-" for k in VARIANTS)
                     + " |" for t, r in parts.items()], ""]  # fmt: skip
         if zo:
             budgets = zo_budget_gain(stats, zo, ZO_BUDGETS, a.temperature)

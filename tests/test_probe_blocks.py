@@ -338,6 +338,15 @@ def test_transfer_oracle_from_saved_pairs_matches_the_probes_gsl(probe_dir):
     stats = pooled_stats(names, numels, [p for *_, p in pairs], curvature)
     own = probe["allocations"][curvature]["gsl"]["R"]
     assert float(cross_gain({"t": got}, {"t": stats})[0, 0]) == pytest.approx(own, rel=1e-6)
+    # R_K from the saved pairs is the probe's K-step score of the allocation it wrote; MeZO's own is 1
+    from l2zo.blockstats.transfer import kstep_ratio
+
+    s_written = torch.tensor([written[n] for n in names], dtype=torch.float64)
+    horizon = probe["config"]["horizon"]
+    assert probe["curvature"] == curvature  # the probe's K-step model used the same curvature
+    r_k = probe["allocations"]["kstep"]["gsl"]["R_K"]
+    assert kstep_ratio(s_written, stats, horizon) == pytest.approx(r_k, rel=1e-6)
+    assert kstep_ratio(torch.ones_like(s_written), stats, horizon) == pytest.approx(1.0)
     # two copies of the task: the other's consensus is the same oracle, so the same R; MeZO's own allocation gives 1
     loo = leave_one_out_gain({"t": got, "u": torch.zeros_like(got)}, {"t": stats, "u": stats})
     assert loo["t"] == pytest.approx(1.0) and loo["u"] == pytest.approx(own, rel=1e-6)
@@ -425,7 +434,7 @@ def test_decompose_gain_attributes_the_task_specific_half():
     """Tasks that share curvature and differ in G: own-G is the oracle, and neither is the others' consensus."""
     from l2zo.blockstats.gain import gain_ratio
     from l2zo.blockstats.oracles import gsl
-    from l2zo.blockstats.transfer import decompose_gain, leave_one_out_variants, log_gradient_share
+    from l2zo.blockstats.transfer import VARIANTS, decompose_gain, leave_one_out_variants, log_gradient_share
 
     tau = [1.0, 8.0, 3.0, 20.0]
     tasks = {"a": _task_stats([4.0, 0.1, 1.0, 2.0], tau), "b": _task_stats([0.1, 3.0, 2.0, 0.5], tau),
@@ -457,8 +466,12 @@ def test_decompose_gain_attributes_the_task_specific_half():
     from l2zo.blockstats.transfer import zo_budget_gain
     from l2zo.blockstats.zo_energy import ZOEnergy
 
-    r = decompose_gain(tasks, measured_G={"a": tasks["a"].G})
+    r = decompose_gain(tasks, measured_G={"a": tasks["a"].G}, horizon=10)
     assert r["a"]["zo-G"] == pytest.approx(r["a"]["own-G"]) and "zo-G" not in r["b"]
+    assert r["a"]["zo-G@K"] == pytest.approx(r["a"]["own-G@K"]) and set(r["b"]) == {
+        *VARIANTS[:4],
+        *(f"{v}@K" for v in VARIANTS[:4]),
+    }
     exact = ZOEnergy(G=tasks["a"].G, sq=tasks["a"].G, G_se=tasks["a"].G, probes=2, forwards=32)
     flipped = ZOEnergy(G=-tasks["a"].G, sq=tasks["a"].G, G_se=tasks["a"].G, probes=2, forwards=32)
     curve = zo_budget_gain(tasks, {"a": [exact, exact, exact]}, (1, 2, 8))
@@ -500,6 +513,11 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
         mod.main([str(out), str(other), "--write-sigma", str(tmp_path / "sig"), "--out", str(tmp_path / "t.md")]) == 0
     )
     text = (tmp_path / "t.md").read_text()
-    assert "| zo-G |" in text and "first P batch pairs" in text and f"({zo['forwards_per_pair']} fwd)" in text
+    assert (
+        "| zo-G |" in text
+        and "first P batch pairs" in text
+        and "scored by R_K" in text
+        and f"({zo['forwards_per_pair']} fwd)" in text
+    )
     assert (tmp_path / "sig" / "zo-g-synth-color.json").is_file()
     assert not (tmp_path / "sig" / "zo-g-synth-size.json").exists()  # that probe has no forward-only G

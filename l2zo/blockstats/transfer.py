@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from l2zo.blockstats.gain import gain_ratio, positive_curvature
+from l2zo.blockstats.gain import QuadraticModel, gain_ratio, kstep, positive_curvature
 from l2zo.blockstats.oracles import gsl
 from l2zo.blockstats.probe import load_pair, load_zo
 from l2zo.blockstats.stats import BlockStats, PairSample, combine_named
@@ -191,21 +191,34 @@ def leave_one_out_variants(
     return out
 
 
+def kstep_ratio(s: Tensor, stats: BlockStats, horizon: int) -> float:
+    """R_K: the K-step expected loss decrease of allocation ``s`` over MeZO's, each at its re-tuned eta, under the
+    two-scale block-quadratic model fitted to ``stats`` (the probe's ``kstep``; nan where MeZO's decrease is not
+    positive). Unlike the one-step R, it sees a block's gradient deplete as the steps spend it."""
+    model = QuadraticModel.from_stats(stats)
+    base = kstep(torch.ones_like(stats.n), model, horizon).decrease
+    return kstep(s, model, horizon).decrease / base if base > 0 else float("nan")
+
+
 def decompose_gain(
     stats: Mapping[str, BlockStats],
     temperature: float = 0.5,
     floor: float = 1e-3,
     measured_G: Mapping[str, Tensor] | None = None,
+    horizon: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """task -> variant -> R over MeZO on the task's own statistics of each ``leave_one_out_variants`` allocation.
+    """task -> variant -> R over MeZO on the task's own statistics of each ``leave_one_out_variants`` allocation,
+    and with ``horizon``, also variant + "@K" -> its ``kstep_ratio`` over that many steps.
 
     If ``own-G`` keeps most of ``own``'s gain, the task-specific part of the oracle is its gradient: a first-order
     quantity that forward passes can measure on the task.
     """
-    return {
-        t: {k: float(gain_ratio(s, stats[t])) for k, s in v.items()}
-        for t, v in leave_one_out_variants(stats, temperature, floor, measured_G).items()
-    }
+    out: dict[str, dict[str, float]] = {}
+    for t, v in leave_one_out_variants(stats, temperature, floor, measured_G).items():
+        out[t] = {k: float(gain_ratio(s, stats[t])) for k, s in v.items()}
+        if horizon is not None:
+            out[t].update({f"{k}@K": kstep_ratio(s, stats[t], horizon) for k, s in v.items()})
+    return out
 
 
 def zo_budget_gain(
