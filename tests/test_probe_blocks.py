@@ -494,7 +494,13 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
     assert first["blocks"] == before["blocks"]  # the backprop statistics are the saved ones
     zo = first["zo"]
     B = first["num_blocks"]
-    assert zo["pairs"] == 4 and zo["forwards_per_pair"] == 4 * 2 * B and zo["forwards"] == 4 * zo["forwards_per_pair"]
+    # a classification task: the Fisher half too (twice the G probe's forwards, plus one label draw per batch)
+    assert (
+        zo["pairs"] == 4 and zo["forwards_per_pair"] == 8 * 2 * B + 2 and zo["forwards"] == 4 * zo["forwards_per_pair"]
+    )
+    assert -1.0 <= zo["fisher"]["corr"] <= 1.0 and len(zo["fisher"]["per_block"]) == B
+    assert all(f > 0 for f in zo["fisher"]["per_block"])  # a sum of squares, times B
+    assert "gsl-zo-fisher" in first["sigma"] and "tr(F_bb) forward-only" in (out / "probe.md").read_text()
     assert -1.0 <= zo["share_corr"] <= 1.0
     assert sorted(p.name for p in (out / "pairs").glob("*-zo.pt")) == sorted(
         f"state{s}-pair{k}-zo.pt" for s in (0, 2) for k in (0, 1)

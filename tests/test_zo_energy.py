@@ -59,3 +59,33 @@ def test_bad_settings_and_non_finite_losses_are_refused_in_one_line():
     with pytest.raises(L2ZOError, match="non-finite loss"):
         zo_block_energy(blocks, a.loss, lambda: torch.tensor(math.inf))
     assert all(torch.equal(blk.param, p) for blk, p in zip(blocks, before))  # restored before the raise
+
+
+def test_the_fisher_half_is_the_batch_size_times_the_squared_derivative_at_fixed_sampled_labels():
+    """With labels drawn once and held fixed, each probe's Fisher term is B * mean_x <g~^x_b, z>^2 exactly on a
+    quadratic (g~: the gradient at those labels), the parameters come back bit for bit, and the forwards are
+    counted (twice the G probe's, plus one label draw per batch)."""
+    model = LeastSquares()
+    blocks = partition(model)
+    gen = torch.Generator().manual_seed(5)
+    size = 4
+    fixed = []
+    for _ in range(2):
+        idx = torch.randint(0, model.X.shape[0], (size,), generator=gen)
+        with torch.no_grad():  # Gaussian labels from the model itself, drawn once
+            y = model.X[idx] @ model.theta() + torch.randn(size, 4, generator=gen, dtype=torch.float64)
+        fixed.append((lambda i, t: lambda: model.loss(i, t))(idx, y))
+    grads = [torch.autograd.grad(f(), [blk.param for blk in blocks]) for f in fixed]
+    before = [blk.param.detach().clone() for blk in blocks]
+    a, b = model.batch(gen, size), model.batch(gen, size)
+    got = zo_block_energy(blocks, a.loss, b.loss, eps=0.5, probes=1, seed=2, fisher_a=fixed[0], fisher_b=fixed[1],
+                          batch_size=size)  # fmt: skip
+    assert got.fisher is not None
+    for i, blk in enumerate(blocks):
+        z = _direction(blk, 2, 0)
+        want = size * sum(float(g[i] @ z) ** 2 for g in grads) / 2
+        assert float(got.fisher[i]) == pytest.approx(want, rel=1e-9)
+        assert torch.equal(blk.param, before[i])
+    assert got.forwards == 8 * len(blocks) + 2
+    with pytest.raises(L2ZOError, match="both batches"):
+        zo_block_energy(blocks, a.loss, b.loss, fisher_a=fixed[0])

@@ -117,23 +117,26 @@ def zo_path(pairs_dir: Path, state: int, k: int) -> Path:
 def save_zo(path: Path, energy: ZOEnergy) -> None:
     """One pair's forward-only G (``zo_energy``), written atomically beside the pair's backprop statistics."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"G": energy.G, "sq": energy.sq, "G_se": energy.G_se, "probes": energy.probes,
-                "forwards": energy.forwards}, tmp)  # fmt: skip
+    data = {"G": energy.G, "sq": energy.sq, "G_se": energy.G_se, "probes": energy.probes, "forwards": energy.forwards}
+    if energy.fisher is not None:
+        data["fisher"] = energy.fisher
+    torch.save(data, tmp)
     os.replace(tmp, path)
 
 
-def load_zo(path: Path, num_blocks: int, probes: int | None = None) -> ZOEnergy | None:
-    """A pair's saved forward-only G; None where it is absent or was measured with another number of probes."""
+def load_zo(path: Path, num_blocks: int, probes: int | None = None, fisher: bool = False) -> ZOEnergy | None:
+    """A pair's saved forward-only G; None where it is absent, was measured with another number of probes, or
+    lacks the forward-only Fisher that ``fisher`` asks for."""
     if not path.is_file():
         return None
     data = torch.load(path, map_location="cpu", weights_only=True)
     if data["G"].shape[0] != num_blocks:
         raise L2ZOError(f"{path} holds {data['G'].shape[0]} blocks, the model {num_blocks}: it is another model's "
                         "probe; start again with --overwrite")  # fmt: skip
-    if probes is not None and int(data["probes"]) != probes:
+    if (probes is not None and int(data["probes"]) != probes) or (fisher and "fisher" not in data):
         return None
     return ZOEnergy(G=data["G"], sq=data["sq"], G_se=data["G_se"], probes=int(data["probes"]),
-                    forwards=int(data["forwards"]))  # fmt: skip
+                    forwards=int(data["forwards"]), fisher=data.get("fisher"))  # fmt: skip
 
 
 def load_pair(path: Path, num_blocks: int) -> PairSample:
@@ -175,15 +178,23 @@ class _Batches:
         def loss() -> Tensor:
             return scorer.loss(model, batch, self.loss_kind)
 
-        def sampled_loss(gen: torch.Generator) -> Tensor:
-            # The classification loss at labels drawn from the model's own candidate distribution (Fisher).
-            scores = scorer.candidate_scores(model, batch)  # [B, C]
+        def labels(scores: Tensor, gen: torch.Generator) -> Tensor:
+            # labels drawn from the model's own candidate distribution (the Fisher's)
             probs = torch.softmax(scores.detach().double().cpu(), dim=-1)
-            y = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(scores.device)
-            return torch.nn.functional.cross_entropy(scores, y)
+            return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(scores.device)
 
-        sampled = sampled_loss if self.loss_kind == "classification" else None
-        return BatchFns(loss=loss, sampled_loss=sampled, batch_size=len(idx))
+        def sampled_loss(gen: torch.Generator) -> Tensor:
+            scores = scorer.candidate_scores(model, batch)  # [B, C]
+            return torch.nn.functional.cross_entropy(scores, labels(scores, gen))
+
+        def fixed_sampled(gen: torch.Generator) -> Callable[[], Tensor]:
+            with torch.no_grad():
+                y = labels(scorer.candidate_scores(model, batch), gen)
+            return lambda: torch.nn.functional.cross_entropy(scorer.candidate_scores(model, batch), y)
+
+        if self.loss_kind != "classification":
+            return BatchFns(loss=loss, batch_size=len(idx))
+        return BatchFns(loss=loss, sampled_loss=sampled_loss, batch_size=len(idx), fixed_sampled=fixed_sampled)
 
     def skip_draw(self) -> None:
         """Advance the draws as :meth:`draw` does, without building a batch (a pair loaded from its checkpoint)."""
@@ -333,7 +344,8 @@ def run_probe(
             for k in range(cfg.pairs):
                 saved = pair_path(pairs_dir, state, k) if pairs_dir is not None else None
                 zo_saved = zo_path(pairs_dir, state, k) if pairs_dir is not None else None
-                zo = load_zo(zo_saved, len(blocks), cfg.zo_probes) if zo_saved is not None and cfg.zo_probes else None
+                zo = (load_zo(zo_saved, len(blocks), cfg.zo_probes, fisher=task.loss_kind == "classification")
+                      if zo_saved is not None and cfg.zo_probes else None)  # fmt: skip
                 if saved is not None and saved.is_file() and (zo is not None or not cfg.zo_probes):
                     samples.append(load_pair(saved, len(blocks)))
                     if zo is not None:
@@ -352,7 +364,12 @@ def run_probe(
                     if saved is not None:
                         save_pair(saved, sample)
                 if cfg.zo_probes:
-                    zo = zo_block_energy(blocks, a.loss, b.loss, eps=cfg.eps, probes=cfg.zo_probes, seed=seed)
+                    fa = fb = None
+                    if a.fixed_sampled is not None and b.fixed_sampled is not None:  # the Fisher's labels, at theta
+                        gen = torch.Generator().manual_seed(seed + 104_729)
+                        fa, fb = a.fixed_sampled(gen), b.fixed_sampled(gen)
+                    zo = zo_block_energy(blocks, a.loss, b.loss, eps=cfg.eps, probes=cfg.zo_probes, seed=seed,
+                                         fisher_a=fa, fisher_b=fb, batch_size=a.batch_size)  # fmt: skip
                     if zo_saved is not None:
                         save_zo(zo_saved, zo)
                     zo_energy.append(zo)
@@ -380,6 +397,11 @@ def run_probe(
         if zo_energy:
             zo_stats = dataclasses.replace(curv, G=torch.stack([z.G for z in zo_energy]).mean(dim=0))
             allocs["gsl-zo"] = gsl(zo_stats, oracle_params["gsl"]["temperature"])
+            if all(z.fisher is not None for z in zo_energy) and curv.has_fisher and curv.tau is curv.fisher:
+                # both halves forward-only: the task's oracle without a backward pass
+                zo_fisher = torch.stack([z.fisher for z in zo_energy]).mean(dim=0)  # type: ignore[misc]
+                allocs["gsl-zo-fisher"] = gsl(dataclasses.replace(zo_stats, tau=zo_fisher),
+                                              oracle_params["gsl"]["temperature"])  # fmt: skip
             zo_report = _zo_report(zo_energy, curv)
         with torch.no_grad():
             for b, w in zip(blocks, current):
@@ -419,12 +441,19 @@ def _zo_report(energy: list[ZOEnergy], stats: BlockStats) -> dict[str, Any]:
     G = torch.stack([z.G for z in energy])  # [pairs, B]
     se = G.std(dim=0) / len(energy) ** 0.5 if len(energy) > 1 else torch.full_like(G[0], float("nan"))
     zo = dataclasses.replace(stats, G=G.mean(dim=0))
+    fisher = None
+    if all(z.fisher is not None for z in energy) and stats.has_fisher:
+        F = torch.stack([z.fisher for z in energy]).mean(dim=0)  # type: ignore[misc]
+        floor = 1e-300  # logs of a trace estimate that is positive by construction
+        fisher = {"corr": pearson(torch.log((F / stats.n).clamp_min(floor)), torch.log((stats.fisher / stats.n).clamp_min(floor))),
+                  "per_block": F.tolist()}  # fmt: skip
     return {
         "probes": energy[0].probes,
         "pairs": len(energy),
         "forwards": sum(z.forwards for z in energy),
         "forwards_per_pair": energy[0].forwards,
         "share_corr": pearson(log_gradient_share(zo), log_gradient_share(stats)),
+        "fisher": fisher,
         "blocks": [
             {"name": n, "G_zo": float(g), "G_zo_se": float(e), "G": float(b)}
             for n, g, e, b in zip(stats.names, zo.G, se, stats.G)

@@ -83,7 +83,10 @@ def zo_section(result: dict[str, Any]) -> list[str]:
         (f"G_b from block-restricted antithetic probes ({zo['probes']} per block and batch pair, {zo['pairs']} pairs): "
          f"{zo['forwards']} forwards in all ({zo['forwards_per_pair']} a pair). Correlation of its log gradient "
          f"shares with the backprop G's: {zo['share_corr']:+.2f}. `gsl-zo` is the GS-L oracle with this G and the "
-         "probe's own curvature."),
+         "probe's own curvature."
+         + (f" The same probes at labels drawn from the model give tr(F_bb) forward-only (log per-element correlation "
+            f"with the backprop Fisher's: {zo['fisher']['corr']:+.2f}); `gsl-zo-fisher` is the oracle from both "
+            "forward-only halves." if zo.get("fisher") else "")),
         "",
     ]  # fmt: skip
 

@@ -56,11 +56,15 @@ class BatchFns:
         sampled_loss: the same loss with the labels drawn from the model's own predictive distribution using
             the given generator (the Fisher's labels); None where the loss has no such form.
         batch_size: B, the number of examples the loss averages over.
+        fixed_sampled: draws the Fisher's labels once, at the current parameters, and returns the loss at those
+            labels (held fixed while the parameters move: what a forward-only probe of the Fisher differentiates);
+            None where the loss has no such form.
     """
 
     loss: LossFn
     sampled_loss: SampledLossFn | None = None
     batch_size: int = 1
+    fixed_sampled: Callable[[torch.Generator], LossFn] | None = None
 
 
 @contextlib.contextmanager
