@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-sigma", type=Path, metavar="DIR",
                     help="write each task's oracle (DIR/oracle-<task>.json) and the consensus of the other tasks' "
                          "oracles (DIR/consensus-<task>.json) and the task's G with the other tasks' curvature "
-                         "(DIR/own-g-<task>.json; with a forward-only G, DIR/zo-g-<task>.json too) as fixed-sigma files "
+                         "(DIR/own-g-<task>.json; with a forward-only G, DIR/zo-g-<task>.json and zo-own-<task>.json too) "
+                         "as fixed-sigma files "
                          "(block name -> s_b)")  # fmt: skip
     a = ap.parse_args(argv)
     kw = {"temperature": a.temperature, "curvature": a.curvature}
@@ -116,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["R over MeZO of the consensus of the other tasks' oracles (exp of their mean log s_b), on each task:",
                   "", "| task | R |", "|---|---|", *[f"| {t} | {r:.2f} |" for t, r in loo.items()], ""]  # fmt: skip
     zo_G = {t: torch.stack([e.G for e in v]).mean(dim=0) for t, v in zo.items()}
+    zo_F = {t: torch.stack([e.fisher for e in v]).mean(dim=0) for t, v in zo.items()
+            if a.curvature == "fisher" and all(e.fisher is not None for e in v)}  # fmt: skip
     if len(labels) > 1:
-        parts = decompose_gain(stats, a.temperature, measured_G=zo_G, horizon=a.horizon)
+        parts = decompose_gain(stats, a.temperature, measured_G=zo_G, horizon=a.horizon, measured_F=zo_F)
         lines += ["Which half of the oracle is the task's: R over MeZO on each task of GS-L with the task's own G and",
                   "curvature, its own G with the other tasks' consensus curvature (own-G), the consensus gradient",
                   "shares with its own curvature (own-curvature), both from the other tasks (neither), and own-G",
@@ -132,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
                   *[f"| {t} | " + " | ".join(f"{r[k + '@K']:.2f}" if k + "@K" in r else "-" for k in VARIANTS)
                     + " |" for t, r in parts.items()], ""]  # fmt: skip
         if zo:
-            budgets = zo_budget_gain(stats, zo, ZO_BUDGETS, a.temperature)
-            lines += ["R over MeZO of zo-G from the first P batch pairs of the forward-only probe (state 0 first:",
-                      "what a fine-tune would measure at its start), with the forwards it costs:", "",
-                      "| task | " + " | ".join(f"P = {p}" for p in ZO_BUDGETS) + " |",
-                      "|---" * (len(ZO_BUDGETS) + 1) + "|",
-                      *[f"| {t} | " + " | ".join(f"{b[p][1]:.2f} ({b[p][0]} fwd)" if p in b else "-"
-                                                 for p in ZO_BUDGETS) + " |" for t, b in budgets.items()], ""]  # fmt: skip
+            budgets = zo_budget_gain(stats, zo, ZO_BUDGETS, a.temperature, horizon=a.horizon)
+            lines += ["The forward-only allocations from the first P batch pairs of the probe (state 0 first: what a",
+                      "fine-tune would measure at its start): zo-G (forward-only G, the other tasks' curvature) and,",
+                      "where the Fisher was measured, zo-own (both halves forward-only); R / R_K, and the forwards:", "",
+                      "| task | variant | " + " | ".join(f"P = {p}" for p in ZO_BUDGETS) + " |",
+                      "|---|---" + "|---" * len(ZO_BUDGETS) + "|"]  # fmt: skip
+            for t, b in budgets.items():
+                for name in ("zo-G", "zo-own"):
+                    if not any(name in row for row in b.values()):
+                        continue
+                    cells = [f"{b[p][name]:.2f} / {b[p][name + '@K']:.2f} ({b[p]['forwards']:.0f} fwd)"
+                             if p in b and name in b[p] else "-" for p in ZO_BUDGETS]  # fmt: skip
+                    lines.append(f"| {t} | {name} | " + " | ".join(cells) + " |")
+            lines.append("")
         lines += matrix("Correlation between the tasks of the per-element curvature (log tau_b / n_b):", labels,
                         agreement({t: log_curvature(s) for t, s in stats.items()}))  # fmt: skip
         lines += matrix("Correlation between the tasks of the gradient shares (log G_b / sum G):", labels,
@@ -150,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.write_sigma and len(labels) > 1:
         a.write_sigma.mkdir(parents=True, exist_ok=True)
         consensus = leave_one_out_consensus(log_s)
-        own_g = leave_one_out_variants(stats, a.temperature, measured_G=zo_G)
+        own_g = leave_one_out_variants(stats, a.temperature, measured_G=zo_G, measured_F=zo_F)
         for t in labels:
             kinds = [("oracle", torch.exp(log_s[t])), ("consensus", consensus[t]), ("own-g", own_g[t]["own-G"])]
-            if "zo-G" in own_g[t]:
-                kinds.append(("zo-g", own_g[t]["zo-G"]))
+            kinds += [(k.lower(), own_g[t][k]) for k in ("zo-G", "zo-own") if k in own_g[t]]
             for kind, s in kinds:
                 mapping = {n: float(v) for n, v in zip(names_of or [], s.tolist(), strict=True)}
                 write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")

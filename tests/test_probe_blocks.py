@@ -474,9 +474,15 @@ def test_decompose_gain_attributes_the_task_specific_half():
     }
     exact = ZOEnergy(G=tasks["a"].G, sq=tasks["a"].G, G_se=tasks["a"].G, probes=2, forwards=32)
     flipped = ZOEnergy(G=-tasks["a"].G, sq=tasks["a"].G, G_se=tasks["a"].G, probes=2, forwards=32)
-    curve = zo_budget_gain(tasks, {"a": [exact, exact, exact]}, (1, 2, 8))
-    assert curve["a"] == {1: (32, pytest.approx(r["a"]["own-G"])), 2: (64, pytest.approx(r["a"]["own-G"]))}
-    assert math.isnan(zo_budget_gain(tasks, {"a": [flipped]}, (1,))["a"][1][1])  # no positive G: no allocation
+    curve = zo_budget_gain(tasks, {"a": [exact, exact, exact]}, (1, 2, 8), horizon=10)
+    assert sorted(curve["a"]) == [1, 2] and curve["a"][2]["forwards"] == 64
+    assert curve["a"][1]["zo-G"] == pytest.approx(r["a"]["own-G"]) and "zo-own" not in curve["a"][1]
+    assert curve["a"][1]["zo-G@K"] == pytest.approx(r["a"]["own-G@K"])
+    assert math.isnan(zo_budget_gain(tasks, {"a": [flipped]}, (1,))["a"][1]["zo-G"])  # no positive G: no allocation
+    # with the task's own Fisher measured forward-only and exact, zo-own is the task's oracle
+    with_f = ZOEnergy(G=tasks["a"].G, sq=tasks["a"].G, G_se=tasks["a"].G, probes=2, forwards=66, fisher=tasks["a"].tau)
+    own = zo_budget_gain(tasks, {"a": [with_f]}, (1,), horizon=10)["a"][1]
+    assert own["zo-own"] == pytest.approx(r["a"]["own"]) and own["zo-own@K"] == pytest.approx(r["a"]["own@K"])
 
 
 def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir, model_dir, artifact, tmp_path,
@@ -525,5 +531,7 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
         and "scored by R_K" in text
         and f"({zo['forwards_per_pair']} fwd)" in text
     )
-    assert (tmp_path / "sig" / "zo-g-synth-color.json").is_file()
+    assert (tmp_path / "sig" / "zo-g-synth-color.json").is_file() and (
+        tmp_path / "sig" / "zo-own-synth-color.json"
+    ).is_file()
     assert not (tmp_path / "sig" / "zo-g-synth-size.json").exists()  # that probe has no forward-only G

@@ -152,7 +152,7 @@ def log_gradient_share(stats: BlockStats, floor: float = 1e-3) -> Tensor:
     return torch.log(share.clamp_min(floor * float(share.max())))
 
 
-VARIANTS = ("own", "own-G", "own-curvature", "neither", "zo-G")
+VARIANTS = ("own", "own-G", "own-curvature", "neither", "zo-G", "zo-own")
 
 
 def leave_one_out_variants(
@@ -160,6 +160,7 @@ def leave_one_out_variants(
     temperature: float = 0.5,
     floor: float = 1e-3,
     measured_G: Mapping[str, Tensor] | None = None,
+    measured_F: Mapping[str, Tensor] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """task -> variant -> [B] normalised s of four GS-L allocations s_b^2 ~ (G_b / tau_b)^(1/T):
 
@@ -169,7 +170,9 @@ def leave_one_out_variants(
     - ``own-curvature``: the consensus gradient shares of the other tasks with the task's own curvature;
     - ``neither``: both halves from the other tasks;
     - ``zo-G``, for the tasks in ``measured_G`` (task -> [B]): ``own-G`` with that G in place of the backprop one
-      (the forward-only G of ``zo_energy``): what a fine-tune that measures G with forwards alone can reach.
+      (the forward-only G of ``zo_energy``): what a fine-tune that measures G with forwards alone can reach;
+    - ``zo-own``, for the tasks in both ``measured_G`` and ``measured_F`` (task -> [B] tr(F_bb)): the task's oracle
+      with both halves measured by forward passes alone.
     """
     if len(stats) < 2:
         raise L2ZOError("a leave-one-out decomposition needs at least two tasks")
@@ -187,6 +190,8 @@ def leave_one_out_variants(
         }
         if measured_G is not None and t in measured_G:
             variants["zo-G"] = dataclasses.replace(st, G=measured_G[t], tau=l_other * st.n)
+            if measured_F is not None and t in measured_F:
+                variants["zo-own"] = dataclasses.replace(st, G=measured_G[t], tau=measured_F[t])
         out[t] = {k: gsl(v, temperature, floor) for k, v in variants.items()}
     return out
 
@@ -206,6 +211,7 @@ def decompose_gain(
     floor: float = 1e-3,
     measured_G: Mapping[str, Tensor] | None = None,
     horizon: int | None = None,
+    measured_F: Mapping[str, Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """task -> variant -> R over MeZO on the task's own statistics of each ``leave_one_out_variants`` allocation,
     and with ``horizon``, also variant + "@K" -> its ``kstep_ratio`` over that many steps.
@@ -214,7 +220,7 @@ def decompose_gain(
     quantity that forward passes can measure on the task.
     """
     out: dict[str, dict[str, float]] = {}
-    for t, v in leave_one_out_variants(stats, temperature, floor, measured_G).items():
+    for t, v in leave_one_out_variants(stats, temperature, floor, measured_G, measured_F).items():
         out[t] = {k: float(gain_ratio(s, stats[t])) for k, s in v.items()}
         if horizon is not None:
             out[t].update({f"{k}@K": kstep_ratio(s, stats[t], horizon) for k, s in v.items()})
@@ -227,22 +233,33 @@ def zo_budget_gain(
     budgets: Sequence[int],
     temperature: float = 0.5,
     floor: float = 1e-3,
-) -> dict[str, dict[int, tuple[int, float]]]:
-    """task -> pairs P -> (forwards, R): the ``zo-G`` allocation from the first P forward-only batch pairs of the
-    task (``zo[task]``, in measurement order: a fine-tune would measure at its start), with the other tasks'
-    consensus curvature, scored on the task's pooled backprop statistics. Budgets above the pairs measured are
-    left out; a G with no positive block (too few pairs to resolve any) scores R = nan."""
-    out: dict[str, dict[int, tuple[int, float]]] = {}
+    horizon: int = 300,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """task -> pairs P -> {"forwards", and per forward-only variant its R and R_K ("zo-G", "zo-G@K", and where the
+    Fisher was measured "zo-own", "zo-own@K")}: the allocations from the first P forward-only batch pairs of the task
+    (``zo[task]``, in measurement order: a fine-tune would measure at its start), scored on the task's pooled backprop
+    statistics. Budgets above the pairs measured are left out; an estimate with no positive block (too few pairs to
+    resolve any) scores nan."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
     for t, energies in zo.items():
         out[t] = {}
         for p in budgets:
             if p > len(energies):
                 continue
-            G = torch.stack([e.G for e in energies[:p]]).mean(dim=0)
+            first = energies[:p]
+            G = {t: torch.stack([e.G for e in first]).mean(dim=0)}
+            F = ({t: torch.stack([e.fisher for e in first]).mean(dim=0)}  # type: ignore[misc]
+                 if all(e.fisher is not None for e in first) else None)  # fmt: skip
+            row: dict[str, float] = {"forwards": float(sum(e.forwards for e in first))}
             try:
-                s = leave_one_out_variants(stats, temperature, floor, {t: G})[t]["zo-G"]
-                r = float(gain_ratio(s, stats[t]))
+                variants = leave_one_out_variants(stats, temperature, floor, G, F)[t]
             except L2ZOError:
-                r = float("nan")
-            out[t][p] = (sum(e.forwards for e in energies[:p]), r)
+                variants = {}
+            for name in ("zo-G", "zo-own"):
+                if name in variants:
+                    row[name] = float(gain_ratio(variants[name], stats[t]))
+                    row[f"{name}@K"] = kstep_ratio(variants[name], stats[t], horizon)
+                elif name == "zo-G" or F is not None:
+                    row[name] = row[f"{name}@K"] = float("nan")
+            out[t][p] = row
     return out
