@@ -433,8 +433,9 @@ def run_probe(
 
 
 def _zo_report(energy: list[ZOEnergy], stats: BlockStats) -> dict[str, Any]:
-    """The forward-only G pooled over the pairs, its cost, and how well it reproduces the backprop G (``stats``):
-    the correlation of the log gradient shares, the half of the GS-L oracle that is the task's."""
+    """The forward-only G (and Fisher, where measured) pooled over the pairs, its cost, and how well it reproduces
+    the backprop statistics (``stats``): the correlation of the log gradient shares and of the log per-element
+    Fisher traces."""
     # transfer imports this module (for load_pair), so its helpers are imported here, not at the top
     from l2zo.blockstats.transfer import log_gradient_share, pearson
 
@@ -445,8 +446,8 @@ def _zo_report(energy: list[ZOEnergy], stats: BlockStats) -> dict[str, Any]:
     if all(z.fisher is not None for z in energy) and stats.has_fisher:
         F = torch.stack([z.fisher for z in energy]).mean(dim=0)  # type: ignore[misc]
         floor = 1e-300  # logs of a trace estimate that is positive by construction
-        fisher = {"corr": pearson(torch.log((F / stats.n).clamp_min(floor)), torch.log((stats.fisher / stats.n).clamp_min(floor))),
-                  "per_block": F.tolist()}  # fmt: skip
+        per_element = [torch.log((f / stats.n).clamp_min(floor)) for f in (F, stats.fisher)]
+        fisher = {"corr": pearson(*per_element), "per_block": F.tolist()}
     return {
         "probes": energy[0].probes,
         "pairs": len(energy),

@@ -162,7 +162,8 @@ def leave_one_out_variants(
     measured_G: Mapping[str, Tensor] | None = None,
     measured_F: Mapping[str, Tensor] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
-    """task -> variant -> [B] normalised s of four GS-L allocations s_b^2 ~ (G_b / tau_b)^(1/T):
+    """task -> variant -> [B] normalised s of the GS-L allocations s_b^2 ~ (G_b / tau_b)^(1/T) that take each half
+    of the ratio from the task or from the other tasks:
 
     - ``own``: the task's G and curvature (its oracle);
     - ``own-G``: the task's G with the consensus curvature of the other tasks (exp of their mean log tau_b / n_b);
@@ -216,8 +217,9 @@ def decompose_gain(
     """task -> variant -> R over MeZO on the task's own statistics of each ``leave_one_out_variants`` allocation,
     and with ``horizon``, also variant + "@K" -> its ``kstep_ratio`` over that many steps.
 
-    If ``own-G`` keeps most of ``own``'s gain, the task-specific part of the oracle is its gradient: a first-order
-    quantity that forward passes can measure on the task.
+    If ``own-G`` kept most of ``own``'s gain, the task-specific part of the oracle would be its gradient, a
+    first-order quantity that forward passes can measure on the task. On the tiny world the one-step R says so and
+    R_K (and the measured runs) do not (docs/results/oracle-tiny).
     """
     out: dict[str, dict[str, float]] = {}
     for t, v in leave_one_out_variants(stats, temperature, floor, measured_G, measured_F).items():
