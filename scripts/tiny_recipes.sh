@@ -166,7 +166,8 @@ case ${1:-} in
       mkdir -p "$OUT/transfer-probes"
       for t in synth-color synth-successor synth-sentiment synth-category synth-size synth-parity synth-compare; do
         resume=() && [ -f "$OUT/transfer-probes/derived-$t/status.json" ] && resume=(--resume)
-        # the held-out tasks also get the forward-only G (stop 25: 608 forwards a pair, ~15 min a task on one core)
+        # the held-out tasks also get the forward-only G and Fisher (stop 25: 1218 forwards a pair, ~20 min a task on one
+        # core beside three other jobs)
         zo=() && case $t in synth-color|synth-successor) zo=(--zo-probes 4) ;; esac
         $PY -m l2zo.cli.main probe-blocks --model tiny-derived --task "$t" "${args[@]}" --states 0,100,200 \
           --mezo-lr 2e-4 --pairs 16 --output "$OUT/transfer-probes/derived-$t" "${resume[@]}" "${zo[@]}" \
