@@ -214,7 +214,9 @@ case ${1:-} in
     # the task's own G with the meta-training tasks' consensus curvature: the half of the oracle that forward
     # passes on the task can measure, with the half that transfers (stop 25)
     opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/own-g-{task}.json:label=gsl-own-g"
-    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g oracle \
+    # the task's oracle with both halves measured by forward passes alone (probe-blocks --zo-probes, 48 pairs)
+    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/zo-own-{task}.json:label=gsl-zo-own"
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own oracle \
       docs/results/oracle-tiny
     ;;
   metaval)
