@@ -395,14 +395,17 @@ def run_probe(
         allocs, oracle_params = _allocations(cfg, model, blocks, batches, curv)
         zo_report = None
         if zo_energy:
-            zo_stats = dataclasses.replace(curv, G=torch.stack([z.G for z in zo_energy]).mean(dim=0))
+            zo_G = torch.stack([z.G for z in zo_energy])  # [pairs, B]
+            zo_F = (torch.stack([z.fisher for z in zo_energy]).mean(dim=0)  # type: ignore[misc]
+                    if all(z.fisher is not None for z in zo_energy) and curv.has_fisher else None)  # fmt: skip
+            zo_stats = dataclasses.replace(curv, G=zo_G.mean(dim=0))
             allocs["gsl-zo"] = gsl(zo_stats, oracle_params["gsl"]["temperature"])
-            if all(z.fisher is not None for z in zo_energy) and curv.has_fisher and curv.tau is curv.fisher:
+            if zo_F is not None and curv.tau is curv.fisher:
                 # both halves forward-only: the task's oracle without a backward pass
-                zo_fisher = torch.stack([z.fisher for z in zo_energy]).mean(dim=0)  # type: ignore[misc]
-                allocs["gsl-zo-fisher"] = gsl(dataclasses.replace(zo_stats, tau=zo_fisher),
-                                              oracle_params["gsl"]["temperature"])  # fmt: skip
-            zo_report = _zo_report(zo_energy, curv)
+                allocs["gsl-zo-fisher"] = gsl(
+                    dataclasses.replace(zo_stats, tau=zo_F), oracle_params["gsl"]["temperature"]
+                )
+            zo_report = _zo_report(zo_energy, curv, zo_G, zo_F)
         with torch.no_grad():
             for b, w in zip(blocks, current):
                 b.param.copy_(w)
@@ -432,19 +435,17 @@ def run_probe(
     }
 
 
-def _zo_report(energy: list[ZOEnergy], stats: BlockStats) -> dict[str, Any]:
+def _zo_report(energy: list[ZOEnergy], stats: BlockStats, G: Tensor, F: Tensor | None) -> dict[str, Any]:
     """The forward-only G (and Fisher, where measured) pooled over the pairs, its cost, and how well it reproduces
     the backprop statistics (``stats``): the correlation of the log gradient shares and of the log per-element
-    Fisher traces."""
+    Fisher traces. ``G``: [pairs, B] the forward-only G per pair; ``F``: [B] the pooled forward-only Fisher or None."""
     # transfer imports this module (for load_pair), so its helpers are imported here, not at the top
     from l2zo.blockstats.transfer import log_gradient_share, pearson
 
-    G = torch.stack([z.G for z in energy])  # [pairs, B]
     se = G.std(dim=0) / len(energy) ** 0.5 if len(energy) > 1 else torch.full_like(G[0], float("nan"))
     zo = dataclasses.replace(stats, G=G.mean(dim=0))
     fisher = None
-    if all(z.fisher is not None for z in energy) and stats.has_fisher:
-        F = torch.stack([z.fisher for z in energy]).mean(dim=0)  # type: ignore[misc]
+    if F is not None:
         floor = 1e-300  # logs of a trace estimate that is positive by construction
         per_element = [torch.log((f / stats.n).clamp_min(floor)) for f in (F, stats.fisher)]
         fisher = {"corr": pearson(*per_element), "per_block": F.tolist()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -197,13 +197,19 @@ def leave_one_out_variants(
     return out
 
 
-def kstep_ratio(s: Tensor, stats: BlockStats, horizon: int) -> float:
-    """R_K: the K-step expected loss decrease of allocation ``s`` over MeZO's, each at its re-tuned eta, under the
-    two-scale block-quadratic model fitted to ``stats`` (the probe's ``kstep``; nan where MeZO's decrease is not
-    positive). Unlike the one-step R, it sees a block's gradient deplete as the steps spend it."""
+def kstep_scorer(stats: BlockStats, horizon: int) -> Callable[[Tensor], float]:
+    """s [B] -> R_K: the K-step expected loss decrease of allocation s over MeZO's, each at its re-tuned eta, under
+    the two-scale block-quadratic model fitted to ``stats`` (the probe's ``kstep``; nan where MeZO's decrease is not
+    positive). Unlike the one-step R, it sees a block's gradient deplete as the steps spend it. The model and MeZO's
+    decrease (an eta search) are computed once here, for every allocation scored on the same statistics."""
     model = QuadraticModel.from_stats(stats)
     base = kstep(torch.ones_like(stats.n), model, horizon).decrease
-    return kstep(s, model, horizon).decrease / base if base > 0 else float("nan")
+    return lambda s: kstep(s, model, horizon).decrease / base if base > 0 else float("nan")
+
+
+def kstep_ratio(s: Tensor, stats: BlockStats, horizon: int) -> float:
+    """R_K of one allocation (``kstep_scorer``)."""
+    return kstep_scorer(stats, horizon)(s)
 
 
 def decompose_gain(
@@ -225,7 +231,8 @@ def decompose_gain(
     for t, v in leave_one_out_variants(stats, temperature, floor, measured_G, measured_F).items():
         out[t] = {k: float(gain_ratio(s, stats[t])) for k, s in v.items()}
         if horizon is not None:
-            out[t].update({f"{k}@K": kstep_ratio(s, stats[t], horizon) for k, s in v.items()})
+            score = kstep_scorer(stats[t], horizon)
+            out[t].update({f"{k}@K": score(s) for k, s in v.items()})
     return out
 
 
@@ -245,6 +252,7 @@ def zo_budget_gain(
     out: dict[str, dict[int, dict[str, float]]] = {}
     for t, energies in zo.items():
         out[t] = {}
+        score = kstep_scorer(stats[t], horizon)
         for p in budgets:
             if p > len(energies):
                 continue
@@ -260,7 +268,7 @@ def zo_budget_gain(
             for name in ("zo-G", "zo-own"):
                 if name in variants:
                     row[name] = float(gain_ratio(variants[name], stats[t]))
-                    row[f"{name}@K"] = kstep_ratio(variants[name], stats[t], horizon)
+                    row[f"{name}@K"] = score(variants[name])
                 elif name == "zo-G" or F is not None:
                     row[name] = row[f"{name}@K"] = float("nan")
             out[t][p] = row
