@@ -21,8 +21,10 @@ from l2zo.blockstats.transfer import (
     agreement,
     cross_gain,
     decompose_gain,
+    kstep_scorer,
     leave_one_out_consensus,
     leave_one_out_gain,
+    leave_one_out_kstep,
     leave_one_out_variants,
     log_curvature,
     log_gradient_share,
@@ -64,11 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allocation", action="append", default=[], metavar="LABEL",
                     help="also correlate across tasks an allocation the probes wrote (sigma/LABEL.json, e.g. "
                          "learned-1); repeat for several")  # fmt: skip
+    ap.add_argument("--kstep-opt", metavar="TASKS", default="",
+                    help="comma-separated tasks (as probe-blocks named them, or 'all'): for each, the allocation that "
+                         "maximises R_K on its own statistics (kopt-own) and the one that maximises the mean log R_K "
+                         "over the other probes' (kopt-others, a static allocation learned without the task); about "
+                         "a minute per task and probe on one core")  # fmt: skip
+    ap.add_argument("--kstep-iters", type=int, default=300, help="gradient steps of each --kstep-opt allocation")
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     ap.add_argument("--write-sigma", type=Path, metavar="DIR",
                     help="write each task's oracle (DIR/oracle-<task>.json) and the consensus of the other tasks' "
                          "oracles (DIR/consensus-<task>.json) and the task's G with the other tasks' curvature "
-                         "(DIR/own-g-<task>.json; with a forward-only G, DIR/zo-g-<task>.json and zo-own-<task>.json too) "
+                         "(DIR/own-g-<task>.json; with a forward-only G, DIR/zo-g-<task>.json and zo-own-<task>.json too; "
+                         "with --kstep-opt, DIR/kopt-own-<task>.json and kopt-others-<task>.json) "
                          "as fixed-sigma files "
                          "(block name -> s_b)")  # fmt: skip
     a = ap.parse_args(argv)
@@ -106,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     labels = list(log_s)
+    wanted = [t for t in a.kstep_opt.split(",") if t]
+    if wanted == ["all"]:
+        wanted = list(task_of.values())
+    kopt = {}
+    try:
+        by_task = {task_of[t]: t for t in labels}
+        missing = [t for t in wanted if t not in by_task]
+        if missing:
+            raise L2ZOError(f"--kstep-opt names task(s) not probed here: {', '.join(missing)} (probed: "
+                            f"{', '.join(by_task)})")  # fmt: skip
+        if wanted:
+            kopt = leave_one_out_kstep(stats, a.horizon, [by_task[t] for t in wanted], a.kstep_iters)
+    except L2ZOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     lines = [f"GS-L oracle (T = {a.temperature}, {a.curvature} curvature), log s_b per block.", "",
              "| task | split-half r (even vs odd batch pairs) |", "|---|---|",
              *[f"| {t} | {reliability[t]:.2f} |" for t in labels], "",
@@ -153,6 +177,23 @@ def main(argv: list[str] | None = None) -> int:
                         agreement({t: log_curvature(s) for t, s in stats.items()}))  # fmt: skip
         lines += matrix("Correlation between the tasks of the gradient shares (log G_b / sum G):", labels,
                         agreement({t: log_gradient_share(s) for t, s in stats.items()}))  # fmt: skip
+    if kopt:
+        lines += [f"The allocations that maximise R_K ({a.horizon} steps) directly (l2zo.blockstats.kstep_opt): on the",
+                  "task's own statistics (kopt-own), and on the other probes' together (kopt-others: the mean log R_K",
+                  "over them, a static allocation that never saw the task), each scored by R_K on the task; beside",
+                  "them, kopt-others' R_K on the tasks it was fitted to, and its effective number of blocks",
+                  "(1 / sum of squared energy shares n_b s_b^2 / sum n s^2):", "",
+                  "| task | kopt-own | kopt-others | kopt-others on the others (mean) | blocks (kopt-others) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for t, k in kopt.items():
+            s_o = k["kopt-others"].s
+            energy = stats[t].n * s_o**2 / float((stats[t].n * s_o**2).sum())
+            fitted = sum(k["kopt-others"].ratios) / len(k["kopt-others"].ratios)
+            lines.append(
+                f"| {t} | {k['kopt-own'].ratios[0]:.2f} | {kstep_scorer(stats[t], a.horizon)(s_o):.2f} | "
+                f"{fitted:.2f} | {1 / float((energy**2).sum()):.1f} |"
+            )
+        lines.append("")
     for alloc in a.allocation:
         lines += matrix(f"Correlation between the tasks of `{alloc}`'s allocation (log s_b):", labels,
                         agreement(saved[alloc]))  # fmt: skip
@@ -164,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in labels:
             kinds = [("oracle", torch.exp(log_s[t])), ("consensus", consensus[t]), ("own-g", own_g[t]["own-G"])]
             kinds += [(k.lower(), own_g[t][k]) for k in ("zo-G", "zo-own") if k in own_g[t]]
+            kinds += [(k, v.s) for k, v in kopt.get(t, {}).items()]
             for kind, s in kinds:
                 mapping = {n: float(v) for n, v in zip(names_of or [], s.tolist(), strict=True)}
                 write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")

@@ -207,7 +207,7 @@ case ${1:-} in
     $PY scripts/allocation_transfer.py "$P"/derived-*/ --out docs/results/oracle-tiny/transfer-all.md >/dev/null
     for t in synth-color synth-successor; do
       $PY scripts/allocation_transfer.py "$P/derived-$t" "${meta[@]}" --write-sigma "$OUT/transfer-sigma/$t" \
-        --out "docs/results/oracle-tiny/transfer-$t.md" >/dev/null
+        --kstep-opt "$t" --out "docs/results/oracle-tiny/transfer-$t.md" >/dev/null
     done
     opts="mezo,fixed-sigma:sigma_file=$P/derived-{task}/sigma/gsl.json:label=gsl-own"
     opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/consensus-{task}.json:label=gsl-meta-consensus"
@@ -216,7 +216,10 @@ case ${1:-} in
     opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/own-g-{task}.json:label=gsl-own-g"
     # the task's oracle with both halves measured by forward passes alone (probe-blocks --zo-probes, 48 pairs)
     opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/zo-own-{task}.json:label=gsl-zo-own"
-    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own oracle \
+    # the allocation that maximises the mean log R_K over the five meta-training tasks' statistics: one static
+    # allocation learned from them, the same for both held-out tasks (stop 26; l2zo.blockstats.kstep_opt)
+    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-others-{task}.json:label=kopt-meta"
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta oracle \
       docs/results/oracle-tiny
     ;;
   metaval)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from l2zo.blockstats.gain import QuadraticModel, gain_ratio, kstep, positive_curvature
+from l2zo.blockstats.kstep_opt import KStepOptimum, kstep_optimal
 from l2zo.blockstats.oracles import gsl
 from l2zo.blockstats.probe import load_pair, load_zo
 from l2zo.blockstats.stats import BlockStats, PairSample, combine_named
@@ -233,6 +234,26 @@ def decompose_gain(
         if horizon is not None:
             score = kstep_scorer(stats[t], horizon)
             out[t].update({f"{k}@K": score(s) for k, s in v.items()})
+    return out
+
+
+def leave_one_out_kstep(
+    stats: Mapping[str, BlockStats], horizon: int, tasks: Sequence[str] | None = None, iters: int = 300
+) -> dict[str, dict[str, KStepOptimum]]:
+    """task -> {"kopt-own": the allocation maximising R_K on the task's own statistics, "kopt-others": the one
+    maximising the mean log R_K over the *other* tasks' (``kstep_optimal``)}, for ``tasks`` (default: all). The
+    second is a static allocation learned from the other tasks that never saw this one; score it on the task with
+    ``kstep_scorer``."""
+    if len(stats) < 2:
+        raise L2ZOError("a leave-one-out K-step allocation needs at least two tasks")
+    unknown = [t for t in tasks or () if t not in stats]
+    if unknown:
+        raise L2ZOError(f"no statistics for task(s) {', '.join(unknown)}; have {', '.join(stats)}")
+    out: dict[str, dict[str, KStepOptimum]] = {}
+    for t in tasks if tasks is not None else list(stats):
+        others = [s for k, s in stats.items() if k != t]
+        out[t] = {"kopt-own": kstep_optimal([stats[t]], horizon, iters=iters),
+                  "kopt-others": kstep_optimal(others, horizon, iters=iters)}  # fmt: skip
     return out
 
 

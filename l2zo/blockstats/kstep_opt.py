@@ -1,0 +1,102 @@
+"""The allocation that maximises the K-step prediction directly, on one task's statistics or on several tasks' at once.
+
+The GS-L oracle (``oracles.gsl``) is the optimum of the *one-step* gain with eta re-tuned, tempered by hand. On the
+tiny world the K-step prediction R_K (``transfer.kstep_scorer``: the two-scale block-quadratic model over the run's
+horizon, eta re-tuned) ranks measured runs where the one-step R misranks them (docs/results/oracle-tiny). Here the
+allocation is found by maximising R_K itself: gradient ascent on x = log s (s normalised, sum n s^2 = sum n) of
+
+    J(s) = (1 / T) sum_t log R_K,t(s),     R_K,t(s) = (f0_t - E[f_K,t](s, eta_t*(s))) / (MeZO's decrease on t)
+
+over the statistics of T tasks. The closed-form K-step loss (``gain.kstep_loss``) is differentiable in s; eta_t* is
+re-tuned without grad at every iterate (``gain.tune_eta``), which is exact to first order because dE[f_K]/deta = 0
+at the optimum (the envelope theorem). With T = 1 it is the task's own K-step oracle; with the statistics of the
+meta-training tasks it is a static allocation learned from them, which a held-out task never informs: the mean of
+logs asks it to help every task rather than the easiest one.
+
+Pure function over ``BlockStats``; no Lightning, no model code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from l2zo.blockstats.gain import QuadraticModel, kstep, kstep_loss, normalize, tune_eta
+from l2zo.blockstats.stats import BlockStats
+from l2zo.errors import L2ZOError
+
+
+@dataclass(frozen=True)
+class KStepOptimum:
+    """The result of ``kstep_optimal``.
+
+    Attributes:
+        s: [B] float64 normalised allocation (the best iterate found).
+        ratios: R_K of ``s`` on each statistics passed, in order.
+        objective: [iters + 1] the mean log R_K at every iterate (the first is MeZO's, 0).
+    """
+
+    s: Tensor
+    ratios: tuple[float, ...]
+    objective: Tensor
+
+
+def kstep_optimal(
+    stats: Sequence[BlockStats],
+    horizon: int,
+    *,
+    iters: int = 300,
+    lr: float = 0.1,
+    init: Tensor | None = None,
+) -> KStepOptimum:
+    """The allocation s [B] maximising the mean over ``stats`` of log R_K over ``horizon`` steps (see the module doc).
+
+    Adam on log s from ``init`` (default MeZO's s = 1) for ``iters`` steps of size ``lr`` (in log s); the best
+    iterate is returned, so the result is never worse than the start. Every entry of ``stats`` must describe the
+    same blocks (the same ``n``) and predict a positive decrease for MeZO.
+    """
+    if not stats:
+        raise L2ZOError("the K-step optimal allocation needs the statistics of at least one task")
+    if horizon < 1 or iters < 0 or not lr > 0:
+        raise L2ZOError(f"kstep_optimal needs horizon >= 1, iters >= 0 and lr > 0; got {horizon}, {iters}, {lr}")
+    n = stats[0].n.to(torch.float64)
+    if any(s.n.shape != n.shape or not torch.equal(s.n.to(torch.float64), n) for s in stats):
+        raise L2ZOError("the statistics passed describe different blocks: pass probes of one model")
+    models = [QuadraticModel.from_stats(s) for s in stats]
+    base = [kstep(torch.ones_like(n), m, horizon).decrease for m in models]
+    for i, b in enumerate(base):
+        if not b > 0:
+            raise L2ZOError(f"statistics {i} predict no decrease for MeZO over {horizon} steps (no gradient signal "
+                            "resolved): measure more batch pairs, or leave that task out")  # fmt: skip
+
+    def objective(x: Tensor) -> Tensor:
+        w = normalize(torch.exp(x), n) ** 2
+        terms = []
+        for m, b in zip(models, base, strict=True):
+            eta = tune_eta(w, m, horizon)  # without grad: exact to first order at the optimum
+            decrease = float(m.f0.sum()) - kstep_loss(w, eta, m, horizon).sum()
+            terms.append(torch.log(decrease.clamp_min(1e-300) / b))
+        return torch.stack(terms).mean()
+
+    x = (torch.zeros_like(n) if init is None else torch.log(init.to(torch.float64).clamp_min(1e-30))).requires_grad_()
+    opt = torch.optim.Adam([x], lr=lr)
+    trace: list[float] = []
+    best_x, best = x.detach().clone(), -math.inf
+    for _ in range(iters + 1):
+        j = objective(x)
+        value = float(j.detach())
+        trace.append(value)
+        if math.isfinite(value) and value > best:
+            best, best_x = value, x.detach().clone()
+        if len(trace) > iters:
+            break
+        opt.zero_grad()
+        (-j).backward()
+        opt.step()
+    s = normalize(torch.exp(best_x), n)
+    ratios = tuple(kstep(s, m, horizon).decrease / b for m, b in zip(models, base, strict=True))
+    return KStepOptimum(s=s, ratios=ratios, objective=torch.tensor(trace, dtype=torch.float64))
