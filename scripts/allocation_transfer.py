@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from l2zo.blockstats.allocations import permute_sigma
 from l2zo.blockstats.transfer import (
     VARIANTS,
     agreement,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="write each task's oracle (DIR/oracle-<task>.json) and the consensus of the other tasks' "
                          "oracles (DIR/consensus-<task>.json) and the task's G with the other tasks' curvature "
                          "(DIR/own-g-<task>.json; with a forward-only G, DIR/zo-g-<task>.json and zo-own-<task>.json too; "
-                         "with --kstep-opt, DIR/kopt-own-<task>.json and kopt-others-<task>.json) "
+                         "with --kstep-opt, DIR/kopt-own-, kopt-others- and kopt-permuted-<task>.json) "
                          "as fixed-sigma files "
                          "(block name -> s_b)")  # fmt: skip
     a = ap.parse_args(argv)
@@ -181,17 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"The allocations that maximise R_K ({a.horizon} steps) directly (l2zo.blockstats.kstep_opt): on the",
                   "task's own statistics (kopt-own), and on the other probes' together (kopt-others: the mean log R_K",
                   "over them, a static allocation that never saw the task), each scored by R_K on the task; beside",
-                  "them, kopt-others' R_K on the tasks it was fitted to, and its effective number of blocks",
-                  "(1 / sum of squared energy shares n_b s_b^2 / sum n s^2):", "",
-                  "| task | kopt-own | kopt-others | kopt-others on the others (mean) | blocks (kopt-others) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "them, kopt-others' R_K on the tasks it was fitted to, its effective number of blocks",
+                  "(1 / sum of squared energy shares n_b s_b^2 / sum n s^2), and the R_K on the task of the same",
+                  "sigmas shuffled across blocks (kopt-permuted, seed 0: what the assignment to blocks is worth):", "",
+                  "| task | kopt-own | kopt-others | kopt-others on the others (mean) | blocks (kopt-others) "
+                  "| kopt-permuted |", "|---|---|---|---|---|---|"]  # fmt: skip
         for t, k in kopt.items():
             s_o = k["kopt-others"].s
             energy = stats[t].n * s_o**2 / float((stats[t].n * s_o**2).sum())
             fitted = sum(k["kopt-others"].ratios) / len(k["kopt-others"].ratios)
+            score = kstep_scorer(stats[t], a.horizon)
             lines.append(
-                f"| {t} | {k['kopt-own'].ratios[0]:.2f} | {kstep_scorer(stats[t], a.horizon)(s_o):.2f} | "
-                f"{fitted:.2f} | {1 / float((energy**2).sum()):.1f} |"
+                f"| {t} | {k['kopt-own'].ratios[0]:.2f} | {score(s_o):.2f} | {fitted:.2f} | "
+                f"{1 / float((energy**2).sum()):.1f} | {score(permute_sigma(s_o, stats[t].n)):.2f} |"
             )
         lines.append("")
     for alloc in a.allocation:
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             kinds = [("oracle", torch.exp(log_s[t])), ("consensus", consensus[t]), ("own-g", own_g[t]["own-G"])]
             kinds += [(k.lower(), own_g[t][k]) for k in ("zo-G", "zo-own") if k in own_g[t]]
             kinds += [(k, v.s) for k, v in kopt.get(t, {}).items()]
+            if t in kopt:
+                kinds.append(("kopt-permuted", permute_sigma(kopt[t]["kopt-others"].s, stats[t].n)))
             for kind, s in kinds:
                 mapping = {n: float(v) for n, v in zip(names_of or [], s.tolist(), strict=True)}
                 write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")

@@ -418,6 +418,32 @@ def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_pa
     assert "holds no probe pairs" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_allocation_transfer_kstep_opt_writes_the_fitted_allocations(probe_dir, tmp_path, capsys):
+    from l2zo.blockstats.allocations import permute_sigma
+    from l2zo.optim.methods.fixed_sigma import read_sigma_file
+
+    mod = _transfer_script()
+    other = _relabelled(probe_dir, tmp_path / "other")
+    sig, out = tmp_path / "sig", tmp_path / "t.md"
+    argv = [str(probe_dir), str(other), "--kstep-opt", "synth-color", "--kstep-iters", "20"]
+    assert mod.main([*argv, "--write-sigma", str(sig), "--out", str(out)]) == 0
+    assert "maximise R_K" in out.read_text() and "| kopt-permuted |" in out.read_text()
+    files = {p.name for p in sig.iterdir()}
+    assert {"kopt-own-synth-color.json", "kopt-others-synth-color.json", "kopt-permuted-synth-color.json"} <= files
+    assert not any(f.startswith("kopt") and "synth-size" in f for f in files)  # only the task asked for
+    # the two "tasks" are one probe: fitted on the other one or on itself, the allocation is the same
+    own, others = (read_sigma_file(sig / f"kopt-{k}-synth-color.json") for k in ("own", "others"))
+    assert own == pytest.approx(others)
+    names = list(others)
+    s = torch.tensor([others[k] for k in names], dtype=torch.float64)
+    numel = {b["name"]: int(b["n"]) for b in json.loads((probe_dir / "probe.json").read_text())["blocks"]}
+    n = torch.tensor([numel[k] for k in names], dtype=torch.float64)
+    perm = read_sigma_file(sig / "kopt-permuted-synth-color.json")
+    assert [perm[k] for k in names] == pytest.approx(permute_sigma(s, n).tolist())
+    assert mod.main([*argv[:2], "--kstep-opt", "synth-nope"]) == 2
+    assert "--kstep-opt names task(s) not probed here: synth-nope" in capsys.readouterr().err
+
+
 def _task_stats(G, tau, n=(10.0, 20.0, 30.0, 40.0)):
     from l2zo.blockstats.stats import BlockStats
 

@@ -65,8 +65,13 @@ def const_sigma(name: str, model: nn.Module, blocks: Sequence[Block], **hparams:
 
 def permuted(s: Tensor, blocks: Sequence[Block], seed: int = 0) -> Tensor:
     """The same sigmas shuffled across blocks (a fixed permutation from ``seed``), renormalised."""
+    return permute_sigma(s, _numel(blocks), seed)
+
+
+def permute_sigma(s: Tensor, n: Tensor, seed: int = 0) -> Tensor:
+    """[B] ``s`` shuffled across the blocks by a fixed permutation from ``seed``, renormalised with numels ``n``."""
     perm = torch.randperm(s.numel(), generator=torch.Generator().manual_seed(int(seed)))
-    return normalize(s[perm], _numel(blocks))
+    return normalize(s[perm], n)
 
 
 def sigma_mapping(blocks: Sequence[Block], s: Tensor) -> dict[str, float]:
