@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers
 
@@ -72,3 +74,16 @@ class LinearModel(torch.nn.Module):
 def exact_weight_stats(blocks, device=None) -> torch.Tensor:
     """[B, 2] mean and unbiased var in fp32, exact for fp64 weights (weight_stats' stand-in in gradient checks)."""
     return torch.stack([torch.stack(torch.var_mean(b.param.detach())[::-1]).float() for b in blocks])
+
+
+def block_stats(G, noise, tau, gHg, n):
+    """``BlockStats`` from per-block lists (float64); the Fisher and gFg equal tau and gHg, the errors are nan."""
+    from l2zo.blockstats import BlockStats
+
+    t = [torch.tensor(x, dtype=torch.float64) for x in (G, noise, tau, gHg, n)]
+    nan = torch.full_like(t[0], math.nan)
+    return BlockStats(
+        names=tuple(f"b{i}" for i in range(len(G))), kinds=tuple("w" for _ in G), n=t[4], G=t[0], noise=t[1],
+        tau=t[2], gHg=t[3], G_se=nan, noise_se=nan, tau_se=nan, gHg_se=nan, fisher=t[2], gFg=t[3], fisher_se=nan,
+        gFg_se=nan, loss=0.0, pairs=1, probes=1,
+    )  # fmt: skip

@@ -33,6 +33,7 @@ from l2zo.blockstats import (
     water_filling,
 )
 from l2zo.engine.blocks import partition
+from tests.helpers import block_stats
 
 D_BLOCKS = (3, 5, 2)  # three blocks: a 3-vector, a 5-vector, a 2-vector
 M = 4  # rows of each X_i
@@ -121,16 +122,6 @@ def test_block_statistics_match_the_exact_values_on_a_least_squares_problem():
     assert torch.equal(prob.theta(), LeastSquares().theta())
 
 
-def _stats(G, noise, tau, gHg, n) -> BlockStats:
-    t = [torch.tensor(x, dtype=torch.float64) for x in (G, noise, tau, gHg, n)]
-    nan = torch.full_like(t[0], math.nan)
-    return BlockStats(
-        names=tuple(f"b{i}" for i in range(len(G))), kinds=tuple("w" for _ in G), n=t[4], G=t[0], noise=t[1],
-        tau=t[2], gHg=t[3], G_se=nan, noise_se=nan, tau_se=nan, gHg_se=nan, fisher=t[2], gFg=t[3], fisher_se=nan,
-        gFg_se=nan, loss=0.0, pairs=1, probes=1,
-    )  # fmt: skip
-
-
 def test_one_step_expected_change_matches_monte_carlo_of_zo_steps():
     """E[L(theta - eta (u^T g) u) - L(theta)] on a quadratic with dense blocks and noisy g, vs the formula."""
     torch.manual_seed(0)
@@ -157,7 +148,7 @@ def test_one_step_expected_change_matches_monte_carlo_of_zo_steps():
         tau.append(float(H[sl, sl].trace()))
         gHg.append(float(grad[sl] @ H[sl, sl] @ grad[sl] + (H[sl, sl] * C).sum()))
         start += k
-    stats = _stats(G, noise, tau, gHg, sizes)
+    stats = block_stats(G, noise, tau, gHg, sizes)
     predicted = float(step_terms(s_block, stats).expected_change(eta))
     # Monte Carlo: L(theta + delta) - L(theta) = grad^T delta + 0.5 delta^T H delta, delta = -eta (u^T g_t) u.
     n = 400_000
@@ -172,7 +163,7 @@ def test_one_step_expected_change_matches_monte_carlo_of_zo_steps():
 
 
 def test_gain_ratio_is_one_for_mezo_scale_free_and_matches_the_retuned_step():
-    stats = _stats([4.0, 1.0, 0.2], [1.0, 0.5, 0.1], [10.0, 2.0, 1.0], [30.0, 3.0, 0.5], [100, 20, 5])
+    stats = block_stats([4.0, 1.0, 0.2], [1.0, 0.5, 0.1], [10.0, 2.0, 1.0], [30.0, 3.0, 0.5], [100, 20, 5])
     ones = torch.ones(3, dtype=torch.float64)
     assert float(gain_ratio(ones, stats)) == pytest.approx(1.0, abs=1e-15)
     s = normalize(torch.tensor([0.3, 2.0, 1.0], dtype=torch.float64), stats.n)
@@ -253,7 +244,7 @@ def test_kstep_is_differentiable_in_w_and_the_tuned_eta_is_a_minimum():
 
 def _toy_stats() -> BlockStats:
     # Block 2 has by far the largest G/tau; block 0 the largest G.
-    return _stats([5.0, 0.5, 2.0, 0.1], [1.0, 0.2, 0.3, 0.1], [50.0, 4.0, 1.0, 2.0], [40.0, 1.0, 1.0, 0.1],
+    return block_stats([5.0, 0.5, 2.0, 0.1], [1.0, 0.2, 0.3, 0.1], [50.0, 4.0, 1.0, 2.0], [40.0, 1.0, 1.0, 0.1],
                   [1000, 200, 50, 10])  # fmt: skip
 
 
@@ -357,11 +348,11 @@ def test_two_scale_model_from_stats_puts_the_gradient_in_its_sharp_direction():
     l = [tau[0] / n[0], tau[1] / n[1]]
     rho = [50 * l[0], 50 * l[1]]
     gHg = [rho[i] * G[i] + l[i] * c[i] for i in range(2)]
-    m = QuadraticModel.from_stats(_stats(G, c, tau, gHg, n))
+    m = QuadraticModel.from_stats(block_stats(G, c, tau, gHg, n))
     assert m.rho is not None
     torch.testing.assert_close(m.rho, torch.tensor(rho, dtype=torch.float64))
     torch.testing.assert_close(m.f0, torch.tensor([G[i] / (2 * rho[i]) for i in range(2)], dtype=torch.float64))
-    iso = QuadraticModel.from_stats(_stats(G, c, tau, gHg, n), two_scale=False)
+    iso = QuadraticModel.from_stats(block_stats(G, c, tau, gHg, n), two_scale=False)
     assert iso.rho is None and float(iso.f0.sum()) > 40 * float(m.f0.sum())
 
 
@@ -376,6 +367,6 @@ def test_water_filling_eta_is_skipped_not_fatal_where_the_gradient_is_unresolved
     assert water_filling_eta(stats, 0.01) == 0.01
     # sum_b G_b <= 0 (the minibatch noise swamps the gradient, as on SmolLM2 x RTE with 4 pairs of 8): no
     # positive one-step eta, so no water-filling allocation; the probe reports the others instead of failing.
-    unresolved = _stats([-5.0, 0.5, 2.0, 0.1], [1.0, 0.2, 0.3, 0.1], [50.0, 4.0, 1.0, 2.0], [40.0, 1.0, 1.0, 0.1],
+    unresolved = block_stats([-5.0, 0.5, 2.0, 0.1], [1.0, 0.2, 0.3, 0.1], [50.0, 4.0, 1.0, 2.0], [40.0, 1.0, 1.0, 0.1],
                         [1000, 200, 50, 10])  # fmt: skip
     assert water_filling_eta(unresolved, None) is None

@@ -13,20 +13,10 @@ from l2zo.blockstats.gain import QuadraticModel, kstep, normalize
 from l2zo.blockstats.kstep_opt import kstep_optimal
 from l2zo.blockstats.transfer import kstep_scorer, leave_one_out_kstep
 from l2zo.errors import L2ZOError
-
-
-def _stats(G, noise, tau, gHg, n) -> BlockStats:
-    t = [torch.tensor(x, dtype=torch.float64) for x in (G, noise, tau, gHg, n)]
-    nan = torch.full_like(t[0], math.nan)
-    return BlockStats(
-        names=tuple(f"b{i}" for i in range(len(G))), kinds=tuple("w" for _ in G), n=t[4], G=t[0], noise=t[1],
-        tau=t[2], gHg=t[3], G_se=nan, noise_se=nan, tau_se=nan, gHg_se=nan, fisher=t[2], gFg=t[3], fisher_se=nan,
-        gFg_se=nan, loss=0.0, pairs=1, probes=1,
-    )  # fmt: skip
-
+from tests.helpers import block_stats
 
 # Two blocks: the first holds most of the gradient at low curvature, the second is large and sharp.
-TWO = _stats(G=[1.0, 0.2], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[2.0, 4.0], n=[100.0, 400.0])
+TWO = block_stats(G=[1.0, 0.2], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[2.0, 4.0], n=[100.0, 400.0])
 
 
 def _brute_force_two_blocks(stats: BlockStats, horizon: int) -> float:
@@ -56,8 +46,8 @@ def test_kstep_optimal_finds_the_brute_force_optimum_of_two_blocks():
 def test_kstep_optimal_over_tasks_maximises_the_mean_log_ratio_and_loo_never_sees_the_task():
     # three tasks on the same blocks: two favour block 0, one block 1 (swapped gradients)
     a = TWO
-    b = _stats(G=[0.9, 0.25], noise=[0.5, 0.5], tau=[12.0, 380.0], gHg=[2.0, 4.0], n=[100.0, 400.0])
-    c = _stats(G=[0.05, 1.0], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[0.5, 40.0], n=[100.0, 400.0])
+    b = block_stats(G=[0.9, 0.25], noise=[0.5, 0.5], tau=[12.0, 380.0], gHg=[2.0, 4.0], n=[100.0, 400.0])
+    c = block_stats(G=[0.05, 1.0], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[0.5, 40.0], n=[100.0, 400.0])
     both = kstep_optimal([a, b], 50, iters=200)
     for single in (kstep_optimal([a], 50, iters=200), kstep_optimal([b], 50, iters=200)):
         # the joint optimum of the mean log R_K beats each single-task optimum on that mean
@@ -76,10 +66,10 @@ def test_kstep_optimal_refuses_bad_input_with_one_line():
         kstep_optimal([], 50)
     with pytest.raises(L2ZOError, match="horizon >= 1"):
         kstep_optimal([TWO], 0)
-    other_blocks = _stats(G=[1.0, 0.2], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[2.0, 4.0], n=[100.0, 300.0])
+    other_blocks = block_stats(G=[1.0, 0.2], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[2.0, 4.0], n=[100.0, 300.0])
     with pytest.raises(L2ZOError, match="different blocks"):
         kstep_optimal([TWO, other_blocks], 50)
-    flat = _stats(G=[0.0, -0.1], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[2.0, 4.0], n=[100.0, 400.0])
+    flat = block_stats(G=[0.0, -0.1], noise=[0.5, 0.5], tau=[10.0, 400.0], gHg=[2.0, 4.0], n=[100.0, 400.0])
     with pytest.raises(L2ZOError, match="no decrease for MeZO"):
         kstep_optimal([flat], 50)
     with pytest.raises(L2ZOError, match="no statistics for task"):
