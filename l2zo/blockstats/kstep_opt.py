@@ -86,13 +86,13 @@ def kstep_optimal(
     opt = torch.optim.Adam([x], lr=lr)
     trace: list[float] = []
     best_x, best = x.detach().clone(), -math.inf
-    for _ in range(iters + 1):
+    for i in range(iters + 1):  # iters steps, and the objective at every iterate including the last
         j = objective(x)
         value = float(j.detach())
         trace.append(value)
         if math.isfinite(value) and value > best:
             best, best_x = value, x.detach().clone()
-        if len(trace) > iters:
+        if i == iters:
             break
         opt.zero_grad()
         (-j).backward()
