@@ -27,6 +27,8 @@
 #                                            # consensus of the five meta-training tasks' oracles, and its own G
 #                                            # with their consensus curvature, as fixed-sigma runs beside MeZO
 #                                            # (the robust protocol; docs/results/oracle-tiny)
+#   bash scripts/tiny_recipes.sh coupling    # after oracle-heldout: the separable and the coupled K-step models
+#                                            # against the measured allocations (docs/results/oracle-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
 #                                            # synth-size): can a run that never sees a held-out task tell the
 #                                            # meta-seeds apart? (docs/results/metaval-tiny)
@@ -222,6 +224,20 @@ case ${1:-} in
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta oracle \
       docs/results/oracle-tiny
     ;;
+  coupling)
+    # The separable K-step model against the one that couples the blocks' gradient directions through the Hessian
+    # (l2zo.blockstats.coupled), on the allocations oracle-heldout measured (stop 27; one Gram per task, ~3 min)
+    P=$OUT/transfer-probes
+    [ -f docs/results/oracle-tiny/summary.csv ] || { echo "run $0 oracle-heldout first" >&2; exit 2; }
+    for t in synth-color synth-successor; do
+      S=$OUT/transfer-sigma/$t
+      $PY scripts/kstep_coupling.py "$P/derived-$t" --gram "$OUT/gram/$t.pt" \
+        --allocation "gsl-own=$P/derived-$t/sigma/gsl.json" --allocation "gsl-meta-consensus=$S/consensus-$t.json" \
+        --allocation "gsl-own-g=$S/own-g-$t.json" --allocation "gsl-zo-own=$S/zo-own-$t.json" \
+        --allocation "kopt-meta=$S/kopt-others-$t.json" --measured docs/results/oracle-tiny/summary.csv \
+        --out "docs/results/oracle-tiny/coupling-$t.md" >/dev/null
+    done
+    ;;
   metaval)
     # Selecting among meta-trained nets on the held-out pairs would be selecting on the test: this measures them on
     # two of the meta-training tasks instead (on the derivative, which meta-training never saw), 3 seeds.
@@ -231,6 +247,6 @@ case ${1:-} in
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | metaval" >&2
+  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | coupling | metaval" >&2
      exit 2 ;;
 esac

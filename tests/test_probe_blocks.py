@@ -561,3 +561,45 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
         tmp_path / "sig" / "zo-own-synth-color.json"
     ).is_file()
     assert not (tmp_path / "sig" / "zo-g-synth-size.json").exists()  # that probe has no forward-only G
+
+
+def _script(name: str):
+    """scripts/<name>.py as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(f"scripts/{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kstep_coupling_measures_the_gram_once_and_scores_both_models(probe_dir, tmp_path, capsys):
+    mod = _script("kstep_coupling")
+    summary = tmp_path / "summary.csv"
+    model = json.loads((probe_dir / "probe.json").read_text())["model_name_or_path"]
+    rows = [f"{Path(str(model)).name},synth-color,{run},ok,2,1.0,{final},0.0,0.5,0.0,0.1"
+            for run, final in (("mezo", 0.8), ("gsl", 0.7), ("hizoo", 0.9))]  # fmt: skip
+    header = "model,task,run,status,seeds_ok,dev_loss_initial,dev_loss_final_mean,dev_loss_final_std,test_acc_mean," \
+             "test_acc_std,time_per_step_s"  # fmt: skip
+    summary.write_text("\n".join([header, *rows]) + "\n")
+    gram = tmp_path / "gram.pt"
+    args = [str(probe_dir), "--gram", str(gram), "--chunk", "8", "--horizon", "20", "--measured", str(summary),
+            "--allocation", f"gsl={probe_dir / 'sigma' / 'gsl.json'}",
+            "--allocation", f"hizoo={probe_dir / 'sigma' / 'hizoo.json'}", "--out", str(tmp_path / "t.md")]  # fmt: skip
+    code = mod.main(args)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    text = (tmp_path / "t.md").read_text()
+    assert "| gsl |" in text and "| mezo | 1.00 |" in text and "Spearman" in text and text in out.out
+    saved = torch.load(gram, weights_only=True)
+    assert int(saved["chunks"]) == 4  # 32 train examples in chunks of 8
+    assert torch.allclose(saved["gram"], saved["gram"].T, rtol=1e-4, atol=1e-10)  # H is symmetric
+    # kept: a second run reads it (bit-identical output), and other settings are refused, in one line
+    assert mod.main(args) == code
+    assert mod.main([*args[:4], "16", *args[5:]]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert mod.main([*args[:-2], "--allocation", "gsl"]) == 2
+    assert "LABEL=SIGMA_FILE" in capsys.readouterr().err
+    summary.write_text(header + "\n")
+    assert mod.main(args) == 2
+    assert "no finished mezo row" in capsys.readouterr().err

@@ -224,16 +224,22 @@ def tune_eta(w: Tensor, model: QuadraticModel, steps: int, grid: int = 61) -> fl
         scale = 1.0 / float((w * model.l * (model.n + 2)).max())
         if model.rho is not None:
             scale = min(scale, 1.0 / float((w * model.rho).max()))
+        return minimise_eta(lambda eta: float(kstep_loss(w, eta, model, steps).sum()), scale, grid)
 
-        def total(log_eta: float) -> float:
-            v = float(kstep_loss(w, math.exp(log_eta), model, steps).sum())
-            return v if math.isfinite(v) else math.inf
 
-        logs = [math.log(scale) + x for x in torch.linspace(-6 * math.log(10), 2 * math.log(10), grid).tolist()]
-        values = [total(x) for x in logs]
-        i = min(range(grid), key=values.__getitem__)
-        lo, hi = logs[max(i - 1, 0)], logs[min(i + 1, grid - 1)]
-        return math.exp(_golden_min(total, lo, hi))
+def minimise_eta(loss_at: Callable[[float], float], scale: float, grid: int = 61) -> float:
+    """The eta > 0 minimising ``loss_at`` (a K-step expected loss): a log grid from 1e-6 to 1e2 x ``scale``, then
+    golden section between the best grid point's neighbours (non-finite losses count as +inf)."""
+
+    def total(log_eta: float) -> float:
+        v = loss_at(math.exp(log_eta))
+        return v if math.isfinite(v) else math.inf
+
+    logs = [math.log(scale) + x for x in torch.linspace(-6 * math.log(10), 2 * math.log(10), grid).tolist()]
+    values = [total(x) for x in logs]
+    i = min(range(grid), key=values.__getitem__)
+    lo, hi = logs[max(i - 1, 0)], logs[min(i + 1, grid - 1)]
+    return math.exp(_golden_min(total, lo, hi))
 
 
 @dataclass(frozen=True)

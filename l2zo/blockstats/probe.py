@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from l2zo.blockstats.allocations import const_sigma, net_sigma, permuted, sigma_mapping
+from l2zo.blockstats.coupling_stats import Gram
 from l2zo.blockstats.gain import QuadraticModel, kstep, step_terms
 from l2zo.blockstats.oracles import gsl, hizoo, water_filling, water_filling_eta
 from l2zo.blockstats.select import artifact_tag
@@ -313,6 +314,27 @@ def _load(cfg: ProbeConfig) -> tuple[Any, Any, Any]:
         raise L2ZOError(f"task {task.name!r} has an empty train split")
     loaded = load_model(cfg.model)
     return task, data, loaded
+
+
+def probe_gram(cfg: ProbeConfig, chunk: int = 100) -> Gram:
+    """The Hessian Gram of the block gradients (``coupling_stats.gradient_gram``) of ``cfg``'s model on its whole
+    train split, in chunks of ``chunk`` examples (a remainder smaller than a chunk is left out, so that the chunks'
+    mean is a mean over examples), at the model's initial state (dropout off)."""
+    from l2zo.blockstats.coupling_stats import gradient_gram
+    from l2zo.tasks.scoring import CandidateScorer
+
+    if chunk < 1:
+        raise L2ZOError(f"--chunk must be >= 1, got {chunk}")
+    task, data, loaded = _load(cfg)
+    model = loaded.model.to(torch.device("cpu")).float()
+    scorer = CandidateScorer(loaded.tokenizer, max_length=cfg.max_length)
+    examples = list(data.train)
+    if len(examples) < chunk:
+        raise L2ZOError(f"the train split has {len(examples)} examples, fewer than one chunk of {chunk}")
+    batches = [scorer.collate(examples[i : i + chunk]) for i in range(0, len(examples) - chunk + 1, chunk)]
+    fns = [lambda batch=batch: scorer.loss(model, batch, task.loss_kind) for batch in batches]
+    with eval_mode(model):
+        return gradient_gram(partition(model), fns)
 
 
 def run_probe(
