@@ -26,6 +26,7 @@ import torch
 from l2zo.blockstats.coupled import CoupledModel, coupled_kstep
 from l2zo.blockstats.coupling_stats import Gram
 from l2zo.blockstats.gain import QuadraticModel, kstep, normalize
+from l2zo.blockstats.kstep_opt import kstep_optimal
 from l2zo.blockstats.probe import ProbeConfig, probe_gram
 from l2zo.blockstats.transfer import pooled_stats, read_pairs
 from l2zo.errors import L2ZOError
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="an allocation to score (repeatable); mezo (s = 1) is always scored")  # fmt: skip
     ap.add_argument("--measured", type=Path, help="a compare's summary.csv with runs named as the labels")
     ap.add_argument("--out", type=Path, help="write the table here (markdown) as well as to stdout")
+    ap.add_argument("--kstep-opt", action="store_true",
+                    help="also fit the allocation that maximises the coupled R_K on this task (kopt-coupled-own; "
+                         "l2zo.blockstats.kstep_opt with the Gram) and score it")  # fmt: skip
+    ap.add_argument("--kstep-iters", type=int, default=300, help="gradient steps of --kstep-opt (default 300)")
+    ap.add_argument("--write-sigma", type=Path, metavar="FILE", help="with --kstep-opt: write its sigma file here")
     a = ap.parse_args(argv)
     try:
         meta = a.probe / "probe.json"
@@ -109,8 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     except L2ZOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.write_sigma and not a.kstep_opt:
+        print("error: --write-sigma writes the --kstep-opt allocation: pass --kstep-opt too", file=sys.stderr)
+        return 2
     separable = QuadraticModel.from_stats(stats)
     coupled = CoupledModel.from_gram(stats, gram.G, gram.gram)
+    if a.kstep_opt:
+        try:
+            fit = kstep_optimal([stats], a.horizon, iters=a.kstep_iters, grams=[gram])
+        except L2ZOError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        allocs["kopt-coupled-own"] = fit.s
+        if a.write_sigma:
+            mapping = {name: float(v) for name, v in zip(names, fit.s.tolist(), strict=True)}
+            write_text_atomic(a.write_sigma, json.dumps(mapping, indent=1) + "\n")
     rows, preds = [], {"separable": [], "coupled": [], "measured": []}
     base_sep = kstep(allocs["mezo"], separable, a.horizon)
     base_cpl = coupled_kstep(allocs["mezo"], coupled, a.horizon)

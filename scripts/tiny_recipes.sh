@@ -211,6 +211,13 @@ case ${1:-} in
       $PY scripts/allocation_transfer.py "$P/derived-$t" "${meta[@]}" --write-sigma "$OUT/transfer-sigma/$t" \
         --kstep-opt "$t" --out "docs/results/oracle-tiny/transfer-$t.md" >/dev/null
     done
+    # the task's own allocation that maximises R_K under the coupled K-step model (stop 27; its Hessian Gram of the
+    # block gradients, one HVP per block: a backprop oracle like gsl-own), fitted once per task
+    for t in synth-color synth-successor; do
+      f=$OUT/transfer-sigma/$t/kopt-coupled-own-$t.json
+      [ -f "$f" ] || $PY scripts/kstep_coupling.py "$P/derived-$t" --gram "$OUT/gram/$t.pt" --kstep-opt \
+        --kstep-iters 100 --write-sigma "$f" >/dev/null
+    done
     opts="mezo,fixed-sigma:sigma_file=$P/derived-{task}/sigma/gsl.json:label=gsl-own"
     opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/consensus-{task}.json:label=gsl-meta-consensus"
     # the task's own G with the meta-training tasks' consensus curvature: the half of the oracle that forward
@@ -221,7 +228,8 @@ case ${1:-} in
     # the allocation that maximises the mean log R_K over the five meta-training tasks' statistics: one static
     # allocation learned from them, the same for both held-out tasks (stop 26; l2zo.blockstats.kstep_opt)
     opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-others-{task}.json:label=kopt-meta"
-    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta oracle \
+    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-coupled-own-{task}.json:label=kopt-coupled-own"
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own oracle \
       docs/results/oracle-tiny
     ;;
   coupling)
@@ -234,7 +242,8 @@ case ${1:-} in
       $PY scripts/kstep_coupling.py "$P/derived-$t" --gram "$OUT/gram/$t.pt" \
         --allocation "gsl-own=$P/derived-$t/sigma/gsl.json" --allocation "gsl-meta-consensus=$S/consensus-$t.json" \
         --allocation "gsl-own-g=$S/own-g-$t.json" --allocation "gsl-zo-own=$S/zo-own-$t.json" \
-        --allocation "kopt-meta=$S/kopt-others-$t.json" --measured docs/results/oracle-tiny/summary.csv \
+        --allocation "kopt-meta=$S/kopt-others-$t.json" --allocation "kopt-coupled-own=$S/kopt-coupled-own-$t.json" \
+        --measured docs/results/oracle-tiny/summary.csv \
         --out "docs/results/oracle-tiny/coupling-$t.md" >/dev/null
     done
     ;;

@@ -19,13 +19,15 @@ Pure function over ``BlockStats``; no Lightning, no model code.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from l2zo.blockstats.gain import QuadraticModel, kstep, kstep_loss, normalize, tune_eta
+from l2zo.blockstats.coupled import CoupledModel, coupled_change, tune_coupled_eta
+from l2zo.blockstats.coupling_stats import Gram
+from l2zo.blockstats.gain import QuadraticModel, kstep_loss, normalize, tune_eta
 from l2zo.blockstats.stats import BlockStats
 from l2zo.errors import L2ZOError
 
@@ -52,12 +54,14 @@ def kstep_optimal(
     iters: int = 300,
     lr: float = 0.1,
     init: Tensor | None = None,
+    grams: Sequence[Gram] | None = None,
 ) -> KStepOptimum:
     """The allocation s [B] maximising the mean over ``stats`` of log R_K over ``horizon`` steps (see the module doc).
 
     Adam on log s from ``init`` (default MeZO's s = 1) for ``iters`` steps of size ``lr`` (in log s); the best
     iterate is returned, so the result is never worse than the start. Every entry of ``stats`` must describe the
-    same blocks (the same ``n``) and predict a positive decrease for MeZO.
+    same blocks (the same ``n``) and predict a positive decrease for MeZO. With ``grams`` (one per entry of
+    ``stats``), R_K is the coupled model's (``coupled.CoupledModel.from_gram``), not the separable two-scale one's.
     """
     if not stats:
         raise L2ZOError("the K-step optimal allocation needs the statistics of at least one task")
@@ -66,8 +70,11 @@ def kstep_optimal(
     n = stats[0].n.to(torch.float64)
     if any(s.n.shape != n.shape or not torch.equal(s.n.to(torch.float64), n) for s in stats):
         raise L2ZOError("the statistics passed describe different blocks: pass probes of one model")
-    models = [QuadraticModel.from_stats(s) for s in stats]
-    base = [kstep(torch.ones_like(n), m, horizon).decrease for m in models]
+    if grams is not None and len(grams) != len(stats):
+        raise L2ZOError(f"pass one Gram per statistics: {len(grams)} Grams for {len(stats)} statistics")
+    models = ([_separable(QuadraticModel.from_stats(s), horizon) for s in stats] if grams is None else
+              [_coupled(CoupledModel.from_gram(s, g.G, g.gram), horizon) for s, g in zip(stats, grams, strict=True)])  # fmt: skip
+    base = [-float(m.change(torch.ones_like(n), m.tune(torch.ones_like(n)))) for m in models]
     for i, b in enumerate(base):
         if not b > 0:
             raise L2ZOError(f"statistics {i} predict no decrease for MeZO over {horizon} steps (no gradient signal "
@@ -77,8 +84,8 @@ def kstep_optimal(
         w = normalize(torch.exp(x), n) ** 2
         terms = []
         for m, b in zip(models, base, strict=True):
-            eta = tune_eta(w, m, horizon)  # without grad: exact to first order at the optimum
-            decrease = float(m.f0.sum()) - kstep_loss(w, eta, m, horizon).sum()
+            eta = m.tune(w)  # without grad: exact to first order at the optimum
+            decrease = -m.change(w, eta)
             terms.append(torch.log(decrease.clamp_min(1e-300) / b))
         return torch.stack(terms).mean()
 
@@ -98,5 +105,24 @@ def kstep_optimal(
         (-j).backward()
         opt.step()
     s = normalize(torch.exp(best_x), n)
-    ratios = tuple(kstep(s, m, horizon).decrease / b for m, b in zip(models, base, strict=True))
+    w = s * s
+    ratios = tuple(-float(m.change(w, m.tune(w))) / b for m, b in zip(models, base, strict=True))
     return KStepOptimum(s=s, ratios=ratios, objective=torch.tensor(trace, dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class _Predictor:
+    """One task's K-step model: its eta search and its expected loss change E[L_K] - L_0 at (w, eta)."""
+
+    tune: Callable[[Tensor], float]
+    change: Callable[[Tensor, float], Tensor]
+
+
+def _separable(model: QuadraticModel, horizon: int) -> _Predictor:
+    return _Predictor(tune=lambda w: tune_eta(w, model, horizon),
+                      change=lambda w, eta: kstep_loss(w, eta, model, horizon).sum() - model.f0.sum())  # fmt: skip
+
+
+def _coupled(model: CoupledModel, horizon: int) -> _Predictor:
+    return _Predictor(tune=lambda w: tune_coupled_eta(w, model, horizon),
+                      change=lambda w, eta: coupled_change(w, eta, model, horizon))  # fmt: skip
