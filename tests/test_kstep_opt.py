@@ -74,3 +74,25 @@ def test_kstep_optimal_refuses_bad_input_with_one_line():
         kstep_optimal([flat], 50)
     with pytest.raises(L2ZOError, match="no statistics for task"):
         leave_one_out_kstep({"a": TWO, "b": TWO}, 50, tasks=["c"])
+
+
+def test_kstep_optimal_under_the_coupled_model_finds_its_brute_force_optimum():
+    from l2zo.blockstats.coupled import CoupledModel, coupled_kstep
+    from l2zo.blockstats.coupling_stats import Gram
+
+    # the two blocks' gradients share curvature: moving one spends loss the other points at
+    gram = Gram(G=TWO.G, gram=torch.tensor([[2.0, 1.5], [1.5, 4.0]], dtype=torch.float64), loss=1.0, chunks=1)
+    model = CoupledModel.from_gram(TWO, gram.G, gram.gram)
+    base = coupled_kstep(torch.ones(2, dtype=torch.float64), model, 30).decrease
+    brute = (
+        max(
+            coupled_kstep(normalize(torch.tensor([1.0, math.exp(r)], dtype=torch.float64), TWO.n), model, 30).decrease
+            for r in torch.linspace(-6, 6, 61).tolist()
+        )
+        / base
+    )
+    assert brute > 1.1
+    res = kstep_optimal([TWO], 30, iters=60, lr=0.2, grams=[gram])
+    assert res.ratios[0] == pytest.approx(brute, rel=0.01)
+    with pytest.raises(L2ZOError, match="one Gram per statistics"):
+        kstep_optimal([TWO], 30, grams=[gram, gram])

@@ -13,6 +13,10 @@ at the optimum (the envelope theorem). With T = 1 it is the task's own K-step or
 meta-training tasks it is a static allocation learned from them, which a held-out task never informs: the mean of
 logs asks it to help every task rather than the easiest one.
 
+With the tasks' Hessian Grams (``coupling_stats.Gram``) the K-step loss is the coupled model's
+(``coupled.coupled_change``): the blocks' gradient directions share one quadratic, which the separable model above
+counts once per block (docs/results/oracle-tiny, stop 27).
+
 Pure function over ``BlockStats``; no Lightning, no model code.
 """
 
