@@ -143,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         cpl = coupled_kstep(s, coupled, a.horizon)
         r_sep, r_cpl = sep.decrease / base_sep.decrease, cpl.decrease / base_cpl.decrease
         m = measured.get(label)
+        share = stats.n * s * s / (stats.n * s * s).sum()  # each block's share of the perturbation energy
+        top = int(share.argmax())
         rows.append(f"| {label} | {r_sep:.2f} | {sep.eta / base_sep.eta:.1f} | {r_cpl:.2f} | "
-                    f"{cpl.eta / base_cpl.eta:.1f} | {cpl.decrease:.3f} | {'-' if m is None else f'{m:.2f}'} |")  # fmt: skip
+                    f"{cpl.eta / base_cpl.eta:.1f} | {cpl.decrease:.3f} | {'-' if m is None else f'{m:.2f}'} | "
+                    f"{float(1 / (share**2).sum()):.1f} ({names[top]} {float(share[top]):.0%}) |")  # fmt: skip
         if m is not None:
             preds["separable"].append(r_sep)
             preds["coupled"].append(r_cpl)
             preds["measured"].append(m)
     diag = torch.diagonal(gram.gram)
+    negative = int((torch.linalg.eigvalsh((gram.gram + gram.gram.T) / 2) < 0).sum())
     lines = [
         f"{probe['task']} @ {Path(str(probe['model_name_or_path'])).name}: the Hessian Gram of the block gradients at "
         f"the initial state, over {gram.chunks} chunks of {a.chunk} train examples (loss {gram.loss:.3f}).",
@@ -159,14 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         f"positive blocks): {float((gram.G**2 / (2 * diag)).where(diag > 0, torch.zeros_like(diag)).sum()):.2f}",
         f"- the same with the probe's pooled statistics (the separable model used so far): "
         f"{float(separable.f0.sum()):.2f}",
+        f"- eigenvalues of the (symmetrised) Gram below 0: {negative} of {len(names)} (set to 0 by the PSD projection)",
         f"- loss the block gradients' span can remove (coupled, PSD part): {coupled.reducible():.2f}",
         f"- predicted {a.horizon}-step decrease of MeZO: separable {base_sep.decrease:.3f} at eta "
         f"{base_sep.eta:.2e}, coupled {base_cpl.decrease:.3f} at eta {base_cpl.eta:.2e}",
         "",
-        f"R_K ({a.horizon} steps, eta re-tuned for each allocation; eta x: its tuned eta over MeZO's):",
+        f"R_K ({a.horizon} steps, eta re-tuned for each allocation; eta x: its tuned eta over MeZO's; effective blocks: "
+        "1 / the sum of the squared shares of the perturbation energy n_b s_b^2):",
         "",
-        "| allocation | R_K separable | eta x | R_K coupled | eta x | coupled decrease | measured decrease / MeZO's |",
-        "|---|---|---|---|---|---|---|",
+        "| allocation | R_K separable | eta x | R_K coupled | eta x | coupled decrease | measured decrease / MeZO's | "
+        "effective blocks (the largest share) |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     if len(preds["measured"]) >= 3:
