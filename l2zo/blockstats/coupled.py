@@ -3,10 +3,10 @@
 ``gain.QuadraticModel`` (two-scale) gives each block its own "signal" direction (its gradient g_b, curvature rho_b)
 and treats the blocks as independent quadratics, so it credits each block with the loss G_b / (2 rho_b) that its
 own gradient alone could remove. The blocks' gradients remove the *same* loss: measured on the tiny world
-(synth-color, full train split, state 0), g^T H g is 3.7x the sum of its diagonal blocks g_b^T H_bb g_b, and the
-separable signal losses sum to 7.6 where the loss is 1.11 and the best step in the span of the block gradients
-removes 1.47 (scripts/kstep_coupling.py; docs/results/oracle-tiny). An allocation fitted to the separable model
-(``kstep_opt``) exploits exactly that overcount.
+(synth-color, full train split, state 0), g^T H g is 3.75x the sum of its diagonal blocks g_b^T H_bb g_b, and the
+separable signal losses sum to 7.6 where the loss is 1.11, while this model's quadratic in the span of the block
+gradients can lose 0.96 (scripts/kstep_coupling.py; docs/results/oracle-tiny). An allocation fitted to the separable
+model (``kstep_opt``) exploits exactly that overcount.
 
 Here the signal is one coordinate x_b per block along the unit gradient g_b / ||g_b||, with the full coupling
 between blocks: L_s(x) = -r^T x + x^T K x / 2, r_b = ||g_b|| = sqrt(G_b), K_bc = g_b^T H_bc g_c / (r_b r_c) (the
