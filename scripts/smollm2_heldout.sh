@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15 on SmolLM2-135M: the held-out evaluation of item 4 (every optimizer's lr tuned on dev, 3 paired seeds),
 # on the base model and its derivative x three tasks never used in meta-training (RTE, CB, MultiRC): 6 pairs.
-# The third task was WiC, then (stop 27) WSC: both start at chance (dev loss 0.703 / 0.704, classes balanced in dev)
+# The third task was WiC, then (stop 27) WSC: both start at chance (dev loss 0.703 / 0.704 on the base)
 # and no lr of the grid moved either by more than 0.01 in 60 steps, so they could not separate optimizers; their
 # tuning runs stay under compares/*/wic and */wsc. MultiRC starts miscalibrated (base: dev loss 1.027, accuracy
 # 0.54), so its loss moves, as CB's does.
