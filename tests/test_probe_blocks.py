@@ -288,11 +288,7 @@ def test_rank_artifacts_scores_by_mean_r_over_unsaturated_tasks(probe_dir):
 
 
 def test_rank_artifacts_script_and_its_one_line_errors(probe_dir, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rank_artifacts", Path("scripts/rank_artifacts.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("rank_artifacts")
     out = tmp_path / "ranking.md"
     assert mod.main([str(probe_dir), "--out", str(out), "--min-loss", "0"]) == 0
     text = out.read_text()
@@ -357,11 +353,11 @@ def test_transfer_oracle_from_saved_pairs_matches_the_probes_gsl(probe_dir):
     assert math.isnan(pearson(torch.ones(3), torch.arange(3.0)))
 
 
-def _transfer_script():
-    """scripts/allocation_transfer.py as a module (scripts are not a package)."""
+def _script(name: str):
+    """scripts/<name>.py as a module (scripts are not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("allocation_transfer", Path("scripts/allocation_transfer.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(f"scripts/{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -381,7 +377,7 @@ def _relabelled(probe: Path, folder: Path, task: str = "synth-size") -> Path:
 def test_allocation_transfer_script_tables_and_one_line_errors(probe_dir, tmp_path, capsys):
     import shutil
 
-    mod = _transfer_script()
+    mod = _script("allocation_transfer")
     # a second "task": the same probe relabelled; its oracle equals the first's, so they correlate at +1.00
     other = _relabelled(probe_dir, tmp_path / "other")
     out = tmp_path / "t.md"
@@ -422,7 +418,7 @@ def test_allocation_transfer_kstep_opt_writes_the_fitted_allocations(probe_dir, 
     from l2zo.blockstats.allocations import permute_sigma
     from l2zo.optim.methods.fixed_sigma import read_sigma_file
 
-    mod = _transfer_script()
+    mod = _script("allocation_transfer")
     other = _relabelled(probe_dir, tmp_path / "other")
     sig, out = tmp_path / "sig", tmp_path / "t.md"
     argv = [str(probe_dir), str(other), "--kstep-opt", "synth-color", "--kstep-iters", "20"]
@@ -545,7 +541,7 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
     assert main([*_probe_args(model_dir, artifact, out), "--resume", "--zo-probes", "-1"]) == 2
     assert "--zo-probes must be >= 0" in capsys.readouterr().err
     # allocation_transfer reads the forward-only G: a zo-G column, its budget curve and zo-g fixed-sigma files
-    mod = _transfer_script()
+    mod = _script("allocation_transfer")
     other = _relabelled(probe_dir, tmp_path / "other")
     assert (
         mod.main([str(out), str(other), "--write-sigma", str(tmp_path / "sig"), "--out", str(tmp_path / "t.md")]) == 0
@@ -561,16 +557,6 @@ def test_zo_probes_add_a_forward_only_G_to_a_finished_probe_on_resume(probe_dir,
         tmp_path / "sig" / "zo-own-synth-color.json"
     ).is_file()
     assert not (tmp_path / "sig" / "zo-g-synth-size.json").exists()  # that probe has no forward-only G
-
-
-def _script(name: str):
-    """scripts/<name>.py as a module (scripts are not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(f"scripts/{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_kstep_coupling_measures_the_gram_once_and_scores_both_models(probe_dir, tmp_path, capsys):

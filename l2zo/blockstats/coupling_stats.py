@@ -7,7 +7,7 @@ seen from several blocks (the coupled one). The full matrix costs one Hessian-ve
 Here g is the gradient of the mean loss over the given loss closures (equal-sized chunks of one data set, so
 their mean is that set's loss) and H its Hessian. Two passes: the first sums the chunks' gradients (no graph
 kept), the second rebuilds one chunk's double-backward graph at a time and applies H to g_b e_b for every block
-b, so memory is one graph and about B + 2 parameter-sized buffers of [numel of one block].
+b, so memory is one graph and three parameter-sized buffers (g, zeros, one HVP).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from l2zo.blockstats.stats import LossFn, _Graph, double_backward_attention
+from l2zo.blockstats.stats import LossFn, _block_dots, _Graph, double_backward_attention
 from l2zo.engine.blocks import Block
 from l2zo.errors import L2ZOError
 
@@ -63,14 +63,13 @@ def gradient_gram(blocks: Sequence[Block], loss_fns: Sequence[LossFn]) -> Gram:
             if gr is not None:
                 acc.add_(gr.detach(), alpha=1.0 / k)
     B = len(blocks)
+    zeros = [torch.zeros_like(x) for x in g]
     gram = torch.zeros(B, B, dtype=torch.float64)
     for fn in loss_fns:
         graph = _Graph(blocks, fn)
         for b in range(B):
-            v = [g[j] if j == b else torch.zeros_like(g[j]) for j in range(B)]
-            hv = graph.hvp(v)
-            for c in range(B):
-                gram[b, c] += float((g[c].double() * hv[c].double()).sum()) / k
+            hv = graph.hvp([*zeros[:b], g[b], *zeros[b + 1 :]])  # H (g_b e_b)
+            gram[b] += _block_dots(g, hv) / k
         del graph
-    G = torch.tensor([float((x.double() ** 2).sum()) for x in g], dtype=torch.float64)
+    G = _block_dots(g, g)
     return Gram(G=G, gram=gram, loss=total / k, chunks=k)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from l2zo.blockstats.allocations import const_sigma, net_sigma, permuted, sigma_mapping
-from l2zo.blockstats.coupling_stats import Gram
+from l2zo.blockstats.coupling_stats import Gram, gradient_gram
 from l2zo.blockstats.gain import QuadraticModel, kstep, step_terms
 from l2zo.blockstats.oracles import gsl, hizoo, water_filling, water_filling_eta
 from l2zo.blockstats.select import artifact_tag
@@ -320,7 +320,6 @@ def probe_gram(cfg: ProbeConfig, chunk: int = 100) -> Gram:
     """The Hessian Gram of the block gradients (``coupling_stats.gradient_gram``) of ``cfg``'s model on its whole
     train split, in chunks of ``chunk`` examples (a remainder smaller than a chunk is left out, so that the chunks'
     mean is a mean over examples), at the model's initial state (dropout off)."""
-    from l2zo.blockstats.coupling_stats import gradient_gram
     from l2zo.tasks.scoring import CandidateScorer
 
     if chunk < 1:
