@@ -116,6 +116,28 @@ def test_pooled_tuning_seeds_score_the_mean_and_drop_an_lr_that_fails_on_any_see
     assert pick_lr(pool_seeds(runs[2:3] + runs[:1])) == 1e-3
 
 
+def test_lr_tolerance_picks_the_smallest_lr_within_a_fraction_of_the_best_decrease():
+    # start 1.0: decreases 0.40, 0.70, 0.72 (the best), and a larger lr that diverged
+    points = [TunePoint(1e-4, 0.60, True, 1.0), TunePoint(2e-4, 0.30, True, 1.0), TunePoint(4e-4, 0.28, True, 1.0),
+              TunePoint(8e-4, 0.10, False, 1.0)]  # fmt: skip
+    assert pick_lr(points) == pick_lr(points, 0.0) == 4e-4
+    assert pick_lr(points, 0.05) == 2e-4  # 0.70 >= 0.95 * 0.72
+    assert pick_lr(points, 0.02) == 4e-4  # 0.70 < 0.98 * 0.72
+    assert pick_lr(points, 0.5) == 1e-4  # 0.40 >= 0.5 * 0.72
+    no_start = [TunePoint(p.lr, p.score, p.ok) for p in points]
+    assert pick_lr(no_start, 0.5) == 4e-4  # nothing to measure a decrease from: the lowest score
+    rising = [TunePoint(1e-4, 1.10, True, 1.0), TunePoint(2e-4, 1.05, True, 1.0)]
+    assert pick_lr(rising, 0.5) == 2e-4  # no lr lowered the loss: the lowest score
+    pooled = pool_seeds([TunePoint(1e-4, 0.5, True, 1.0), TunePoint(1e-4, 0.7, True, 0.8),
+                         TunePoint(2e-4, 0.4, True, 1.0), TunePoint(2e-4, 0.4, True, None)])  # fmt: skip
+    assert (
+        pooled[0].start == pytest.approx(0.9) and pooled[1].start is None
+    )  # a start is pooled only when every run has one
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(L2ZOError, match=r"--lr-tolerance must be in \[0, 1\)"):
+            CompareConfig(lr_grid="1e-4", lr_tolerance=bad)
+
+
 def test_grid_forms_and_errors():
     assert parse_grid_text("5e-5,1e-5,2e-5") == {DEFAULT_KEY: [1e-5, 2e-5, 5e-5]}
     assert parse_grid_text("1e-5;learned=5e-5,1e-4") == {DEFAULT_KEY: [1e-5], "learned": [5e-5, 1e-4]}
@@ -149,6 +171,8 @@ def test_config_keys_reach_the_compare_config(tmp_path):
         (["--optimizers", "mezo:lr=1e-4", "--lr-grid", "1e-5"], "fixes lr=0.0001 and --lr-grid tunes it"),
         (["--tune-steps", "3"], "give --lr-grid too"),
         (["--tune-seeds", "3"], "give --lr-grid too"),
+        (["--lr-tolerance", "0.05"], "give --lr-grid too"),
+        (["--lr-grid", "1e-4", "--lr-tolerance", "1.5"], "--lr-tolerance must be in [0, 1)"),
         (["--lr-grid", "1e-4", "--tune-seeds", "3,3"], "--tune-seeds repeats a seed"),
         (["--lr-grid", "adam=1e-4"], "--lr-grid names 'adam', not an optimizer of this compare"),
         (["--lr-grid", "1e-4,-1"], "not a positive number"),
@@ -344,6 +368,38 @@ def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, mon
     assert all(read_run(logdir / "mezo" / f"seed{k}", logdir).hparams["lr"] == float(other) for k in (0, 1, 2))
     shown = [(r["lr"], r["picked"]) for r in _tuning(logdir) if r["run"] == "mezo"]
     assert shown == [(other, "1"), ("1000000000.0", "0")]  # the grid that ran, not the old points still on disk
+
+
+def test_resume_with_lr_tolerance_repicks_from_the_kept_tuning_runs(tuned_compare, tmp_path, monkeypatch):
+    """The sensitivity check of the pick rule: the same tuning runs, picked with --lr-tolerance; only the seeds
+    of an optimizer whose pick moves run again, at the new lr, and the record says which rule picked it."""
+    from l2zo.train import finetune
+
+    src, _ = tuned_compare
+    logdir = tmp_path / "exp"
+    shutil.copytree(src, logdir)
+    runs = {lr: read_run(logdir / "tune" / "mezo" / f"lr={lr}" / "seed0", logdir) for lr in ("0.0001", "0.001")}
+    drop = {lr: r.series("val/loss")[0][1] - r.series("val/loss")[-1][1] for lr, r in runs.items()}
+    assert runs["0.001"].series("val/loss")[0][0] == 0 and 0 < drop["0.0001"] < drop["0.001"]  # the premise
+    assert json.loads((logdir / "compare.json").read_text())["tuning"]["mezo"]["picked"] == 1e-3
+    tolerance = 1 - drop["0.0001"] / drop["0.001"] + 1e-3  # just wide enough to let 1e-4 in
+    trained: list[Path] = []
+    original = finetune.run_finetune
+
+    def spy(cfg, overwrite=False):
+        trained.append(Path(cfg.logdir))
+        return original(cfg, overwrite=overwrite)
+
+    monkeypatch.setattr(finetune, "run_finetune", spy)
+    argv = ["compare", *ARGV, "--logdir", str(logdir), "--resume", "--lr-tolerance", f"{tolerance:.6f}"]
+    assert main(argv) == 1  # zo-sgd-sign still has no lr that finished
+    assert trained == [logdir / "mezo" / f"seed{k}" for k in (0, 1, 2)]  # no tuning run again
+    for k in (0, 1, 2):
+        run = read_run(logdir / "mezo" / f"seed{k}", logdir)
+        assert run.hparams["lr"] == 1e-4 and run.tuned["tolerance"] == pytest.approx(tolerance, abs=1e-6)
+    assert [(r["lr"], r["picked"]) for r in _tuning(logdir) if r["run"] == "mezo"] == [
+        ("0.0001", "1"), ("0.001", "0"), ("1000000000.0", "0")]  # fmt: skip
+    assert "- Picked with --lr-tolerance 0." in (logdir / "summary.md").read_text()
 
 
 def test_resume_refuses_a_kept_run_made_with_another_optimizer_or_other_artifact_weights(tmp_path, capsys):

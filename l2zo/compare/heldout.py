@@ -311,7 +311,7 @@ def write_heldout(out: Path, docs: Path, models: Sequence[str], tasks: Sequence[
     docs.mkdir(parents=True, exist_ok=True)
     for m in models:
         for t in tasks:
-            for png in PLOTS:
+            for png in (*PLOTS, "tuning.csv"):  # the plots, and what each lr scored on dev and which was picked
                 src = compare_dir(out, m, t) / png
                 if src.is_file():
                     (docs / model_label(m) / t).mkdir(parents=True, exist_ok=True)

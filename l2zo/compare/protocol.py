@@ -28,6 +28,12 @@ def dev_score(runs: list[RunRecord], select: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def dev_start(run: RunRecord) -> float | None:
+    """The dev loss a run evaluated at step 0 (None: no evaluation there)."""
+    dev = run.series("val/loss")
+    return dev[0][1] if dev and dev[0][0] == 0 else None
+
+
 def run_curve(run: RunRecord) -> Curve | None:
     """The dev-loss curve of a run that finished ok, in training forward passes (None: failed or no dev loss)."""
     dev = run.series("val/loss")
@@ -60,7 +66,8 @@ def tuning_rows(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, M
             bases.setdefault(r.base, {}).setdefault(r.sweep["lr"], []).append(r)
     out = []
     for base, by_lr in bases.items():
-        points = pool_seeds([TunePoint(lr, dev_score([r], select), r.ok) for lr, runs in by_lr.items() for r in runs])
+        points = pool_seeds([TunePoint(lr, dev_score([r], select), r.ok, dev_start(r)) for lr, runs in by_lr.items()
+                             for r in runs])  # fmt: skip
         picked = ran[base].get("picked") if base in ran else pick_lr(points)
         grid = [p.lr for p in points]
         for p in points:
@@ -70,7 +77,8 @@ def tuning_rows(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, M
             status = "; ".join(f"{o}{r.status}: {r.reason}" for o, r in zip(on, bad)) if bad else "ok"
             out.append({"run": base, "lr": p.lr, "seeds": ",".join(str(r.seed) for r in runs),
                         "steps": runs[0].config.get("tune_steps"), "score": p.score, "status": status,
-                        "picked": p.lr == picked, "edge": p.lr == picked and at_edge(p.lr, grid)})  # fmt: skip
+                        "picked": p.lr == picked, "edge": p.lr == picked and at_edge(p.lr, grid),
+                        "tolerance": ran.get(base, {}).get("tolerance", 0.0)})  # fmt: skip
     return out
 
 
@@ -180,4 +188,7 @@ def render_tuning_md(rows: Sequence[dict[str, Any]], select: str) -> list[str]:
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     lines += ["", ("- An lr whose tuning run failed or diverged (on any tuning seed) never wins; every seed of the "
                    "comparison then runs at the picked lr.")]  # fmt: skip
+    for tol in sorted({r.get("tolerance") or 0.0 for r in rows} - {0.0}):
+        lines.append(f"- Picked with --lr-tolerance {tol:g}: the smallest lr whose dev-loss decrease from step 0 is "
+                     f"within {tol:.0%} of the lowest-scoring lr's.")  # fmt: skip
     return lines

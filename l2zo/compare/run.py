@@ -102,6 +102,8 @@ class Plan:
         """``spec`` with its picked lr (None: no tuning run finished, so its runs are recorded as failed)."""
         info = {"grid": self.grids[spec.label], "picked": picked, "tune_steps": self.tune_steps,
                 "tune_seeds": self.tune_seeds}  # fmt: skip
+        if self.cfg.lr_tolerance:  # recorded only where set, so the records of earlier compares read the same
+            info["tolerance"] = self.cfg.lr_tolerance
         hp = spec.hparams if picked is None else {**spec.hparams, "lr": picked}
         return replace(spec, hparams=hp, tuned=info)
 
@@ -192,9 +194,9 @@ def check_tuning(cfg: CompareConfig, specs: list[RunSpec]) -> dict[str, list[flo
     """The lr grid of each label to tune; refuses what cannot mean anything (a grid beside --sweep, an lr both
     fixed and tuned, an optimizer without an lr, tuning options without a grid)."""
     if not cfg.lr_grid:
-        if cfg.tune_steps is not None or cfg.tune_seeds is not None:
-            raise L2ZOError("--tune-steps and --tune-seeds set the lr-tuning runs: give --lr-grid too, e.g. "
-                            "--lr-grid 1e-5,2e-5,5e-5")  # fmt: skip
+        if cfg.tune_steps is not None or cfg.tune_seeds is not None or cfg.lr_tolerance:
+            raise L2ZOError("--tune-steps, --tune-seeds and --lr-tolerance set the lr tuning: give --lr-grid too, "
+                            "e.g. --lr-grid 1e-5,2e-5,5e-5")  # fmt: skip
         return {}
     if cfg.sweep:
         raise L2ZOError("--lr-grid and --sweep do not combine: tune the lr with --lr-grid, or sweep with --sweep")
@@ -472,10 +474,9 @@ def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
                     rec = _kept_record(folder, root) if kept else run_one(plan, t, k, order=i)
                     tune_records.append(rec)
                     note({**rec, "phase": "tune"}, folder, f"tune {len(tune_records)}/{n_tune}")
-                    score = _tune_score(folder, root, cfg.select)
-                    points.append(TunePoint(t.sweep["lr"], score, rec["status"] == "ok"))
+                    points.append(_tune_point(folder, root, cfg.select, t.sweep["lr"], rec["status"] == "ok"))
             points = pool_seeds(points)
-            picked = pick_lr(points)
+            picked = pick_lr(points, cfg.lr_tolerance)
             specs[i] = plan.tuned(spec, picked)
             state["tuning"][spec.label] = {**specs[i].tuned, "scores": {fmt_value(p.lr): p.score for p in points}}
             log.info("lr tuning of %s: %s", spec.label, "no lr finished" if picked is None else f"lr {picked:g}")
@@ -517,12 +518,14 @@ def _run_all(plan: Plan, skip: set[Path]) -> dict[str, Any]:
     return report
 
 
-def _tune_score(folder: Path, root: Path, select: str) -> float | None:
-    """A tuning run's dev-loss score, read back from its events as the report reads it (None: failed)."""
+def _tune_point(folder: Path, root: Path, select: str, lr: float, ok: bool) -> TunePoint:
+    """A tuning run's point: its dev-loss score (None: failed) and step-0 dev loss, read back from its events
+    as the report reads them."""
     from l2zo.compare.events import read_run
-    from l2zo.compare.protocol import dev_score
+    from l2zo.compare.protocol import dev_score, dev_start
 
-    return dev_score([read_run(folder, root)], select)
+    run = read_run(folder, root)
+    return TunePoint(lr, dev_score([run], select), ok, dev_start(run))
 
 
 def _run_entry(rec: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
+from l2zo.compare.tuning import check_tolerance
 from l2zo.config import (
     DataArgs,
     DistributedArgs,
@@ -79,6 +80,10 @@ class CompareConfig:
     tune_seeds: list[int] | int | str | None = None
     """the seeds of the lr-tuning runs, e.g. 100 or 100,101 (default: the first of --seeds); 2+ keep an lr that
     survives one seed by luck from being picked"""
+    lr_tolerance: float = 0.0
+    """pick the smallest lr of the grid whose dev-loss decrease is within this fraction of the best lr's (e.g.
+    0.05), instead of the best: a best lr that gains a few percent over the next smaller one sits at the edge
+    of stability, where some seeds diverge; 0 picks the lowest dev loss"""
     baseline: str | None = None
     """the reference of the paired table (final dev loss differences with a 95% CI over seeds, forwards to
     reach its final dev loss): an optimizer name or run label (default: the first optimizer listed)"""
@@ -91,6 +96,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("steps", "eval_every", "tune_steps"))
+        check_tolerance(self.lr_tolerance)
 
 
 @dataclasses.dataclass

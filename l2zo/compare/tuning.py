@@ -6,6 +6,13 @@ best, ``--select``) dev loss; an lr whose run failed or diverged on any tuning s
 edge of stability that happens to survive one seed blows up on others. The lowest score is picked; then
 every seed runs the full budget with it. Nothing here looks at test data.
 
+``--lr-tolerance R`` picks the smallest lr whose dev-loss decrease (from the step-0 dev loss) is within a
+fraction R of the best one's: a ZO run's loss falls off a cliff one factor-2 step above its best lr, and a
+best lr that gains a few percent over the next smaller one sits at that cliff, where some evaluation seeds
+diverge that the tuning seeds survived. The rule is the one-standard-error rule of model selection in
+spirit (of near-equal scores, take the safer choice), measured on the decrease so that a loss floor does
+not set the scale. R = 0 (the default) is the plain lowest score.
+
 Grid text: ``1e-5,2e-5,5e-5`` (every optimizer), ``mezo=1e-5,2e-5;learned=5e-5,1e-4`` (per run label or
 optimizer name; a label wins over its optimizer's name), or both (``1e-5,2e-5;learned=5e-5,1e-4``: the
 bare list for the optimizers not named). In YAML: a list, or a mapping name -> list (``default`` for
@@ -84,11 +91,13 @@ def grids_for(value: GridValue, labels: Sequence[str], optimizer_of: Mapping[str
 
 @dataclass(frozen=True)
 class TunePoint:
-    """One tuning run: its lr, its dev-loss score (final or best; None: no dev loss) and whether it finished ok."""
+    """One tuning run: its lr, its dev-loss score (final or best; None: no dev loss), whether it finished ok,
+    and its dev loss at step 0 (None: not evaluated there; ``--lr-tolerance`` needs it)."""
 
     lr: float
     score: float | None
     ok: bool
+    start: float | None = None
 
 
 def pool_seeds(runs: Sequence[TunePoint]) -> list[TunePoint]:
@@ -101,15 +110,35 @@ def pool_seeds(runs: Sequence[TunePoint]) -> list[TunePoint]:
     for lr, ps in sorted(by_lr.items()):
         scores = [p.score for p in ps if p.score is not None and math.isfinite(p.score)]
         ok = all(p.ok for p in ps) and len(scores) == len(ps)
-        out.append(TunePoint(lr, sum(scores) / len(scores) if ok else None, ok))
+        starts = [p.start for p in ps if p.start is not None and math.isfinite(p.start)]
+        start = sum(starts) / len(starts) if len(starts) == len(ps) else None
+        out.append(TunePoint(lr, sum(scores) / len(scores) if ok else None, ok, start))
     return out
 
 
-def pick_lr(points: Sequence[TunePoint]) -> float | None:
+def pick_lr(points: Sequence[TunePoint], tolerance: float = 0.0) -> float | None:
     """The lr of the lowest score among the runs that finished ok (a failed or diverged run never wins; a tie
-    goes to the smaller lr); None when no run finished."""
-    eligible = [(p.score, p.lr) for p in points if p.ok and p.score is not None and math.isfinite(p.score)]
-    return min(eligible)[1] if eligible else None
+    goes to the smaller lr); None when no run finished.
+
+    ``tolerance`` R in [0, 1): the smallest ok lr whose decrease ``start - score`` is at least (1 - R) times
+    the best one's (the start: the best point's step-0 dev loss). Without a start, or where the best lr did
+    not lower the loss, the lowest score wins as with R = 0.
+    """
+    eligible = [p for p in points if p.ok and p.score is not None and math.isfinite(p.score)]
+    if not eligible:
+        return None
+    best = min(eligible, key=lambda p: (p.score, p.lr))
+    if tolerance <= 0 or best.start is None or not best.start > best.score:  # type: ignore[operator]
+        return best.lr
+    floor = (1.0 - tolerance) * (best.start - best.score)  # type: ignore[operator]
+    return min(p.lr for p in eligible if best.start - p.score >= floor)  # type: ignore[operator]
+
+
+def check_tolerance(tolerance: float) -> None:
+    """``--lr-tolerance`` is a fraction of the best decrease: 0 <= R < 1."""
+    if not (isinstance(tolerance, (int, float)) and 0.0 <= tolerance < 1.0):
+        raise L2ZOError(f"--lr-tolerance must be in [0, 1) (a fraction of the best lr's dev-loss decrease, e.g. "
+                        f"0.05), got {tolerance!r}")  # fmt: skip
 
 
 def at_edge(lr: float, grid: Sequence[float]) -> bool:
