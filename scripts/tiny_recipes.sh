@@ -27,6 +27,8 @@
 #                                            # consensus of the five meta-training tasks' oracles, and its own G
 #                                            # with their consensus curvature, as fixed-sigma runs beside MeZO
 #                                            # (the robust protocol; docs/results/oracle-tiny)
+#   bash scripts/tiny_recipes.sh oracle-tolerance  # after oracle-heldout: the same runs with the lr picked by
+#                                            # --lr-tolerance 0.05 (docs/results/oracle-tiny-tol05)
 #   bash scripts/tiny_recipes.sh coupling    # after oracle-heldout: the separable and the coupled K-step models
 #                                            # against the measured allocations (docs/results/oracle-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
@@ -94,7 +96,7 @@ evaluate() {
   $PY scripts/evaluate_heldout.py --artifact docs/results/meta-tiny/tiny-greedy-v1 --models tiny-derived \
     --tasks "${TASKS:-synth-color,synth-successor}" --optimizers "$1" --steps 300 --seeds "$2" --batch-size 16 --eval-every 50 \
     --num-train 1000 --num-dev 200 --num-test 300 --max-length 64 --lr-grid "$3" --tune-seeds "${TUNE_SEEDS:-100}" --baseline mezo \
-    --champions "$4" --out "$OUT/$5" --docs "$6" --jobs "${JOBS:-2}" --threads 1
+    --champions "$4" --out "$OUT/$5" --docs "$6" --jobs "${JOBS:-2}" --threads 1 --lr-tolerance "${LR_TOLERANCE:-0}"
 }
 
 add_role_nets() {  # the nets of chains S and L that are meta-trained, appended to $opts and $champions
@@ -102,6 +104,21 @@ add_role_nets() {  # the nets of chains S and L that are meta-trained, appended 
     [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] || continue
     opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name" && champions="$champions,learned-$name"
   done
+}
+
+oracle_opts() {  # oracle-heldout's allocations, as fixed-sigma runs beside MeZO, into $opts
+  local P=$OUT/transfer-probes
+  opts="mezo,fixed-sigma:sigma_file=$P/derived-{task}/sigma/gsl.json:label=gsl-own"
+  opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/consensus-{task}.json:label=gsl-meta-consensus"
+  # the task's own G with the meta-training tasks' consensus curvature: the half of the oracle that forward
+  # passes on the task can measure, with the half that transfers (stop 25)
+  opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/own-g-{task}.json:label=gsl-own-g"
+  # the task's oracle with both halves measured by forward passes alone (probe-blocks --zo-probes, 48 pairs)
+  opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/zo-own-{task}.json:label=gsl-zo-own"
+  # the allocation that maximises the mean log R_K over the five meta-training tasks' statistics: one static
+  # allocation learned from them, the same for both held-out tasks (stop 26; l2zo.blockstats.kstep_opt)
+  opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-others-{task}.json:label=kopt-meta"
+  opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-coupled-own-{task}.json:label=kopt-coupled-own"
 }
 
 case ${1:-} in
@@ -218,19 +235,18 @@ case ${1:-} in
       [ -f "$f" ] || $PY scripts/kstep_coupling.py "$P/derived-$t" --gram "$OUT/gram/$t.pt" --kstep-opt \
         --kstep-iters 100 --write-sigma "$f" >/dev/null
     done
-    opts="mezo,fixed-sigma:sigma_file=$P/derived-{task}/sigma/gsl.json:label=gsl-own"
-    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/consensus-{task}.json:label=gsl-meta-consensus"
-    # the task's own G with the meta-training tasks' consensus curvature: the half of the oracle that forward
-    # passes on the task can measure, with the half that transfers (stop 25)
-    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/own-g-{task}.json:label=gsl-own-g"
-    # the task's oracle with both halves measured by forward passes alone (probe-blocks --zo-probes, 48 pairs)
-    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/zo-own-{task}.json:label=gsl-zo-own"
-    # the allocation that maximises the mean log R_K over the five meta-training tasks' statistics: one static
-    # allocation learned from them, the same for both held-out tasks (stop 26; l2zo.blockstats.kstep_opt)
-    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-others-{task}.json:label=kopt-meta"
-    opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-coupled-own-{task}.json:label=kopt-coupled-own"
+    oracle_opts
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own oracle \
       docs/results/oracle-tiny
+    ;;
+  oracle-tolerance)
+    # oracle-heldout again with --lr-tolerance 0.05 (stop 28): the smallest lr whose tuning decrease is within 5%
+    # of the best lr's. Its tuning runs and the runs whose pick does not move are copied, not re-run.
+    [ -f "$OUT/oracle/tiny-derived/synth-color/compare.json" ] || { echo "run $0 oracle-heldout first" >&2; exit 2; }
+    [ -d "$OUT/oracle-tol05" ] || cp -r "$OUT/oracle" "$OUT/oracle-tol05"
+    oracle_opts
+    TUNE_SEEDS=100,101 LR_TOLERANCE=0.05 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
+      gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own oracle-tol05 docs/results/oracle-tiny-tol05
     ;;
   coupling)
     # The separable K-step model against the one that couples the blocks' gradient directions through the Hessian
@@ -256,6 +272,6 @@ case ${1:-} in
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | coupling | metaval" >&2
+  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | oracle-tolerance | coupling | metaval" >&2
      exit 2 ;;
 esac
