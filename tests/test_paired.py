@@ -402,6 +402,29 @@ def test_resume_with_lr_tolerance_repicks_from_the_kept_tuning_runs(tuned_compar
     assert "- Picked with --lr-tolerance 0." in (logdir / "summary.md").read_text()
 
 
+def test_repick_says_which_picks_a_tolerance_would_move_without_running(tuned_compare, capsys):
+    import importlib.util
+
+    from l2zo.compare.events import load_experiment
+    from l2zo.compare.protocol import repick
+
+    logdir, _ = tuned_compare
+    runs = load_experiment(logdir)
+    assert repick(runs, 0.0) == {"mezo": (1e-3, 1e-3, 1e-3), "zo-sgd-sign": (None, None, None)}
+    assert repick(runs, 0.999)["mezo"] == (1e-3, 1e-3, 1e-4)  # 1e-4 lowered the loss a little (the premise above)
+    spec = importlib.util.spec_from_file_location(
+        "lr_tolerance", Path(__file__).parents[1] / "scripts" / "lr_tolerance.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(logdir), "--tolerance", "0.999"]) == 0
+    out = capsys.readouterr().out
+    assert f"| {logdir} | mezo | 0.001 | 0.001 | **0.0001** |" in out and "1 of 2 picks move." in out
+    assert script.main([str(logdir / "mezo"), "--tolerance", "0.05"]) == 2  # not a compare folder
+    assert script.main([str(logdir), "--tolerance", "1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 2
+
+
 def test_resume_refuses_a_kept_run_made_with_another_optimizer_or_other_artifact_weights(tmp_path, capsys):
     """A label reused for another optimizer, or a re-made artifact at the same path, would mix two experiments."""
     repo = Path(__file__).resolve().parents[1]

@@ -60,14 +60,8 @@ def tuning_rows(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, M
     the one the runs ran at; elsewhere the pick is made here by ``select``.
     """
     ran = ran or {}
-    bases: dict[str, dict[float, list[RunRecord]]] = {}
-    for r in sorted(tune_runs, key=lambda r: (r.order, r.base, r.sweep.get("lr", 0.0), r.seed)):
-        if r.base not in ran or r.sweep.get("lr") in ran[r.base].get("grid", []):
-            bases.setdefault(r.base, {}).setdefault(r.sweep["lr"], []).append(r)
     out = []
-    for base, by_lr in bases.items():
-        points = pool_seeds([TunePoint(lr, dev_score([r], select), r.ok, dev_start(r)) for lr, runs in by_lr.items()
-                             for r in runs])  # fmt: skip
+    for base, (by_lr, points) in _pooled(tune_runs, select, ran).items():
         picked = ran[base].get("picked") if base in ran else pick_lr(points)
         grid = [p.lr for p in points]
         for p in points:
@@ -80,6 +74,28 @@ def tuning_rows(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, M
                         "picked": p.lr == picked, "edge": p.lr == picked and at_edge(p.lr, grid),
                         "tolerance": ran.get(base, {}).get("tolerance", 0.0)})  # fmt: skip
     return out
+
+
+def _pooled(tune_runs: Sequence[RunRecord], select: str, ran: Mapping[str, Mapping[str, Any]]
+            ) -> dict[str, tuple[dict[float, list[RunRecord]], list[TunePoint]]]:  # fmt: skip
+    """Base label -> (lr -> its tuning runs, the pooled points), in --optimizers order; only the lrs of the grid
+    its runs ran with where ``ran`` records one."""
+    bases: dict[str, dict[float, list[RunRecord]]] = {}
+    for r in sorted(tune_runs, key=lambda r: (r.order, r.base, r.sweep.get("lr", 0.0), r.seed)):
+        if r.base not in ran or r.sweep.get("lr") in ran[r.base].get("grid", []):
+            bases.setdefault(r.base, {}).setdefault(r.sweep["lr"], []).append(r)
+    return {base: (by_lr, pool_seeds([TunePoint(lr, dev_score([r], select), r.ok, dev_start(r))
+                                      for lr, runs in by_lr.items() for r in runs]))
+            for base, by_lr in bases.items()}  # fmt: skip
+
+
+def repick(runs: Sequence[RunRecord], tolerance: float, select: str = "final") -> dict[str, tuple[Any, Any, Any]]:
+    """Base label -> (the lr its runs ran at, None before any ran; the lowest-score pick; the pick with
+    ``tolerance``), all from the same tuning runs: what another pick rule would change, without running."""
+    ran = {r.base: r.tuned for r in runs if r.phase != "tune" and r.tuned}
+    tune_runs = [r for r in runs if r.phase == "tune"]
+    return {base: (ran.get(base, {}).get("picked"), pick_lr(points), pick_lr(points, tolerance))
+            for base, (_, points) in _pooled(tune_runs, select, ran).items()}  # fmt: skip
 
 
 # -- paired table -------------------------------------------------------------------------------------------
