@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from l2zo.blockstats.coupled import CoupledModel, coupled_change, coupled_kstep, coupled_ratio
+from l2zo.blockstats.coupled import CoupledModel, coupled_change, coupled_kstep, coupled_ratio, tune_coupled_eta
 from l2zo.blockstats.coupling_stats import gradient_gram
 from l2zo.blockstats.gain import QuadraticModel, kstep_loss
 from l2zo.engine.blocks import Block
@@ -104,6 +104,18 @@ def test_coupling_lowers_what_the_gradient_directions_can_remove():
         shared.reducible(), rel=0.05
     )
     assert coupled_ratio(torch.ones(2, dtype=torch.float64), shared, 50) == pytest.approx(1.0)
+
+
+def test_a_warm_started_eta_search_finds_the_full_searchs_optimum():
+    n, l, c = _f64([50.0, 20.0, 5.0], [0.05, 0.2, 0.4], [0.3, 0.1, 0.0])
+    r = torch.tensor([1.0, 0.6, 0.3], dtype=torch.float64)
+    K = torch.tensor([[1.0, 0.5, 0.1], [0.5, 2.0, 0.3], [0.1, 0.3, 0.7]], dtype=torch.float64)
+    model = CoupledModel(n=n, l=l, c=c, r=r, K=K)
+    w = torch.tensor([1.2, 0.8, 0.5], dtype=torch.float64)
+    full = tune_coupled_eta(w, model, 40)
+    nudged = tune_coupled_eta(w * torch.tensor([1.05, 0.97, 1.0], dtype=torch.float64), model, 40)
+    assert tune_coupled_eta(w, model, 40, near=nudged) == pytest.approx(full, rel=1e-3)  # the last iterate's eta
+    assert tune_coupled_eta(w, model, 40, near=full * 30) == pytest.approx(full, rel=1e-3)  # far off: full search
 
 
 class _Quadratic(torch.nn.Module):

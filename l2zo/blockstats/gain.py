@@ -227,19 +227,22 @@ def tune_eta(w: Tensor, model: QuadraticModel, steps: int, grid: int = 61) -> fl
         return minimise_eta(lambda eta: float(kstep_loss(w, eta, model, steps).sum()), scale, grid)
 
 
-def minimise_eta(loss_at: Callable[[float], float], scale: float, grid: int = 61) -> float:
-    """The eta > 0 minimising ``loss_at`` (a K-step expected loss): a log grid from 1e-6 to 1e2 x ``scale``, then
-    golden section between the best grid point's neighbours (non-finite losses count as +inf)."""
+def minimise_eta(loss_at: Callable[[float], float], scale: float, grid: int = 61,
+                 decades: tuple[float, float] = (-6.0, 2.0), iters: int = 40) -> float:  # fmt: skip
+    """The eta > 0 minimising ``loss_at`` (a K-step expected loss): a log grid from 10^decades[0] to 10^decades[1]
+    x ``scale`` (default 1e-6..1e2), then ``iters`` golden-section steps between the best grid point's neighbours
+    (non-finite losses count as +inf)."""
 
     def total(log_eta: float) -> float:
         v = loss_at(math.exp(log_eta))
         return v if math.isfinite(v) else math.inf
 
-    logs = [math.log(scale) + x for x in torch.linspace(-6 * math.log(10), 2 * math.log(10), grid).tolist()]
+    span = torch.linspace(decades[0] * math.log(10), decades[1] * math.log(10), grid).tolist()
+    logs = [math.log(scale) + x for x in span]
     values = [total(x) for x in logs]
     i = min(range(grid), key=values.__getitem__)
     lo, hi = logs[max(i - 1, 0)], logs[min(i + 1, grid - 1)]
-    return math.exp(_golden_min(total, lo, hi))
+    return math.exp(_golden_min(total, lo, hi, iters))
 
 
 @dataclass(frozen=True)

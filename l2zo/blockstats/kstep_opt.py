@@ -78,17 +78,19 @@ def kstep_optimal(
         raise L2ZOError(f"pass one Gram per statistics: {len(grams)} Grams for {len(stats)} statistics")
     models = ([_separable(QuadraticModel.from_stats(s), horizon) for s in stats] if grams is None else
               [_coupled(CoupledModel.from_gram(s, g.G, g.gram), horizon) for s, g in zip(stats, grams, strict=True)])  # fmt: skip
-    base = [-float(m.change(torch.ones_like(n), m.tune(torch.ones_like(n)))) for m in models]
+    base = [-float(m.change(torch.ones_like(n), m.tune(torch.ones_like(n), None))) for m in models]
     for i, b in enumerate(base):
         if not b > 0:
             raise L2ZOError(f"statistics {i} predict no decrease for MeZO over {horizon} steps (no gradient signal "
                             "resolved): measure more batch pairs, or leave that task out")  # fmt: skip
 
+    etas: list[float | None] = [None] * len(models)  # each task's last tuned eta: the next search starts there
+
     def objective(x: Tensor) -> Tensor:
         w = normalize(torch.exp(x), n) ** 2
         terms = []
-        for m, b in zip(models, base, strict=True):
-            eta = m.tune(w)  # without grad: exact to first order at the optimum
+        for i, (m, b) in enumerate(zip(models, base, strict=True)):
+            eta = etas[i] = m.tune(w, etas[i])  # without grad: exact to first order at the optimum
             decrease = -m.change(w, eta)
             terms.append(torch.log(decrease.clamp_min(1e-300) / b))
         return torch.stack(terms).mean()
@@ -110,23 +112,26 @@ def kstep_optimal(
         opt.step()
     s = normalize(torch.exp(best_x), n)
     w = s * s
-    ratios = tuple(-float(m.change(w, m.tune(w))) / b for m, b in zip(models, base, strict=True))
+    ratios = tuple(-float(m.change(w, m.tune(w, None))) / b for m, b in zip(models, base, strict=True))
     return KStepOptimum(s=s, ratios=ratios, objective=torch.tensor(trace, dtype=torch.float64))
 
 
 @dataclass(frozen=True)
 class _Predictor:
-    """One task's K-step model: its eta search and its expected loss change E[L_K] - L_0 at (w, eta)."""
+    """One task's K-step model: its eta search (given the last optimum, or None) and its expected loss change
+    E[L_K] - L_0 at (w, eta)."""
 
-    tune: Callable[[Tensor], float]
+    tune: Callable[[Tensor, float | None], float]
     change: Callable[[Tensor, float], Tensor]
 
 
 def _separable(model: QuadraticModel, horizon: int) -> _Predictor:
-    return _Predictor(tune=lambda w: tune_eta(w, model, horizon),
+    # the separable recursion is [B] a step: its full search is cheap, so it never starts from the last optimum
+    return _Predictor(tune=lambda w, near: tune_eta(w, model, horizon),
                       change=lambda w, eta: kstep_loss(w, eta, model, horizon).sum() - model.f0.sum())  # fmt: skip
 
 
 def _coupled(model: CoupledModel, horizon: int) -> _Predictor:
-    return _Predictor(tune=lambda w: tune_coupled_eta(w, model, horizon),
+    # a [B, B] recursion: each Adam step's search starts at the last optimum (27 evaluations instead of 103)
+    return _Predictor(tune=lambda w, near: tune_coupled_eta(w, model, horizon, near=near),
                       change=lambda w, eta: coupled_change(w, eta, model, horizon))  # fmt: skip
