@@ -11,7 +11,9 @@ Fisher curvature, the minibatch noise). The Hessian Gram of the block gradients 
 one HVP per block and chunk of the train split, at the initial state) is measured once and kept in --gram.
 Each allocation is scored by R_K under both models (eta re-tuned for each), beside the measured decrease of
 its held-out runs over MeZO's, (dev loss at step 0 - final) / (the same for mezo), read from a compare's
-summary.csv. Exit 2 with one line on bad input.
+summary.csv. --kstep-opt fits the allocation that maximises the coupled R_K: on PROBE's own task
+(kopt-coupled-own), or with --fit-on on other tasks' probes and Grams (kopt-coupled-meta, the mean log R_K over
+them: one static allocation learned from the meta-training tasks). Exit 2 with one line on bad input.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from l2zo.blockstats.coupling_stats import Gram
 from l2zo.blockstats.gain import QuadraticModel, kstep, normalize
 from l2zo.blockstats.kstep_opt import kstep_optimal
 from l2zo.blockstats.probe import ProbeConfig, probe_gram
+from l2zo.blockstats.stats import BlockStats
 from l2zo.blockstats.transfer import pearson, pooled_stats, read_pairs
 from l2zo.errors import L2ZOError
 from l2zo.optim.methods.fixed_sigma import read_sigma_file
@@ -51,6 +54,20 @@ def load_gram(path: Path, cfg: ProbeConfig, chunk: int, num_blocks: int) -> Gram
                 "chunks": torch.tensor(gram.chunks), "settings": json.dumps(want, sort_keys=True)}, tmp)  # fmt: skip
     tmp.replace(path)
     return gram
+
+
+def load_probe(folder: Path) -> tuple[dict, ProbeConfig, list[str], BlockStats]:
+    """A finished probe-blocks folder: its probe.json, its config, its block names and pooled statistics."""
+    meta = folder / "probe.json"
+    if not meta.is_file():
+        raise L2ZOError(f"{folder} holds no probe.json: pass the --output folder of a finished probe-blocks")
+    probe = json.loads(meta.read_text())
+    keys = set(ProbeConfig.__dataclass_fields__)
+    cfg = ProbeConfig(**{k: v for k, v in probe["config"].items() if k in keys})
+    names = [b["name"] for b in probe["blocks"]]
+    numels = [int(b["n"]) for b in probe["blocks"]]
+    stats = pooled_stats(names, numels, [p for *_, p in read_pairs(folder / "pairs", len(names))], "fisher")
+    return probe, cfg, names, stats
 
 
 def measured_ratios(path: Path, model: str, task: str) -> dict[str, float]:
@@ -85,17 +102,22 @@ def main(argv: list[str] | None = None) -> int:
                          "l2zo.blockstats.kstep_opt with the Gram) and score it")  # fmt: skip
     ap.add_argument("--kstep-iters", type=int, default=300, help="gradient steps of --kstep-opt (default 300)")
     ap.add_argument("--write-sigma", type=Path, metavar="FILE", help="with --kstep-opt: write its sigma file here")
+    ap.add_argument("--fit-on", action="append", default=[], metavar="PROBE=GRAM",
+                    help="with --kstep-opt: fit on these tasks' probes and Grams (repeatable; a Gram not yet measured "
+                         "is measured and kept there), not on PROBE's: one static allocation learned from other "
+                         "tasks (kopt-coupled-meta), scored on PROBE")  # fmt: skip
     a = ap.parse_args(argv)
     try:
-        meta = a.probe / "probe.json"
-        if not meta.is_file():
-            raise L2ZOError(f"{a.probe} holds no probe.json: pass the --output folder of a finished probe-blocks")
-        probe = json.loads(meta.read_text())
-        keys = set(ProbeConfig.__dataclass_fields__)
-        cfg = ProbeConfig(**{k: v for k, v in probe["config"].items() if k in keys})
-        names = [b["name"] for b in probe["blocks"]]
-        numels = [int(b["n"]) for b in probe["blocks"]]
-        stats = pooled_stats(names, numels, [p for *_, p in read_pairs(a.probe / "pairs", len(names))], "fisher")
+        probe, cfg, names, stats = load_probe(a.probe)
+        fit_on = []
+        for item in a.fit_on:
+            path, sep, gram_file = item.partition("=")
+            if not sep or not path or not gram_file:
+                raise L2ZOError(f"--fit-on {item!r} must be PROBE=GRAM (a probe-blocks folder and a .pt file)")
+            _, other_cfg, other_names, other_stats = load_probe(Path(path))
+            if other_names != names:
+                raise L2ZOError(f"--fit-on {path} probed other blocks than {a.probe}: pass probes of one model")
+            fit_on.append((other_stats, load_gram(Path(gram_file), other_cfg, a.chunk, len(names))))
         allocs = {"mezo": torch.ones(len(names), dtype=torch.float64)}
         for item in a.allocation:
             label, sep, file = item.partition("=")
@@ -112,18 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     except L2ZOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.write_sigma and not a.kstep_opt:
-        print("error: --write-sigma writes the --kstep-opt allocation: pass --kstep-opt too", file=sys.stderr)
+    if (a.write_sigma or fit_on) and not a.kstep_opt:
+        print("error: --write-sigma and --fit-on are for the --kstep-opt allocation: pass --kstep-opt too",
+              file=sys.stderr)  # fmt: skip
         return 2
     separable = QuadraticModel.from_stats(stats)
     coupled = CoupledModel.from_gram(stats, gram.G, gram.gram)
     if a.kstep_opt:
         try:
-            fit = kstep_optimal([stats], a.horizon, iters=a.kstep_iters, grams=[gram])
+            on = fit_on or [(stats, gram)]
+            fit = kstep_optimal([st for st, _ in on], a.horizon, iters=a.kstep_iters, grams=[g for _, g in on])
         except L2ZOError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        allocs["kopt-coupled-own"] = fit.s
+        allocs["kopt-coupled-meta" if fit_on else "kopt-coupled-own"] = fit.s
         if a.write_sigma:
             mapping = {name: float(v) for name, v in zip(names, fit.s.tolist(), strict=True)}
             write_text_atomic(a.write_sigma, json.dumps(mapping, indent=1) + "\n")

@@ -586,6 +586,18 @@ def test_kstep_coupling_measures_the_gram_once_and_scores_both_models(probe_dir,
     assert "other settings" in capsys.readouterr().err
     assert mod.main([*args[:-2], "--allocation", "gsl"]) == 2
     assert "LABEL=SIGMA_FILE" in capsys.readouterr().err
+    # the fit: on the task itself (kopt-coupled-own), or with --fit-on on other probes (here the same one, so the
+    # same allocation) as kopt-coupled-meta
+    own, meta = tmp_path / "own.json", tmp_path / "meta.json"
+    fit = ["--kstep-opt", "--kstep-iters", "3"]
+    assert mod.main([*args, *fit, "--write-sigma", str(own)]) == 0
+    assert "| kopt-coupled-own |" in capsys.readouterr().out
+    assert mod.main([*args, *fit, "--write-sigma", str(meta), "--fit-on", f"{probe_dir}={gram}"]) == 0
+    assert "| kopt-coupled-meta |" in capsys.readouterr().out
+    assert json.loads(meta.read_text()) == json.loads(own.read_text())
+    assert mod.main([*args, "--fit-on", f"{probe_dir}={gram}"]) == 2  # without --kstep-opt
+    assert mod.main([*args, *fit, "--fit-on", str(probe_dir)]) == 2
+    assert capsys.readouterr().err.count("\n") == 2
     summary.write_text(header + "\n")
     assert mod.main(args) == 2
     assert "no finished mezo row" in capsys.readouterr().err
