@@ -327,9 +327,22 @@ def test_several_tuning_seeds_run_every_lr_on_each_and_pick_the_lowest_mean(tmp_
     assert "## lr tuning (seeds 5, 6, mean, 2 steps per lr;" in (logdir / "summary.md").read_text()
 
 
-def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, monkeypatch):
+def _spy_runs(monkeypatch) -> list[Path]:
+    """The run folders that fine-tune from now on (each compare run goes through ``run_finetune``), in order."""
     from l2zo.train import finetune
 
+    trained: list[Path] = []
+    original = finetune.run_finetune
+
+    def spy(cfg, overwrite=False):
+        trained.append(Path(cfg.logdir))
+        return original(cfg, overwrite=overwrite)
+
+    monkeypatch.setattr(finetune, "run_finetune", spy)
+    return trained
+
+
+def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, monkeypatch):
     src, _ = tuned_compare
     logdir = tmp_path / "exp"
     shutil.copytree(src, logdir)
@@ -343,14 +356,7 @@ def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, mon
         for p in logdir.rglob("events.out.tfevents.*")
         if (p.parent / "summary.json").is_file() and p.parent not in killed
     }  # the runs that ran and finished
-    trained: list[Path] = []
-    original = finetune.run_finetune
-
-    def spy(cfg, overwrite=False):
-        trained.append(Path(cfg.logdir))
-        return original(cfg, overwrite=overwrite)
-
-    monkeypatch.setattr(finetune, "run_finetune", spy)
+    trained = _spy_runs(monkeypatch)
     assert main(["compare", *ARGV, "--logdir", str(logdir)]) == 2  # without --resume: refused
     assert main(["compare", *ARGV, "--logdir", str(logdir), "--resume"]) == 1
     assert trained == killed  # only the killed runs ran again; diverged and finished tuning runs were kept
@@ -373,8 +379,6 @@ def test_resume_skips_finished_tuning_and_seed_runs(tuned_compare, tmp_path, mon
 def test_resume_with_lr_tolerance_repicks_from_the_kept_tuning_runs(tuned_compare, tmp_path, monkeypatch):
     """The sensitivity check of the pick rule: the same tuning runs, picked with --lr-tolerance; only the seeds
     of an optimizer whose pick moves run again, at the new lr, and the record says which rule picked it."""
-    from l2zo.train import finetune
-
     src, _ = tuned_compare
     logdir = tmp_path / "exp"
     shutil.copytree(src, logdir)
@@ -383,14 +387,7 @@ def test_resume_with_lr_tolerance_repicks_from_the_kept_tuning_runs(tuned_compar
     assert runs["0.001"].series("val/loss")[0][0] == 0 and 0 < drop["0.0001"] < drop["0.001"]  # the premise
     assert json.loads((logdir / "compare.json").read_text())["tuning"]["mezo"]["picked"] == 1e-3
     tolerance = 1 - drop["0.0001"] / drop["0.001"] + 1e-3  # just wide enough to let 1e-4 in
-    trained: list[Path] = []
-    original = finetune.run_finetune
-
-    def spy(cfg, overwrite=False):
-        trained.append(Path(cfg.logdir))
-        return original(cfg, overwrite=overwrite)
-
-    monkeypatch.setattr(finetune, "run_finetune", spy)
+    trained = _spy_runs(monkeypatch)
     argv = ["compare", *ARGV, "--logdir", str(logdir), "--resume", "--lr-tolerance", f"{tolerance:.6f}"]
     assert main(argv) == 1  # zo-sgd-sign still has no lr that finished
     assert trained == [logdir / "mezo" / f"seed{k}" for k in (0, 1, 2)]  # no tuning run again
