@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from l2zo.blockstats.allocations import permute_sigma
 from l2zo.blockstats.coupled import CoupledModel, coupled_kstep
 from l2zo.blockstats.coupling_stats import Gram
 from l2zo.blockstats.gain import QuadraticModel, kstep, normalize
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --kstep-opt: fit on these tasks' probes and Grams (repeatable; a Gram not yet measured "
                          "is measured and kept there), not on PROBE's: one static allocation learned from other "
                          "tasks (kopt-coupled-meta), scored on PROBE")  # fmt: skip
+    ap.add_argument("--permuted", action="append", default=[], metavar="LABEL=FILE",
+                    help="score allocation LABEL (an --allocation or the fit) shuffled across blocks (seed 0, "
+                         "renormalised) as LABEL-permuted, and write its sigma file to FILE: what the assignment "
+                         "of the sigmas to blocks is worth")  # fmt: skip
     a = ap.parse_args(argv)
     try:
         probe, cfg, names, stats = load_probe(a.probe)
@@ -151,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.write_sigma:
             mapping = {name: float(v) for name, v in zip(names, fit.s.tolist(), strict=True)}
             write_text_atomic(a.write_sigma, json.dumps(mapping, indent=1) + "\n")
+    for item in a.permuted:
+        label, sep, file = item.partition("=")
+        if not sep or label not in allocs or not file:
+            print(f"error: --permuted {item!r} must be LABEL=FILE with LABEL one of {', '.join(allocs)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        allocs[f"{label}-permuted"] = permute_sigma(normalize(allocs[label], stats.n), stats.n)
+        mapping = {name: float(v) for name, v in zip(names, allocs[f"{label}-permuted"].tolist(), strict=True)}
+        write_text_atomic(Path(file), json.dumps(mapping, indent=1) + "\n")
     rows, preds = [], {"separable": [], "coupled": [], "measured": []}
     base_sep = kstep(allocs["mezo"], separable, a.horizon)
     base_cpl = coupled_kstep(allocs["mezo"], coupled, a.horizon)

@@ -121,6 +121,7 @@ oracle_opts() {  # oracle-heldout's allocations, as fixed-sigma runs beside MeZO
   opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/{task}/kopt-coupled-own-{task}.json:label=kopt-coupled-own"
   # the allocation that maximises the mean log coupled R_K over the five meta-training tasks (stop 28)
   opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/kopt-coupled-meta.json:label=kopt-coupled-meta"
+  opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/kopt-coupled-meta-permuted.json:label=kopt-coupled-meta-permuted"
 }
 
 case ${1:-} in
@@ -247,6 +248,10 @@ case ${1:-} in
       $PY scripts/kstep_coupling.py "$P/derived-synth-color" --gram "$OUT/gram/synth-color.pt" --kstep-opt \
         --kstep-iters 100 "${fit[@]}" --write-sigma "$f" >/dev/null
     fi
+    # its control: the same sigmas shuffled across the blocks (seed 0), what their assignment to blocks is worth
+    [ -f "${f%.json}-permuted.json" ] || $PY scripts/kstep_coupling.py "$P/derived-synth-color" \
+      --gram "$OUT/gram/synth-color.pt" --allocation "kopt-coupled-meta=$f" \
+      --permuted "kopt-coupled-meta=${f%.json}-permuted.json" >/dev/null
     oracle_opts
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own,kopt-coupled-meta oracle \
       docs/results/oracle-tiny
@@ -273,6 +278,7 @@ case ${1:-} in
         --allocation "gsl-own-g=$S/own-g-$t.json" --allocation "gsl-zo-own=$S/zo-own-$t.json" \
         --allocation "kopt-meta=$S/kopt-others-$t.json" --allocation "kopt-coupled-own=$S/kopt-coupled-own-$t.json" \
         --allocation "kopt-coupled-meta=$OUT/transfer-sigma/kopt-coupled-meta.json" \
+        --allocation "kopt-coupled-meta-permuted=$OUT/transfer-sigma/kopt-coupled-meta-permuted.json" \
         --measured docs/results/oracle-tiny/summary.csv \
         --out "docs/results/oracle-tiny/coupling-$t.md" >/dev/null
     done

@@ -595,6 +595,16 @@ def test_kstep_coupling_measures_the_gram_once_and_scores_both_models(probe_dir,
     assert mod.main([*args, *fit, "--write-sigma", str(meta), "--fit-on", f"{probe_dir}={gram}"]) == 0
     assert "| kopt-coupled-meta |" in capsys.readouterr().out
     assert json.loads(meta.read_text()) == json.loads(own.read_text())
+    shuffled = tmp_path / "perm.json"
+    assert mod.main([*args, "--permuted", f"gsl={shuffled}"]) == 0
+    assert "| gsl-permuted |" in capsys.readouterr().out
+    gsl, perm = json.loads((probe_dir / "sigma" / "gsl.json").read_text()), json.loads(shuffled.read_text())
+    assert perm.keys() == gsl.keys()
+    ratios = [p / g for p, g in zip(sorted(perm.values()), sorted(gsl.values()), strict=True) if g > 0]
+    assert max(ratios) == pytest.approx(min(ratios))  # the same sigmas, rescaled by the renormalisation
+    assert any(perm[k] != pytest.approx(ratios[0] * gsl[k]) for k in gsl)  # ... on other blocks
+    assert mod.main([*args, "--permuted", f"nope={shuffled}"]) == 2
+    capsys.readouterr()
     assert mod.main([*args, "--fit-on", f"{probe_dir}={gram}"]) == 2  # without --kstep-opt
     assert mod.main([*args, *fit, "--fit-on", str(probe_dir)]) == 2
     assert capsys.readouterr().err.count("\n") == 2
