@@ -122,6 +122,7 @@ oracle_opts() {  # oracle-heldout's allocations, as fixed-sigma runs beside MeZO
   # the allocation that maximises the mean log coupled R_K over the five meta-training tasks (stop 28)
   opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/kopt-coupled-meta.json:label=kopt-coupled-meta"
   opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/kopt-coupled-meta-permuted.json:label=kopt-coupled-meta-permuted"
+  opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/damp-embed.json:label=damp-embed"
 }
 
 case ${1:-} in
@@ -252,6 +253,11 @@ case ${1:-} in
     [ -f "${f%.json}-permuted.json" ] || $PY scripts/kstep_coupling.py "$P/derived-synth-color" \
       --gram "$OUT/gram/synth-color.pt" --allocation "kopt-coupled-meta=$f" \
       --permuted "kopt-coupled-meta=${f%.json}-permuted.json" >/dev/null
+    # MeZO with the embedding's sigma at 1/4 of the other blocks' (stop 28): does one block set MeZO's lr cliff?
+    f=$OUT/transfer-sigma/damp-embed.json
+    [ -f "$f" ] || $PY -c 'import json, sys; blocks = json.load(open(sys.argv[1]))["blocks"]
+print(json.dumps({b["name"]: 0.25 if b["name"].endswith("embed_tokens.weight") else 1.0 for b in blocks}, indent=1))' \
+      "$P/derived-synth-color/probe.json" > "$f"
     oracle_opts
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own,kopt-coupled-meta oracle \
       docs/results/oracle-tiny
