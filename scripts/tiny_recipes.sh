@@ -240,7 +240,7 @@ case ${1:-} in
         --kstep-iters 100 --write-sigma "$f" >/dev/null
     done
     # one static allocation fitted under the coupled model to the five meta-training tasks (stop 28; a Gram each,
-    # ~2 min on one core, kept under $OUT/gram): the same file for both held-out tasks, which it never saw
+    # ~3 min on one core, kept under $OUT/gram): the same file for both held-out tasks, which it never saw
     f=$OUT/transfer-sigma/kopt-coupled-meta.json
     if [ ! -f "$f" ]; then
       fit=() && for t in synth-sentiment synth-category synth-size synth-parity synth-compare; do
@@ -285,6 +285,7 @@ print(json.dumps({b["name"]: 0.25 if b["name"].endswith("embed_tokens.weight") e
         --allocation "kopt-meta=$S/kopt-others-$t.json" --allocation "kopt-coupled-own=$S/kopt-coupled-own-$t.json" \
         --allocation "kopt-coupled-meta=$OUT/transfer-sigma/kopt-coupled-meta.json" \
         --allocation "kopt-coupled-meta-permuted=$OUT/transfer-sigma/kopt-coupled-meta-permuted.json" \
+        --allocation "damp-embed=$OUT/transfer-sigma/damp-embed.json" \
         --measured docs/results/oracle-tiny/summary.csv \
         --out "docs/results/oracle-tiny/coupling-$t.md" >/dev/null
     done
