@@ -37,6 +37,7 @@ from l2zo.blockstats.transfer import (
     zo_budget_gain,
 )
 from l2zo.errors import L2ZOError
+from l2zo.optim.methods.fixed_sigma import write_sigma_file
 from l2zo.utils.io import write_text_atomic
 
 ZO_BUDGETS = (1, 2, 4, 8, 16, 48)
@@ -212,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             if t in kopt:
                 kinds.append(("kopt-permuted", permute_sigma(kopt[t]["kopt-others"].s, stats[t].n)))
             for kind, s in kinds:
-                mapping = {n: float(v) for n, v in zip(names_of or [], s.tolist(), strict=True)}
-                write_text_atomic(a.write_sigma / f"{kind}-{task_of[t]}.json", json.dumps(mapping, indent=1) + "\n")
+                write_sigma_file(a.write_sigma / f"{kind}-{task_of[t]}.json", names_of or [], s)
     print(text, end="")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

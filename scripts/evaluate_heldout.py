@@ -8,9 +8,10 @@
 Each (model, task) is one `l2zo compare` (the command is printed and recorded), run with ``--jobs`` of them
 side by side, each on ``--threads`` CPU threads (two 1-thread processes use a 2-core CPU better than one
 2-thread process: a ZO step has serial parts). With ``--lr-grid`` every optimizer's lr is tuned on dev (one
-seed, ``--tune-steps``; ``--lr-tolerance`` prefers a smaller lr of near-equal score), else all run at ``--lr``. A folder that already holds the compare is resumed
-(``l2zo compare --resume``): finished runs are kept, and more ``--seeds`` or more ``--optimizers`` (an item may
-name its artifact and label: ``learned=DIR:label=learned-es``) only add runs. It then reads every
+seed, ``--tune-steps``; ``--lr-tolerance`` prefers a smaller lr of near-equal score), else all run at ``--lr``.
+A folder that already holds the compare is resumed (``l2zo compare --resume``): finished runs are kept, and
+more ``--seeds`` or more ``--optimizers`` (an item may name its artifact and label: ``learned=DIR:label=learned-es``)
+only add runs. It then reads every
 compare's summary.csv and writes, under --docs (:func:`l2zo.compare.heldout.write_heldout`):
 
 * summary.md / summary.csv: final dev loss and test accuracy (mean ± std over seeds) per model, task, optimizer;

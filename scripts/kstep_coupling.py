@@ -34,7 +34,7 @@ from l2zo.blockstats.probe import ProbeConfig, probe_gram
 from l2zo.blockstats.stats import BlockStats
 from l2zo.blockstats.transfer import pearson, pooled_stats, read_pairs
 from l2zo.errors import L2ZOError
-from l2zo.optim.methods.fixed_sigma import read_sigma_file
+from l2zo.optim.methods.fixed_sigma import read_sigma_file, write_sigma_file
 from l2zo.utils.io import write_text_atomic
 
 
@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                          "renormalised) as LABEL-permuted, and write its sigma file to FILE: what the assignment "
                          "of the sigmas to blocks is worth")  # fmt: skip
     a = ap.parse_args(argv)
+    if (a.write_sigma or a.fit_on) and not a.kstep_opt:  # refused before any Gram is measured
+        print("error: --write-sigma and --fit-on are for the --kstep-opt allocation: pass --kstep-opt too",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    fit_label = ("kopt-coupled-meta" if a.fit_on else "kopt-coupled-own") if a.kstep_opt else None
     try:
         probe, cfg, names, stats = load_probe(a.probe)
         fit_on = []
@@ -133,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise L2ZOError(f"{file} has no sigma for {len(missing)} block(s) of the probe, e.g. {missing[0]}")
             allocs[label] = torch.tensor([sigma[n] for n in names], dtype=torch.float64)
+        permuted = [item.partition("=") for item in a.permuted]
+        for (label, sep, file), item in zip(permuted, a.permuted, strict=True):
+            if not sep or not file or label not in [*allocs, fit_label]:
+                raise L2ZOError(f"--permuted {item!r} must be LABEL=FILE with LABEL one of "
+                                f"{', '.join(filter(None, [*allocs, fit_label]))}")  # fmt: skip
         measured = measured_ratios(a.measured, Path(str(probe["model_name_or_path"])).name, probe["task"]) \
             if a.measured else {}  # fmt: skip
         gram = load_gram(a.gram, cfg, a.chunk, len(names))
     except L2ZOError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if (a.write_sigma or fit_on) and not a.kstep_opt:
-        print("error: --write-sigma and --fit-on are for the --kstep-opt allocation: pass --kstep-opt too",
-              file=sys.stderr)  # fmt: skip
         return 2
     separable = QuadraticModel.from_stats(stats)
     coupled = CoupledModel.from_gram(stats, gram.G, gram.gram)
@@ -152,19 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         except L2ZOError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        allocs["kopt-coupled-meta" if fit_on else "kopt-coupled-own"] = fit.s
+        allocs[fit_label] = fit.s
         if a.write_sigma:
-            mapping = {name: float(v) for name, v in zip(names, fit.s.tolist(), strict=True)}
-            write_text_atomic(a.write_sigma, json.dumps(mapping, indent=1) + "\n")
-    for item in a.permuted:
-        label, sep, file = item.partition("=")
-        if not sep or label not in allocs or not file:
-            print(f"error: --permuted {item!r} must be LABEL=FILE with LABEL one of {', '.join(allocs)}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+            write_sigma_file(a.write_sigma, names, fit.s)
+    for label, _, file in permuted:
         allocs[f"{label}-permuted"] = permute_sigma(normalize(allocs[label], stats.n), stats.n)
-        mapping = {name: float(v) for name, v in zip(names, allocs[f"{label}-permuted"].tolist(), strict=True)}
-        write_text_atomic(Path(file), json.dumps(mapping, indent=1) + "\n")
+        write_sigma_file(file, names, allocs[f"{label}-permuted"])
     rows, preds = [], {"separable": [], "coupled": [], "measured": []}
     base_sep = kstep(allocs["mezo"], separable, a.horizon)
     base_cpl = coupled_kstep(allocs["mezo"], coupled, a.horizon)

@@ -124,6 +124,7 @@ oracle_opts() {  # oracle-heldout's allocations, as fixed-sigma runs beside MeZO
   opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/kopt-coupled-meta-permuted.json:label=kopt-coupled-meta-permuted"
   opts="$opts,fixed-sigma:sigma_file=$OUT/transfer-sigma/damp-embed.json:label=damp-embed"
 }
+ORACLE_CHAMPIONS=gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own,kopt-coupled-meta
 
 case ${1:-} in
   meta)
@@ -259,7 +260,7 @@ case ${1:-} in
 print(json.dumps({b["name"]: 0.25 if b["name"].endswith("embed_tokens.weight") else 1.0 for b in blocks}, indent=1))' \
       "$P/derived-synth-color/probe.json" > "$f"
     oracle_opts
-    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own,kopt-coupled-meta oracle \
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$ORACLE_CHAMPIONS" oracle \
       docs/results/oracle-tiny
     ;;
   oracle-tolerance)
@@ -269,8 +270,7 @@ print(json.dumps({b["name"]: 0.25 if b["name"].endswith("embed_tokens.weight") e
     [ -d "$OUT/oracle-tol05" ] || cp -r "$OUT/oracle" "$OUT/oracle-tol05"
     oracle_opts
     TUNE_SEEDS=100,101 LR_TOLERANCE=0.05 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
-      gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-coupled-own,kopt-coupled-meta oracle-tol05 \
-      docs/results/oracle-tiny-tol05
+      "$ORACLE_CHAMPIONS" oracle-tol05 docs/results/oracle-tiny-tol05
     ;;
   coupling)
     # The separable K-step model against the one that couples the blocks' gradient directions through the Hessian

@@ -124,14 +124,14 @@ def pick_lr(points: Sequence[TunePoint], tolerance: float = 0.0) -> float | None
     the best one's (the start: the best point's step-0 dev loss). Without a start, or where the best lr did
     not lower the loss, the lowest score wins as with R = 0.
     """
-    eligible = [p for p in points if p.ok and p.score is not None and math.isfinite(p.score)]
-    if not eligible:
+    scored = [(p.score, p.lr, p.start) for p in points if p.ok and p.score is not None and math.isfinite(p.score)]
+    if not scored:
         return None
-    best = min(eligible, key=lambda p: (p.score, p.lr))
-    if tolerance <= 0 or best.start is None or not best.start > best.score:  # type: ignore[operator]
-        return best.lr
-    floor = (1.0 - tolerance) * (best.start - best.score)  # type: ignore[operator]
-    return min(p.lr for p in eligible if best.start - p.score >= floor)  # type: ignore[operator]
+    best_score, best_lr, start = min(scored, key=lambda t: t[:2])
+    if tolerance <= 0 or start is None or not start > best_score:
+        return best_lr
+    floor = (1.0 - tolerance) * (start - best_score)
+    return min(lr for score, lr, _ in scored if start - score >= floor)
 
 
 def check_tolerance(tolerance: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,16 @@ from l2zo.learned.normalization import block_weights, normalize_sigma
 from l2zo.optim.base import ZOOptimizer
 from l2zo.optim.hparams import ZOHParams
 from l2zo.optim.registry import ZO_RUN_ARGS, OptimizerSpec, register_optimizer
+from l2zo.utils.io import write_text_atomic
 
 _RULES = ("numel", "none")
+
+
+def write_sigma_file(path: str | Path, names: Sequence[str], sigma: Sequence[float] | torch.Tensor) -> None:
+    """Write the ``{block name: sigma}`` file that ``read_sigma_file`` reads (``sigma``: [B], in ``names``' order)."""
+    values = sigma.tolist() if isinstance(sigma, torch.Tensor) else list(sigma)
+    mapping = {name: float(v) for name, v in zip(names, values, strict=True)}
+    write_text_atomic(path, json.dumps(mapping, indent=1) + "\n")
 
 
 def read_sigma_file(path: str | Path) -> dict[str, float]:
