@@ -31,6 +31,9 @@
 #                                            # --lr-tolerance 0.05 (docs/results/oracle-tiny-tol05)
 #   bash scripts/tiny_recipes.sh coupling    # after oracle-heldout: the separable and the coupled K-step models
 #                                            # against the measured allocations (docs/results/oracle-tiny)
+#   bash scripts/tiny_recipes.sh permute-heldout  # after oracle-heldout: the shipped net beside the same net with
+#                                            # its sigmas applied to shuffled blocks (permute_seed), MeZO's runs
+#                                            # copied from oracle-heldout (docs/results/permute-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
 #                                            # synth-size): can a run that never sees a held-out task tell the
 #                                            # meta-seeds apart? (docs/results/metaval-tiny)
@@ -272,6 +275,21 @@ print(json.dumps({b["name"]: 0.25 if b["name"].endswith("embed_tokens.weight") e
     TUNE_SEEDS=100,101 LR_TOLERANCE=0.05 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$ORACLE_CHAMPIONS" oracle-tol05 docs/results/oracle-tiny-tol05
     ;;
+  permute-heldout)
+    # The control every claimed win needs (stop 29): is the shipped net's win which blocks it perturbs more? The
+    # same net, features and recurrent state, its sigmas applied to blocks shuffled by seed 0, renormalised
+    # (learned:permute_seed). MeZO's runs are oracle-heldout's (the same protocol and bits), copied, not re-run.
+    [ -f "$OUT/oracle/tiny-derived/synth-color/compare.json" ] || { echo "run $0 oracle-heldout first" >&2; exit 2; }
+    for t in synth-color synth-successor; do
+      d=$OUT/permute/tiny-derived/$t
+      [ -d "$d/mezo" ] || { mkdir -p "$d/tune" && cp -r "$OUT/oracle/tiny-derived/$t/"{mezo,compare.json} "$d/" \
+        && cp -r "$OUT/oracle/tiny-derived/$t/tune/mezo" "$d/tune/"; }  # compare.json: the experiment, resumed
+    done
+    ship=checkpoints/tiny/zo-finetuner
+    opts="mezo,learned=$ship:label=learned-role,learned=$ship:permute_seed=0:label=learned-role-permuted"
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 learned-role,learned-role-permuted \
+      permute docs/results/permute-tiny
+    ;;
   coupling)
     # The separable K-step model against the one that couples the blocks' gradient directions through the Hessian
     # (l2zo.blockstats.coupled), on the allocations oracle-heldout measured (stop 27; one Gram per task, ~3 min)
@@ -299,6 +317,6 @@ print(json.dumps({b["name"]: 0.25 if b["name"].endswith("embed_tokens.weight") e
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | oracle-tolerance | coupling | metaval" >&2
+  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | oracle-tolerance | permute-heldout | coupling | metaval" >&2
      exit 2 ;;
 esac

@@ -229,3 +229,29 @@ def test_per_block_const_sigma_by_kind():
         build_optimizer("per-block-const", model, sigma_by_kind={"qproj": 2.0})
     # Default: all 1, i.e. MeZO.
     assert build_optimizer("per-block-const", tiny_llama()).sigma() == [1.0] * len(opt.blocks)
+
+
+def test_permute_seed_applies_the_nets_sigmas_to_shuffled_blocks():
+    """The permutation control: the same net, the same recurrent state, its sigmas applied to other blocks."""
+    from l2zo.blockstats.allocations import permute_sigma
+    from l2zo.engine.blocks import block_permutation
+    from l2zo.optim.methods.learned import LearnedRandomHParams
+    from l2zo.optim.run_hparams import coerce_hparams
+
+    hp = coerce_hparams("learned-random", LearnedRandomHParams, {"permute_seed": "3", "lr": "1e-3"})
+    assert hp["permute_seed"] == 3
+    m_plain, m_perm = tiny_llama(), tiny_llama()
+    plain = build_optimizer("learned-random", m_plain, net_seed=1, lr=1e-3, seed=5)
+    perm = build_optimizer("learned-random", m_perm, net_seed=1, seed=5, **hp)
+    order = block_permutation(len(perm.blocks), 3)
+    assert not torch.equal(order, torch.arange(len(order)))  # a real shuffle of tiny_llama's blocks
+    plain.step(lambda: lm_loss(m_plain, _ids()))
+    perm.step(lambda: lm_loss(m_perm, _ids()))
+    # Step 1: both nets saw the same weights and initial state, so the same raw sigma; the control applies it shuffled
+    # (renormalised: the probe's energy stays MeZO's) and keeps the net's own output as its recurrent input.
+    assert torch.equal(perm.sigma_prev, plain.sigma_prev)
+    n = block_weights(perm.blocks)
+    torch.testing.assert_close(perm.last_sigma.double(), permute_sigma(plain.last_sigma.double(), n, 3))
+    torch.testing.assert_close((n * perm.last_sigma.double() ** 2).sum(), n.sum())
+    # The same run without a seed is the plain net; the shuffled one moved the weights differently.
+    assert not all(torch.equal(a, b) for a, b in zip(m_plain.parameters(), m_perm.parameters(), strict=True))

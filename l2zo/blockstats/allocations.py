@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from l2zo.blockstats.gain import normalize
-from l2zo.engine.blocks import Block
+from l2zo.engine.blocks import Block, block_permutation
 from l2zo.errors import L2ZOError
 from l2zo.optim.registry import build_optimizer
 
@@ -70,8 +70,7 @@ def permuted(s: Tensor, blocks: Sequence[Block], seed: int = 0) -> Tensor:
 
 def permute_sigma(s: Tensor, n: Tensor, seed: int = 0) -> Tensor:
     """[B] ``s`` shuffled across the blocks by a fixed permutation from ``seed``, renormalised with numels ``n``."""
-    perm = torch.randperm(s.numel(), generator=torch.Generator().manual_seed(int(seed)))
-    return normalize(s[perm], n)
+    return normalize(s[block_permutation(s.numel(), seed)], n)
 
 
 def sigma_mapping(blocks: Sequence[Block], s: Tensor) -> dict[str, float]:

@@ -194,6 +194,12 @@ def fingerprint(blocks: Sequence[Block]) -> str:
 ADAPTER_NAME = "default"  # the name l2zo gives a peft adapter; peft puts it in its tensors' names
 
 
+def block_permutation(num_blocks: int, seed: int) -> torch.Tensor:
+    """[num_blocks] int64: a fixed shuffle of block indices from ``seed`` (the permutation controls of an allocation:
+    the same sigmas on other blocks). The same seed gives the same shuffle on every machine (a CPU generator)."""
+    return torch.randperm(num_blocks, generator=torch.Generator().manual_seed(int(seed)))
+
+
 def block_kind(name: str) -> str:
     """A coarse role for a block from its name, for summaries and role embeddings.
 

@@ -5,6 +5,10 @@ variance net -> raw sigma_b -> c = sqrt(sum n_b / sum n_b sigma_b^2) -> u_b = c 
 MeZO's probe and fused update with that u. The raw sigma and (L+, L-) become the next step's
 features. With sigma == 1 and c == 1 the step is MeZO's, bit for bit.
 
+``permute_seed`` is a control, not a method: the net runs as it would (its features and recurrent state are its
+own), but block b is perturbed with the sigma the net gave block perm(b), renormalised. A net whose win survives
+the shuffle won by something other than which blocks it perturbs more (its scale over time, its dynamics).
+
 Registered here, with the two ablations the paper lacks (reference §5.4, §7):
   learned          a meta-trained net from an artifact folder
   learned-random   a freshly initialised net (same spec, normalisation and seed handling)
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l2zo.engine.blocks import ParamsLike, block_kind, partition
+from l2zo.engine.blocks import ParamsLike, block_kind, block_permutation, partition
 from l2zo.errors import L2ZOError
 from l2zo.learned.artifact import load_artifact, read_manifest, spec_from_manifest
 from l2zo.learned.drift import DRIFT_EXACT_NUMEL, DriftTracker
@@ -56,6 +60,7 @@ class LearnedZO(ZOOptimizer):
         sigma_fallback: [B] True where the block gets raw sigma 1 instead of the net's (partial loads).
         drift_exact_numel: with the drift feature, blocks of at most this many entries keep an exact copy of their
             starting weights; larger ones use the random-walk estimate (``l2zo.learned.drift``).
+        permute_seed: None, or the seed of a fixed shuffle of the blocks: the permutation control (module docstring).
 
     Attributes:
         last_sigma: [B] effective sigma (c * sigma) of the last step, or None before the first step.
@@ -73,6 +78,7 @@ class LearnedZO(ZOOptimizer):
         batch_size: int = 16,
         sigma_fallback: Sequence[bool] | None = None,
         drift_exact_numel: int = DRIFT_EXACT_NUMEL,
+        permute_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(params, **kwargs)
@@ -93,6 +99,7 @@ class LearnedZO(ZOOptimizer):
         if len(fallback) != len(names):
             raise L2ZOError(f"sigma_fallback has {len(fallback)} entries for {len(names)} blocks")
         self.sigma_fallback = torch.tensor(fallback, dtype=torch.bool, device=device)
+        self.perm = None if permute_seed is None else block_permutation(len(names), permute_seed).to(device)
         # The paper's initial recurrent state: losses 0, sigma 1.
         self.loss_prev: tuple[float, float] = (0.0, 0.0)
         self.sigma_prev = torch.ones(len(names), dtype=torch.float32, device=device)
@@ -123,7 +130,8 @@ class LearnedZO(ZOOptimizer):
 
     def sigma(self) -> list[float]:
         raw = self.raw_sigma()
-        c, eff = _normalize(raw, self.n, self.normalization)
+        # The control applies a shuffle of the net's sigmas; the net's recurrent input stays its own output (below).
+        c, eff = _normalize(raw if self.perm is None else raw[self.perm], self.n, self.normalization)
         if not bool(torch.isfinite(eff).all()):
             bad = [self.blocks[i].name for i in torch.nonzero(~torch.isfinite(eff)).flatten().tolist()[:3]]
             raise L2ZOError(f"the variance net produced a non-finite sigma (blocks {bad}); the artifact may be broken")
@@ -215,6 +223,7 @@ def _model_name(model: nn.Module) -> str | None:
 class LearnedHParams(ZOHParams):
     partial: bool = False  # load an artifact trained on other blocks: unmatched blocks get raw sigma 1
     batch_size: int | None = None  # for normalization "paper"; None: the manifest's
+    permute_seed: int | None = None  # the control: the net's sigmas on blocks shuffled by this seed (LearnedZO)
 
 
 @dataclass(kw_only=True)
@@ -222,6 +231,7 @@ class LearnedRandomHParams(ZOHParams):
     net_seed: int = 0  # initialisation seed of the fresh net
     normalization: str | None = None  # None: the artifact's rule, else "numel"
     batch_size: int | None = None  # for normalization "paper"; None: the artifact's, else 16
+    permute_seed: int | None = None  # the control: the net's sigmas on blocks shuffled by this seed (LearnedZO)
 
 
 @dataclass(kw_only=True)
@@ -270,7 +280,9 @@ def _build_learned(model: nn.Module, hp: LearnedHParams, artifact: str | None, r
     loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(hp.partial),
                            adapter=getattr(model, "l2zo_adapter", None))  # set by l2zo.models.adapters  # fmt: skip
     norm = _normalization(None, hp.batch_size, loaded.manifest["normalization"])
-    return LearnedZO(model, loaded.net, sigma_fallback=loaded.sigma_fallback, **norm, **run)
+    return LearnedZO(
+        model, loaded.net, sigma_fallback=loaded.sigma_fallback, permute_seed=hp.permute_seed, **norm, **run
+    )
 
 
 def _build_learned_random(
@@ -287,7 +299,8 @@ def _build_learned_random(
         # Measured per base model, not learned: the fresh net sees the artifact's (matched by block name and shape).
         loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=True)
         net.static_curvature.copy_(loaded.net.static_curvature)
-    return LearnedZO(model, net, **_normalization(hp.normalization, hp.batch_size, recorded), **run)
+    norm = _normalization(hp.normalization, hp.batch_size, recorded)
+    return LearnedZO(model, net, permute_seed=hp.permute_seed, **norm, **run)
 
 
 def _build_per_block_const(
