@@ -184,6 +184,30 @@ def test_resume_rescores_a_finished_probe_without_measuring(probe_dir, model_dir
     assert result["blocks"] == json.loads((probe_dir / "probe.json").read_text())["blocks"]
 
 
+def test_a_resume_stopped_again_keeps_the_outputs_it_would_re_make(probe_dir, model_dir, artifact, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """Compares read sigma/*.json of a finished probe: a re-scoring resume that is stopped leaves them as they were."""
+    import shutil
+    import signal
+
+    import l2zo.blockstats.probe as probe
+    from l2zo.utils.runstatus import RunInterrupted
+
+    out = tmp_path / "again"
+    shutil.copytree(probe_dir, out)
+    outputs = [out / "probe.json", out / "probe.md", *(out / "sigma").iterdir()]  # (the config is the new run's)
+    before = {p.relative_to(out): p.read_bytes() for p in outputs}
+    assert any(p.parts[0] == "sigma" for p in before)
+
+    def stopped(*args, **kwargs):
+        raise RunInterrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(probe, "run_probe", stopped)
+    assert main([*_probe_args(model_dir, artifact, out), "--resume", "--wf-eta", "1e-3"]) == 143
+    assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
+    assert {p: (out / p).read_bytes() for p in before} == before
+
+
 def test_resume_refuses_other_measurement_settings(probe_dir, model_dir, artifact, tmp_path, capsys):
     import shutil
 

@@ -111,7 +111,6 @@ def register(cli: CommandParser) -> None:
 
 
 CONFIG_FILE, STATUS_FILE, PAIRS_DIR = "probe_config.json", "status.json", "pairs"
-OUTPUTS = ("probe.json", "probe.md", "sigma")
 
 
 def _check_folder(out: Path, cfg_dict: dict[str, Any], overwrite: bool, resume: bool) -> None:
@@ -168,11 +167,11 @@ def run(args: argparse.Namespace) -> int:
     cfg_dict = dataclasses.asdict(cfg)
     _check_folder(out, cfg_dict, args.overwrite, args.resume)
     with signal_guard() as guard, locked_run_folder(out, "--output") as folder:
-        # The folder holds this run only: --overwrite removes everything, --resume the outputs (they are re-made).
-        for entry in list(out.iterdir()):
-            if entry.name == LOCK_FILE or (not args.overwrite and entry.name not in OUTPUTS):
-                continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        # --overwrite removes everything. --resume keeps the outputs of the run it continues until they are re-made
+        # (write_outputs replaces each whole): a resume stopped again leaves the sigma files that compares read.
+        for entry in list(out.iterdir()) if args.overwrite else []:
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         folder.started = True
         pairs = out / PAIRS_DIR
         total = cfg.pairs * len(cfg.states)
