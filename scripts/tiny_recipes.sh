@@ -109,6 +109,12 @@ add_role_nets() {  # the nets of chains S and L that are meta-trained, appended 
   done
 }
 
+newer_than() {  # true when file $1 exists and is newer than every probe.json under the folders $2...
+  [ -f "$1" ] || return 1
+  local dir
+  for dir in "${@:2}"; do [ "$1" -nt "$dir/probe.json" ] || return 1; done
+}
+
 oracle_opts() {  # oracle-heldout's allocations, as fixed-sigma runs beside MeZO, into $opts
   local P=$OUT/transfer-probes
   opts="mezo,fixed-sigma:sigma_file=$P/derived-{task}/sigma/gsl.json:label=gsl-own"
@@ -231,10 +237,13 @@ case ${1:-} in
     meta=() && for t in synth-sentiment synth-category synth-size synth-parity synth-compare; do meta+=("$P/derived-$t"); done
     # the decomposition over all seven tasks (which half of the oracle is the task's), then each held-out task
     # against the five meta-training tasks only
-    $PY scripts/allocation_transfer.py "$P"/derived-*/ --out docs/results/oracle-tiny/transfer-all.md >/dev/null
+    # (~2 min each; re-made only when a probe is newer than the table: a resume of the compares does not redo them)
+    newer_than docs/results/oracle-tiny/transfer-all.md "$P"/derived-*/ \
+      || $PY scripts/allocation_transfer.py "$P"/derived-*/ --out docs/results/oracle-tiny/transfer-all.md >/dev/null
     for t in synth-color synth-successor; do
-      $PY scripts/allocation_transfer.py "$P/derived-$t" "${meta[@]}" --write-sigma "$OUT/transfer-sigma/$t" \
-        --kstep-opt "$t" --out "docs/results/oracle-tiny/transfer-$t.md" >/dev/null
+      [ -d "$OUT/transfer-sigma/$t" ] && newer_than "docs/results/oracle-tiny/transfer-$t.md" "$P/derived-$t" "${meta[@]}" \
+        || $PY scripts/allocation_transfer.py "$P/derived-$t" "${meta[@]}" --write-sigma "$OUT/transfer-sigma/$t" \
+          --kstep-opt "$t" --out "docs/results/oracle-tiny/transfer-$t.md" >/dev/null
     done
     # the task's own allocation that maximises R_K under the coupled K-step model (stop 27; its Hessian Gram of the
     # block gradients, one HVP per block: a backprop oracle like gsl-own), fitted once per task
