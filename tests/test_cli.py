@@ -210,6 +210,18 @@ def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
     for run in ("learned", "learned-random"):  # the ablation is the shipped net's own spec (role embedding), untrained
         hp = json.loads((tmp_path / "demo" / run / "seed0" / "summary.json").read_text())["hparams"]
         assert Path(hp["artifact"]).resolve() == (Path(__file__).resolve().parents[1] / "checkpoints/tiny/zo-finetuner")
+    # TensorBoard shows what each net does to every kind of block, step by step; MeZO has no allocation to show.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def sigma_tags(run: str) -> dict[str, list[float]]:
+        acc = EventAccumulator(str(tmp_path / "demo" / run / "seed0"))
+        acc.Reload()
+        return {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t.startswith("sigma/")}
+
+    learned = sigma_tags("learned")
+    assert {"sigma/embed_tokens", "sigma/q_proj", "sigma/down_proj"} <= set(learned)
+    assert all(len(v) == 3 and all(x > 0 for x in v) for v in learned.values())
+    assert learned != sigma_tags("learned-random") and sigma_tags("mezo") == {}
 
 
 def test_nan_loss_is_one_clear_error_and_a_failed_summary(tmp_path, capsys):

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from l2zo.learned.artifact import sigma_by_kind
 from l2zo.optim.base import BatchLoss, ZOOptimizer
 from l2zo.tasks.scoring import CandidateScorer, ScoringBatch
 from l2zo.train.sharded import configure_sharding
@@ -214,6 +215,10 @@ class FinetuneModule(L.LightningModule):
         }
         if probe is not None:
             metrics["train/projected_grad"] = probe.projected_grad
+        sigma = getattr(opt, "last_sigma", None)
+        if sigma is not None:  # an allocation (learned net, fixed sigmas): its mean sigma per block kind, step by step
+            names = [b.name for b in opt.blocks]
+            metrics.update({f"sigma/{k}": v for k, v in sigma_by_kind(names, torch.as_tensor(sigma)).items()})
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=int(batch.labels.numel()))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=int(batch.labels.numel()))
 
