@@ -268,9 +268,7 @@ case ${1:-} in
       --permuted "kopt-coupled-meta=${f%.json}-permuted.json" >/dev/null
     # MeZO with the embedding's sigma at 1/4 of the other blocks' (stop 28): does one block set MeZO's lr cliff?
     f=$OUT/transfer-sigma/damp-embed.json
-    [ -f "$f" ] || $PY -c 'import json, sys; blocks = json.load(open(sys.argv[1]))["blocks"]
-print(json.dumps({b["name"]: 0.25 if b["name"].endswith("embed_tokens.weight") else 1.0 for b in blocks}, indent=1))' \
-      "$P/derived-synth-color/probe.json" > "$f"
+    [ -f "$f" ] || $PY scripts/sigma_file.py --model tiny-derived --scale embed_tokens=0.25 --out "$f" >/dev/null
     oracle_opts
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$ORACLE_CHAMPIONS" oracle \
       docs/results/oracle-tiny

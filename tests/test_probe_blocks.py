@@ -271,6 +271,34 @@ def test_fixed_sigma_rejects_bad_files_with_one_clear_line(tmp_path, data, messa
         build_optimizer("fixed-sigma", Quadratic(), sigma_file=_write(tmp_path / "s.json", data))
 
 
+def test_sigma_file_script_scales_whole_block_kinds(model_dir, tmp_path, capsys):
+    """scripts/sigma_file.py: MeZO with the embedding damped, as a fixed-sigma file for the model's own blocks."""
+    import importlib.util
+
+    from l2zo.models import load_model
+    from l2zo.optim.methods.fixed_sigma import kind_sigma
+
+    spec = importlib.util.spec_from_file_location("sigma_file", Path(__file__).parents[1] / "scripts" / "sigma_file.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "damp.json"
+    assert script.main(["--model", str(model_dir), "--scale", "embed_tokens=0.25", "--out", str(out)]) == 0
+    model = load_model(str(model_dir)).model
+    written = json.loads(out.read_text())
+    assert list(written) == [b.name for b in partition(model)]
+    assert {k: v for k, v in written.items() if v != 1.0} == {"model.embed_tokens.weight": 0.25}
+    opt = build_optimizer("fixed-sigma", model, sigma_file=str(out))  # normalised: the embedding at 1/4 of the rest
+    assert opt.sigma()[0] == pytest.approx(opt.sigma()[1] / 4)
+    # Bad input: one line, exit 2, no file.
+    for bad, message in ((["--scale", "embed=0.25"], "no block of kind 'embed'"), (["--scale", "q_proj"], "KIND=SIGMA"),
+                         (["--scale", "q_proj=-1"], "finite numbers >= 0")):  # fmt: skip
+        assert script.main(["--model", str(model_dir), *bad, "--out", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]  # (the rest: the loading bar)
+        assert len(errors) == 1 and message in errors[0] and not (tmp_path / "bad.json").exists()
+    assert kind_sigma(["a.q_proj.weight", "a.k_proj.weight"], {"q_proj": 2.0}, default=0.5) == [2.0, 0.5]
+
+
 def test_fixed_sigma_needs_a_readable_file(tmp_path):
     with pytest.raises(L2ZOError, match="needs a sigma file"):
         build_optimizer("fixed-sigma", Quadratic())

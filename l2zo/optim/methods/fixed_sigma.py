@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from l2zo.engine.blocks import ParamsLike
+from l2zo.engine.blocks import ParamsLike, block_kind
 from l2zo.errors import L2ZOError
 from l2zo.learned.normalization import block_weights, normalize_sigma
 from l2zo.optim.base import ZOOptimizer
@@ -34,6 +34,21 @@ def write_sigma_file(path: str | Path, names: Sequence[str], sigma: Sequence[flo
     values = sigma.tolist() if isinstance(sigma, torch.Tensor) else list(sigma)
     mapping = {name: float(v) for name, v in zip(names, values, strict=True)}
     write_text_atomic(path, json.dumps(mapping, indent=1) + "\n")
+
+
+def kind_sigma(names: Sequence[str], scales: Mapping[str, float], default: float = 1.0) -> list[float]:
+    """[B] raw sigma per block: ``scales[block_kind(name)]``, else ``default`` (e.g. MeZO with one kind damped:
+    ``{"embed_tokens": 0.25}``). A kind that names no block, or a negative or non-finite scale, is refused."""
+    kinds = {block_kind(n) for n in names}
+    unknown = sorted(set(scales) - kinds)
+    if unknown:
+        raise L2ZOError(
+            f"no block of kind {', '.join(map(repr, unknown))}; this model's kinds: {', '.join(sorted(kinds))}"
+        )
+    bad = [k for k, v in {**scales, "(default)": default}.items() if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise L2ZOError(f"sigma scales must be finite numbers >= 0; check {', '.join(map(repr, bad))}")
+    return [float(scales.get(block_kind(n), default)) for n in names]
 
 
 def read_sigma_file(path: str | Path) -> dict[str, float]:
