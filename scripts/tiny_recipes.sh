@@ -284,18 +284,30 @@ case ${1:-} in
     ;;
   permute-heldout)
     # The control every claimed win needs (stop 29): is the shipped net's win which blocks it perturbs more? The
-    # same net, features and recurrent state, its sigmas applied to blocks shuffled by seed 0, renormalised
-    # (learned:permute_seed). MeZO's runs are oracle-heldout's (the same protocol and bits), copied, not re-run.
+    # same net, features and recurrent state, its sigmas applied to blocks shuffled by a seed, renormalised
+    # (learned:permute_seed), across all blocks or only among blocks of a kind (permute_within_kind: each kind keeps
+    # what it gets, the layers trade); beside it its per-kind means as a static allocation (per-block-const from the
+    # artifact's sigma_by_kind) and MeZO with the embedding damped. MeZO's and damp-embed's runs are oracle-heldout's
+    # (the same protocol and bits), copied, not re-run.
     [ -f "$OUT/oracle/tiny-derived/synth-color/compare.json" ] || { echo "run $0 oracle-heldout first" >&2; exit 2; }
     for t in synth-color synth-successor; do
       d=$OUT/permute/tiny-derived/$t
-      [ -d "$d/mezo" ] || { mkdir -p "$d/tune" && cp -r "$OUT/oracle/tiny-derived/$t/"{mezo,compare.json} "$d/" \
-        && cp -r "$OUT/oracle/tiny-derived/$t/tune/mezo" "$d/tune/"; }  # compare.json: the experiment, resumed
+      mkdir -p "$d/tune"
+      [ -f "$d/compare.json" ] || cp "$OUT/oracle/tiny-derived/$t/compare.json" "$d/"  # the experiment, resumed
+      for label in mezo damp-embed; do
+        [ -d "$d/$label" ] || cp -r "$OUT/oracle/tiny-derived/$t/$label" "$d/"
+        [ -d "$d/tune/$label" ] || cp -r "$OUT/oracle/tiny-derived/$t/tune/$label" "$d/tune/"
+      done
     done
     ship=checkpoints/tiny/zo-finetuner
-    opts="mezo,learned=$ship:label=learned-role,learned=$ship:permute_seed=0:label=learned-role-permuted"
-    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 learned-role,learned-role-permuted \
-      permute docs/results/permute-tiny
+    opts="mezo,fixed-sigma:sigma_file=$OUT/transfer-sigma/damp-embed.json:label=damp-embed"
+    opts="$opts,learned=$ship:label=learned-role,learned=$ship:permute_seed=0:label=learned-role-permuted"
+    opts="$opts,learned=$ship:permute_seed=1:label=learned-role-permuted-1"
+    opts="$opts,learned=$ship:permute_seed=0:permute_within_kind=true:label=learned-role-permuted-kind"
+    opts="$opts,per-block-const=$ship:label=per-block-const-role"
+    champions=learned-role,learned-role-permuted,learned-role-permuted-1,learned-role-permuted-kind,per-block-const-role
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$champions" permute \
+      docs/results/permute-tiny
     ;;
   coupling)
     # The separable K-step model against the one that couples the blocks' gradient directions through the Hessian

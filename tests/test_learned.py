@@ -255,3 +255,20 @@ def test_permute_seed_applies_the_nets_sigmas_to_shuffled_blocks():
     torch.testing.assert_close((n * perm.last_sigma.double() ** 2).sum(), n.sum())
     # The same run without a seed is the plain net; the shuffled one moved the weights differently.
     assert not all(torch.equal(a, b) for a, b in zip(m_plain.parameters(), m_perm.parameters(), strict=True))
+
+
+def test_permute_within_kind_keeps_each_sigma_on_a_block_of_its_kind():
+    from l2zo.engine.blocks import block_kind, block_permutation
+
+    model = tiny_llama(layers=3)
+    names = _names(model)
+    kinds = [block_kind(n) for n in names]
+    order = block_permutation(len(names), 0, kinds)
+    assert [kinds[i] for i in order.tolist()] == kinds and not torch.equal(order, torch.arange(len(names)))
+    assert torch.equal(order, block_permutation(len(names), 0, kinds))  # fixed by the seed
+    opt = build_optimizer("learned-random", model, lr=1e-3, permute_seed=0, permute_within_kind=True)
+    assert torch.equal(opt.perm, order)
+    with pytest.raises(L2ZOError, match="give the shuffle's seed"):
+        build_optimizer("learned-random", tiny_llama(), lr=1e-3, permute_within_kind=True)
+    with pytest.raises(L2ZOError, match="3 group labels for 4 blocks"):
+        block_permutation(4, 0, ["a", "a", "b"])

@@ -194,10 +194,23 @@ def fingerprint(blocks: Sequence[Block]) -> str:
 ADAPTER_NAME = "default"  # the name l2zo gives a peft adapter; peft puts it in its tensors' names
 
 
-def block_permutation(num_blocks: int, seed: int) -> torch.Tensor:
+def block_permutation(num_blocks: int, seed: int, groups: Sequence[str] | None = None) -> torch.Tensor:
     """[num_blocks] int64: a fixed shuffle of block indices from ``seed`` (the permutation controls of an allocation:
-    the same sigmas on other blocks). The same seed gives the same shuffle on every machine (a CPU generator)."""
-    return torch.randperm(num_blocks, generator=torch.Generator().manual_seed(int(seed)))
+    the same sigmas on other blocks). The same seed gives the same shuffle on every machine (a CPU generator).
+
+    With ``groups`` ([num_blocks] labels, e.g. each block's ``block_kind``) blocks move only within their group: the
+    control that keeps what a group gets (a q_proj's sigma stays on a q_proj) and shuffles which one gets it.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    if groups is None:
+        return torch.randperm(num_blocks, generator=gen)
+    if len(groups) != num_blocks:
+        raise L2ZOError(f"block_permutation: {len(groups)} group labels for {num_blocks} blocks")
+    perm = torch.arange(num_blocks)
+    for label in sorted(set(groups)):  # sorted: the same shuffle whatever order the groups come in
+        idx = torch.tensor([i for i, g in enumerate(groups) if g == label])
+        perm[idx] = idx[torch.randperm(len(idx), generator=gen)]
+    return perm
 
 
 def block_kind(name: str) -> str:

@@ -8,6 +8,8 @@ features. With sigma == 1 and c == 1 the step is MeZO's, bit for bit.
 ``permute_seed`` is a control, not a method: the net runs as it would (its features and recurrent state are its
 own), but block b is perturbed with the sigma the net gave block perm(b), renormalised. A net whose win survives
 the shuffle won by something other than which blocks it perturbs more (its scale over time, its dynamics).
+With ``permute_within_kind`` blocks trade sigmas only with blocks of their kind (``block_kind``): what each kind
+gets is kept, which layer gets what is shuffled.
 
 Registered here, with the two ablations the paper lacks (reference §5.4, §7):
   learned          a meta-trained net from an artifact folder
@@ -61,6 +63,7 @@ class LearnedZO(ZOOptimizer):
         drift_exact_numel: with the drift feature, blocks of at most this many entries keep an exact copy of their
             starting weights; larger ones use the random-walk estimate (``l2zo.learned.drift``).
         permute_seed: None, or the seed of a fixed shuffle of the blocks: the permutation control (module docstring).
+        permute_within_kind: the shuffle moves a block's sigma only to blocks of its kind.
 
     Attributes:
         last_sigma: [B] effective sigma (c * sigma) of the last step, or None before the first step.
@@ -79,6 +82,7 @@ class LearnedZO(ZOOptimizer):
         sigma_fallback: Sequence[bool] | None = None,
         drift_exact_numel: int = DRIFT_EXACT_NUMEL,
         permute_seed: int | None = None,
+        permute_within_kind: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(params, **kwargs)
@@ -99,7 +103,12 @@ class LearnedZO(ZOOptimizer):
         if len(fallback) != len(names):
             raise L2ZOError(f"sigma_fallback has {len(fallback)} entries for {len(names)} blocks")
         self.sigma_fallback = torch.tensor(fallback, dtype=torch.bool, device=device)
-        self.perm = None if permute_seed is None else block_permutation(len(names), permute_seed).to(device)
+        if permute_within_kind and permute_seed is None:
+            raise L2ZOError(
+                "permute_within_kind shuffles the blocks of a kind: give the shuffle's seed (permute_seed=0)"
+            )
+        groups = [block_kind(n) for n in names] if permute_within_kind else None
+        self.perm = None if permute_seed is None else block_permutation(len(names), permute_seed, groups).to(device)
         # The paper's initial recurrent state: losses 0, sigma 1.
         self.loss_prev: tuple[float, float] = (0.0, 0.0)
         self.sigma_prev = torch.ones(len(names), dtype=torch.float32, device=device)
@@ -220,18 +229,28 @@ def _model_name(model: nn.Module) -> str | None:
 
 
 @dataclass(kw_only=True)
-class LearnedHParams(ZOHParams):
-    partial: bool = False  # load an artifact trained on other blocks: unmatched blocks get raw sigma 1
-    batch_size: int | None = None  # for normalization "paper"; None: the manifest's
-    permute_seed: int | None = None  # the control: the net's sigmas on blocks shuffled by this seed (LearnedZO)
+class NetHParams(ZOHParams):
+    """A net's ZO hyperparameters, with the permutation control of ``LearnedZO`` (off by default)."""
+
+    permute_seed: int | None = None  # the control: the net's sigmas on blocks shuffled by this seed
+    permute_within_kind: bool = False  # the shuffle keeps each sigma on a block of the same kind
+
+    def control(self) -> dict[str, Any]:
+        """``LearnedZO``'s keyword arguments of the control."""
+        return {"permute_seed": self.permute_seed, "permute_within_kind": self.permute_within_kind}
 
 
 @dataclass(kw_only=True)
-class LearnedRandomHParams(ZOHParams):
+class LearnedHParams(NetHParams):
+    partial: bool = False  # load an artifact trained on other blocks: unmatched blocks get raw sigma 1
+    batch_size: int | None = None  # for normalization "paper"; None: the manifest's
+
+
+@dataclass(kw_only=True)
+class LearnedRandomHParams(NetHParams):
     net_seed: int = 0  # initialisation seed of the fresh net
     normalization: str | None = None  # None: the artifact's rule, else "numel"
     batch_size: int | None = None  # for normalization "paper"; None: the artifact's, else 16
-    permute_seed: int | None = None  # the control: the net's sigmas on blocks shuffled by this seed (LearnedZO)
 
 
 @dataclass(kw_only=True)
@@ -280,9 +299,7 @@ def _build_learned(model: nn.Module, hp: LearnedHParams, artifact: str | None, r
     loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=bool(hp.partial),
                            adapter=getattr(model, "l2zo_adapter", None))  # set by l2zo.models.adapters  # fmt: skip
     norm = _normalization(None, hp.batch_size, loaded.manifest["normalization"])
-    return LearnedZO(
-        model, loaded.net, sigma_fallback=loaded.sigma_fallback, permute_seed=hp.permute_seed, **norm, **run
-    )
+    return LearnedZO(model, loaded.net, sigma_fallback=loaded.sigma_fallback, **hp.control(), **norm, **run)
 
 
 def _build_learned_random(
@@ -300,7 +317,7 @@ def _build_learned_random(
         loaded = load_artifact(artifact, blocks, model_name=_model_name(model), partial=True)
         net.static_curvature.copy_(loaded.net.static_curvature)
     norm = _normalization(hp.normalization, hp.batch_size, recorded)
-    return LearnedZO(model, net, permute_seed=hp.permute_seed, **norm, **run)
+    return LearnedZO(model, net, **hp.control(), **norm, **run)
 
 
 def _build_per_block_const(
