@@ -220,7 +220,7 @@ def test_demo_compares_learned_mezo_and_the_random_ablation(tmp_path, capsys):
 
     learned = sigma_tags("learned")
     assert {"sigma/embed_tokens", "sigma/q_proj", "sigma/down_proj"} <= set(learned)
-    assert all(len(v) == 3 and all(x > 0 for x in v) for v in learned.values())
+    assert all(len(v) == 1 and v[0] > 0 for v in learned.values()), learned  # the first step's (then every 10th)
     assert learned != sigma_tags("learned-random") and sigma_tags("mezo") == {}
 
 

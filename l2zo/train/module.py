@@ -28,6 +28,10 @@ from l2zo.train.sharded import configure_sharding
 from l2zo.train.strategies import sum_over_processes
 from l2zo.utils.memory import peak_memory_mb
 
+# An allocation's sigma per block kind goes to TensorBoard every this many steps: a curve, at a tenth of the bytes
+# of every step's (about as many scalars as the rest of a step's metrics together; compares are kept in git).
+SIGMA_LOG_EVERY = 10
+
 OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]
 
 RUN_STATE_KEY = "l2zo_finetune"  # the module's part of a Lightning checkpoint
@@ -215,12 +219,15 @@ class FinetuneModule(L.LightningModule):
         }
         if probe is not None:
             metrics["train/projected_grad"] = probe.projected_grad
-        sigma = getattr(opt, "last_sigma", None)
-        if sigma is not None:  # an allocation (learned net, fixed sigmas): its mean sigma per block kind, step by step
-            names = [b.name for b in opt.blocks]
-            metrics.update({f"sigma/{k}": v for k, v in sigma_by_kind(names, torch.as_tensor(sigma)).items()})
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=int(batch.labels.numel()))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=int(batch.labels.numel()))
+        sigma = getattr(opt, "last_sigma", None)
+        step = int(self.global_step)  # counted after the step: 1 on the first
+        if sigma is not None and self.logger is not None and (step == 1 or step % SIGMA_LOG_EVERY == 0):
+            # An allocation's mean sigma per block kind; to the logger itself, since self.log re-logs a key every step.
+            names = [b.name for b in opt.blocks]
+            kinds = sigma_by_kind(names, torch.as_tensor(sigma))
+            self.logger.log_metrics({f"sigma/{k}": v for k, v in kinds.items()}, step=step)
 
     # -- evaluation: sums over the whole split, logged once per evaluation -------------------------
     def on_train_end(self) -> None:
