@@ -305,7 +305,10 @@ case ${1:-} in
     opts="$opts,learned=$ship:permute_seed=1:label=learned-role-permuted-1"
     opts="$opts,learned=$ship:permute_seed=0:permute_within_kind=true:label=learned-role-permuted-kind"
     opts="$opts,per-block-const=$ship:label=per-block-const-role"
+    # two other meta-seeds' per-kind tables, static (stop 29): seed 4's net beat MeZO on synth-color, seed 1's lost
+    for s in 1 4; do opts="$opts,per-block-const=docs/results/meta-tiny/tiny-role-seed$s:label=per-block-const-seed$s"; done
     champions=learned-role,learned-role-permuted,learned-role-permuted-1,learned-role-permuted-kind,per-block-const-role
+    champions=$champions,per-block-const-seed1,per-block-const-seed4
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "$champions" permute \
       docs/results/permute-tiny
     ;;
