@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     with signal_guard() as guard, locked_run_folder(out, "--output") as folder:
         # --overwrite removes everything. --resume keeps the outputs of the run it continues until they are re-made
         # (write_outputs replaces each whole): a resume stopped again leaves the sigma files that compares read.
-        for entry in list(out.iterdir()) if args.overwrite else []:
-            if entry.name != LOCK_FILE:
+        if args.overwrite:
+            for entry in [e for e in out.iterdir() if e.name != LOCK_FILE]:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         folder.started = True
         pairs = out / PAIRS_DIR
