@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from l2zo.engine import partition
+from l2zo.engine.blocks import block_kind
 from l2zo.errors import L2ZOError
 from l2zo.learned import (
     FEATURE_NAMES,
@@ -160,6 +162,28 @@ def test_net_options_shapes_and_spec_round_trip():
         NetSpec(activation="swish2")
     with pytest.raises(L2ZOError, match="unknown variance-net option"):
         NetSpec.from_dict({"hiddden": 3})
+
+
+def test_kind_scale_is_the_same_seeds_net_times_a_per_kind_table():
+    names = _names(tiny_llama())
+    spec = NetSpec(hidden=8, role_embedding_dim=2)
+    plain, scaled = VarianceNet(spec, names, seed=3), VarianceNet(NetSpec(hidden=8, role_embedding_dim=2,
+                                                                          kind_scale=True), names, seed=3)  # fmt: skip
+    feats = torch.randn(len(names), 5)
+    assert torch.equal(scaled(feats), plain(feats))  # zeros at init, and the MLPs drawn as without it
+    table = torch.linspace(-1, 1, len(scaled.kinds))
+    with torch.no_grad():
+        scaled.kind_log_scale.copy_(table)
+    factor = torch.tensor([math.exp(float(table[scaled.kinds.index(block_kind(n))])) for n in names])
+    torch.testing.assert_close(scaled(feats), plain(feats) * factor)
+    scaled(feats).sum().backward()
+    assert scaled.kind_log_scale.grad is not None and bool((scaled.kind_log_scale.grad != 0).all())
+    assert NetSpec.from_dict(scaled.spec.to_dict()) == scaled.spec
+    # a net for other blocks takes the table by kind name (the artifact's resize path)
+    fresh = VarianceNet(scaled.spec, names[:5], seed=0)
+    fresh.copy_rows_from(scaled, [(i, i) for i in range(5)])
+    ix = [scaled.kinds.index(kind) for kind in fresh.kinds]
+    assert torch.equal(fresh.kind_log_scale.detach(), scaled.kind_log_scale.detach()[ix])
 
 
 # ------------------------------------------------------------------------------------------- optimizer state

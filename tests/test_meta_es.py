@@ -45,11 +45,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _world(seed: int = 0):
+def _world(seed: int = 0, kind_scale: bool = False):
     """A tiny Llama, its net (hidden 8), K inner losses and a dev loss on other token batches."""
     model = tiny_llama(seed=seed)
     blocks = partition(model)
-    net = VarianceNet(NetSpec(hidden=8), [b.name for b in blocks], seed=seed)
+    net = VarianceNet(NetSpec(hidden=8, kind_scale=kind_scale), [b.name for b in blocks], seed=seed)
     norm = SigmaNorm(block_weights(blocks, "numel"))
     gen = torch.Generator().manual_seed(seed)
     inner_ids = [torch.randint(0, 97, (4, 12), generator=gen) for _ in range(K)]
@@ -93,10 +93,12 @@ def test_reward_is_a_deterministic_function_of_phi_and_theta_is_restored_exactly
     assert all(b.param.grad is None for b in blocks)  # only the net gets a gradient
 
 
-def _linear_world(steps: int, rule: str):
+def _linear_world(steps: int, rule: str, kind_scale: bool = False):
     model = LinearModel()
     blocks = partition(model)
-    net = VarianceNet(NetSpec(hidden=8), [b.name for b in blocks], seed=1).double()
+    net = VarianceNet(NetSpec(hidden=8, kind_scale=kind_scale), [b.name for b in blocks], seed=1).double()
+    if kind_scale:  # away from the zeros of init, so the table's gradient is not a special case
+        net.kind_log_scale.data = torch.linspace(-0.5, 0.5, len(net.kinds), dtype=torch.float64)
     norm = SigmaNorm(block_weights(blocks, rule), rule)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64))
@@ -105,12 +107,12 @@ def _linear_world(steps: int, rule: str):
     return model, blocks, net, norm, losses[:steps], losses[steps]
 
 
-@pytest.mark.parametrize("space", ["all", "bias"])
+@pytest.mark.parametrize("space", ["all", "bias", "kind"])
 def test_pair_differences_are_finite_differences_of_the_reward(monkeypatch: pytest.MonkeyPatch, space: str) -> None:
     import l2zo.learned.meta as meta
 
     monkeypatch.setattr(meta, "weight_stats", exact_weight_stats)
-    model, blocks, net, norm, inners, dev = _linear_world(K, "numel")
+    model, blocks, net, norm, inners, dev = _linear_world(K, "numel", kind_scale=space == "kind")
     # The engine reports every loss in fp32, so R is quantised at ~1e-7 even for this fp64 model: steps h = s = 1e-3
     # (truncation error ~1e-6) and eps = 0.1 (exact on a quadratic; g keeps more digits) bound the rounding at ~1e-4.
     seeds, s, h = [11, 12, 13], 1e-3, 1e-3
@@ -203,6 +205,34 @@ def test_adam_on_the_es_estimate_raises_the_reward_at_a_fixed_start() -> None:
     assert mean_reward() > before + 0.05  # measured: -0.221 -> -0.128
 
 
+def test_adam_on_the_kind_table_raises_the_reward_and_moves_nothing_else() -> None:
+    # The same world with the per-kind log-scale searched instead (d = the 9 kinds of the tiny Llama): only the
+    # table moves, the MLPs stay the untrained net's.
+    model, blocks, net, norm, inners, dev = _world(seed=1, kind_scale=True)
+    init = copy.deepcopy(net.state_dict())
+    draws = [[mix_seed(t, k) for k in range(K)] for t in range(4)]
+    start = _start(model, blocks, dev)
+
+    def mean_reward() -> float:
+        return sum(reward(model, blocks, net, start, norm, inners, seeds, dev, eps=1e-3, lr=0.05, zsrc=ZSource())
+                   for seeds in draws) / len(draws)  # fmt: skip
+
+    cfg = ESConfig(pairs=2, sigma=0.2, space="kind", eps=1e-3, lr=0.05)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    before = mean_reward()
+    for step in range(6):
+        opt.zero_grad()
+        res = es_meta_loss(model, blocks, net, TaskState(), norm, inners, dev, seeds=draws[step % 4], cfg=cfg,
+                           zsrc=ZSource())  # fmt: skip
+        res.meta_loss.backward()
+        assert all(p.grad is None for name, p in net.named_parameters() if name != "kind_log_scale")
+        opt.step()
+    after = mean_reward()
+    assert after > before + 0.02, (before, after)  # measured: -0.221 -> -0.048 (b2's six steps: -0.128)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, init[name]) != (name == "kind_log_scale"), name
+
+
 def test_es_config_checks() -> None:
     with pytest.raises(L2ZOError, match="--outer-batch heldout"):
         MetaTrainConfig(objective="es")
@@ -212,6 +242,13 @@ def test_es_config_checks() -> None:
     assert cfg.objective_name == "es-K20-P8-s0.01-bias-both-heldout"
     with pytest.raises(L2ZOError, match="unknown ES space"):
         ESConfig(pairs=1, sigma=0.1, space="nope")
+    with pytest.raises(L2ZOError, match="add --kind-scale"):
+        MetaTrainConfig(objective="es", outer_batch="heldout", es_space="kind")
+    kind = MetaTrainConfig(objective="es", outer_batch="heldout", es_space="kind", kind_scale=True)
+    assert kind.objective_name == "es-K1-P8-s0.01-kind-heldout"
+    net = VarianceNet(NetSpec(hidden=4), ["a.weight", "b.weight"])
+    with pytest.raises(L2ZOError, match="build it with kind_scale"):
+        get_phi(net, "kind")
 
 
 # ------------------------------------------------------------------------------------ the CLI, end to end

@@ -41,11 +41,15 @@ from l2zo.learned.net import VarianceNet
 
 # Which of the net's parameters ES searches over (the rest keep their values and get no gradient):
 #   all: every parameter (B * (F'H + 2H + 1) for per-block MLPs);  last: the output layer (w2, b2);
-#   bias: the output bias b2 only, one scalar per block (an additive shift of each block's raw sigma).
+#   bias: the output bias b2 only, one scalar per block (an additive shift of each block's raw sigma);
+#   kind: the per-kind log-scale of a net built with kind_scale (d = the number of block kinds, 11 on a Llama):
+#   the per-kind table that the shipped tiny net's win comes down to (EVALUATION.md §0b, stop 29), fitted directly.
 # The estimate's noise grows with d: with P pairs two independent estimates have cosine ~ P / (P + d), so at P = 8
 # (measured on a 20-block Llama, hidden 64, K = 5) bias (d = 20) gives ~0.4, last (d = 1300) ~0.02, all (d = 8980)
 # ~0.005. bias is the default; the wider spaces need far more pairs or many meta-steps of averaging.
-ES_SPACES: dict[str, tuple[str, ...] | None] = {"all": None, "last": ("w2", "b2"), "bias": ("b2",)}
+ES_SPACES: dict[str, tuple[str, ...] | None] = {
+    "all": None, "last": ("w2", "b2"), "bias": ("b2",), "kind": ("kind_log_scale",)
+}  # fmt: skip
 ES_NOISE_TAG = 0x45534E5A  # "ESNZ": the direction draws' own stream, apart from every other seed of the step
 
 
@@ -113,7 +117,11 @@ class ESResult(MetaResult):
 def space_params(net: VarianceNet, space: str) -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) pairs of ``net`` that ES searches over, in ``named_parameters`` order."""
     names = ES_SPACES[space]
-    return [(n, p) for n, p in net.named_parameters() if names is None or n in names]
+    params = [(n, p) for n, p in net.named_parameters() if names is None or n in names]
+    if not params:  # only the kind space can be empty: its parameter exists only with kind_scale
+        raise L2ZOError(f"ES space {space!r} searches {', '.join(names or ())}, which this net does not have: "
+                        "build it with kind_scale (meta-train --kind-scale)")  # fmt: skip
+    return params
 
 
 def get_phi(net: VarianceNet, space: str) -> Tensor:

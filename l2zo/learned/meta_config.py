@@ -86,9 +86,10 @@ class MetaTrainConfig:
     """es: P, antithetic pairs per meta-step (each pair runs 2 x K ZO steps per start state)"""
     es_sigma: float = 0.01
     """es: standard deviation of the perturbation of the net's parameters"""
-    es_space: Literal["all", "last", "bias"] = "bias"
-    """es: parameters searched: bias (b2: one scalar per block), last (the output layer w2, b2) or all. With P = 8,
-    two independent estimates agree (cosine) ~0.4 on bias, ~0.02 on last and ~0.005 on all (20 blocks, hidden 64)"""
+    es_space: Literal["all", "last", "bias", "kind"] = "bias"
+    """es: parameters searched: bias (b2: one scalar per block), last (the output layer w2, b2), all, or kind (the
+    per-kind log-scale of --kind-scale: one number per block kind). With P = 8, two independent estimates agree
+    (cosine) ~0.4 on bias, ~0.02 on last and ~0.005 on all (20 blocks, hidden 64)"""
     es_starts: Literal["trajectory", "both"] = "trajectory"
     """es: start states of the runs: the trajectory's theta, or both it and the pretrained theta_0"""
     # -- end of the es block --------------------------------------------------------------------------------
@@ -120,6 +121,8 @@ class MetaTrainConfig:
     """beyond paper: adds layer_index/num_layers as an input"""
     shared: bool = False
     """beyond paper: one MLP for all blocks (use with role/depth inputs)"""
+    kind_scale: bool = False
+    """beyond paper: a learned log-scale per block kind multiplying the net's output (zeros at init)"""
     # -- per-block features beyond the paper (issue 15 item 3; l2zo.learned.features; each off by default)
     feature_log_numel: bool = False
     """adds log n_b, the block's number of entries"""
@@ -203,6 +206,8 @@ class MetaTrainConfig:
                 raise L2ZOError("--objective es measures its reward on a held-out dev batch: add --outer-batch heldout")
             if self.differentiable_g:
                 raise L2ZOError("--differentiable-g belongs to --objective unrolled (es differentiates nothing)")
+            if self.es_space == "kind" and not self.kind_scale:
+                raise L2ZOError("--es-space kind searches the per-kind log-scale of --kind-scale: add --kind-scale")
 
     @property
     def objective_name(self) -> str:

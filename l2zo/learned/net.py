@@ -10,7 +10,13 @@ handful of safetensors entries instead of B modules:
 
 Options beyond the paper (``NetSpec``, all off by default): softplus instead of |.|, a learned
 embedding per block kind and a relative-depth input (both appended to the features, F' = F + extras),
-and ``shared`` (one MLP for every block, leading dimension 1, so the net transfers across depths).
+``shared`` (one MLP for every block, leading dimension 1, so the net transfers across depths), and
+``kind_scale``: a learned log-scale per block kind multiplying the output,
+
+    sigma_b = positive(...) * exp(kind_log_scale[kind(b)])     kind_log_scale [num_kinds], zeros at init,
+
+so a net is its untrained twin (same seed) re-weighted by a per-kind table, and ES can fit that table alone
+(``es_space: kind``, ~11 numbers on a Llama) instead of searching the MLPs.
 With the static-curvature feature the net also holds the measured per-block values (buffer
 ``static_curvature`` [B]), so they are stored in the artifact with the weights.
 The net's parameters are fp32 whatever the model dtype.
@@ -52,6 +58,8 @@ class NetSpec:
         role_embedding_dim: > 0 adds a learned embedding per block kind (``block_kind``) to the inputs.
         depth_feature: adds layer_index / num_layers (``block_depth``; -1 for blocks outside the layers).
         shared: one MLP for all blocks; tell blocks apart with role/depth inputs.
+        kind_scale: multiplies the output by exp(kind_log_scale[kind]), a learned log-scale per block kind (zeros
+            at init, so the net starts as the same seed's net without it).
     """
 
     hidden: int = 64
@@ -61,6 +69,7 @@ class NetSpec:
     role_embedding_dim: int = 0
     depth_feature: bool = False
     shared: bool = False
+    kind_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -129,6 +138,8 @@ class VarianceNet(nn.Module):
         self.b2 = nn.Parameter(_uniform(gen, (rows,), 1 / math.sqrt(hidden)))
         if spec.role_embedding_dim:
             self.role_emb = nn.Parameter(torch.randn(len(self.kinds), spec.role_embedding_dim, generator=gen))
+        if spec.kind_scale:  # zeros, drawn from no generator: the MLPs are the same seed's net without it
+            self.kind_log_scale = nn.Parameter(torch.zeros(len(self.kinds), dtype=torch.float32))
         if spec.features.static_curvature:
             # Measured once per base model at meta-training time (``l2zo.blockstats.static``), not learned; a
             # persistent buffer, so it travels in the artifact's safetensors (and its sha256) and in checkpoints.
@@ -163,7 +174,8 @@ class VarianceNet(nn.Module):
         # The net is tiny and its output scales every block's step: keep it in the net's dtype even when the
         # caller runs under bf16 autocast (bf16-mixed meta-training or fine-tuning).
         with torch.autocast(features.device.type, enabled=False):
-            return self._mlp(self.inputs(features))
+            raw = self._mlp(self.inputs(features))
+            return raw * self.kind_log_scale[self.kind_index].exp() if self.spec.kind_scale else raw
 
     def _mlp(self, x: Tensor) -> Tensor:
         act, pos = ACTIVATIONS[self.spec.activation], POSITIVE[self.spec.positive]
@@ -177,7 +189,8 @@ class VarianceNet(nn.Module):
     def copy_rows_from(self, src: VarianceNet, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy the MLPs of ``src`` block ``i`` into this net's block ``j`` for each ``(i, j)`` in ``pairs``.
 
-        Shared nets copy their one MLP; role embeddings are copied by kind name for kinds both nets know.
+        Shared nets copy their one MLP; role embeddings and kind log-scales are copied by kind name for kinds both
+        nets know.
         """
         if src.spec != self.spec:
             raise L2ZOError("copy_rows_from needs two nets with the same NetSpec")
@@ -197,3 +210,7 @@ class VarianceNet(nn.Module):
             for k, kind in enumerate(self.kinds):
                 if kind in src.kinds:
                     self.role_emb[k] = src.role_emb[src.kinds.index(kind)]
+        if self.spec.kind_scale:
+            for k, kind in enumerate(self.kinds):
+                if kind in src.kinds:
+                    self.kind_log_scale[k] = src.kind_log_scale[src.kinds.index(kind)]

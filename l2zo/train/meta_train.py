@@ -104,7 +104,8 @@ def feature_spec(cfg: MetaTrainConfig) -> FeatureSpec:
 def build_net(cfg: MetaTrainConfig, blocks: list[Block], static: StaticCurvature | None = None) -> VarianceNet:
     """The fresh variance net; with ``--feature-curvature`` it holds the measured ``static`` curvature."""
     spec = NetSpec(hidden=cfg.hidden, activation=cfg.activation, positive=cfg.positive, features=feature_spec(cfg),
-                   role_embedding_dim=cfg.role_embedding_dim, depth_feature=cfg.depth_feature, shared=cfg.shared)  # fmt: skip
+                   role_embedding_dim=cfg.role_embedding_dim, depth_feature=cfg.depth_feature, shared=cfg.shared,
+                   kind_scale=cfg.kind_scale)  # fmt: skip
     net = VarianceNet(spec, [b.name for b in blocks], seed=cfg.net_seed)
     if spec.features.static_curvature:
         if static is None:
