@@ -34,6 +34,10 @@
 #   bash scripts/tiny_recipes.sh permute-heldout  # after oracle-heldout: the shipped net beside the same net with
 #                                            # its sigmas applied to shuffled blocks (permute_seed), MeZO's runs
 #                                            # copied from oracle-heldout (docs/results/permute-tiny)
+#   bash scripts/tiny_recipes.sh meta K      # the per-kind table fitted by ES (es_space kind), meta-seeds 0-2; meta M:
+#                                            # 3-5 (one core each, ~12 min a seed)
+#   bash scripts/tiny_recipes.sh kind-heldout  # their held-out evaluation beside MeZO, the shipped net and the
+#                                            # untrained twin they all start from (docs/results/kind-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
 #                                            # synth-size): can a run that never sees a held-out task tell the
 #                                            # meta-seeds apart? (docs/results/metaval-tiny)
@@ -62,7 +66,8 @@ declare -A RECIPES=(
 declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy greedy-feat"
                   [D]="greedy-logn greedy-wnorm greedy-drift greedy-curv greedy-gradrms greedy-role greedy-depth"
                   [S]="role-seed1 role-seed2" [L]="role-long"
-                  [T]="role-seed3 role-seed4 role-seed5")
+                  [T]="role-seed3 role-seed4 role-seed5"
+                  [K]="es-kind-seed0 es-kind-seed1 es-kind-seed2" [M]="es-kind-seed3 es-kind-seed4 es-kind-seed5")
 # Chain C, the feature ablation on the recipe that works: the shipped recipe (meta_configs/tiny.yaml as it is:
 # greedy, teacher trajectory, 600 meta-steps) re-made, and the same with the per-block features of issue 15.
 declare -A OWN=([greedy]="$PLAIN --checkpoint-every 100 --no-progress"
@@ -78,6 +83,14 @@ SHIPPED="--config meta_configs/tiny.yaml --checkpoint-every 100 --no-progress"
 OWN[role-seed1]="$SHIPPED --seed 1" && OWN[role-seed2]="$SHIPPED --seed 2" && OWN[role-long]="$SHIPPED --steps 2400"
 # Chain T: three more meta-seeds, never evaluated held out before the selection rule below (`select`) picked one.
 for s in 3 4 5; do OWN[role-seed$s]="$SHIPPED --seed $s"; done
+# Chains K and M (stop 30): the shipped net's win is a per-kind table (docs/results/permute-tiny), and greedy lands on
+# another table for each meta-seed. Here ES fits the table alone (11 numbers, a log-scale per block kind on the
+# shipped architecture's untrained net, net_seed 0 for every meta-seed) on the reward users measure: the dev-loss drop
+# of a 40-step on-policy ZO run at lr 4e-4 (MeZO's cliff on the held-out tasks), 4 antithetic pairs, 60 meta-steps.
+ESKIND="--config meta_configs/tiny.yaml --objective es --kind-scale --es-space kind --unroll-steps 40 --es-pairs 4 \
+  --es-sigma 0.2 --meta-lr 0.05 --batch-size 8 --outer-batch heldout --p-teacher 0 --inner-lr 4e-4 --reset-every 300 \
+  --steps 60 --checkpoint-every 10 --no-progress"
+for s in 0 1 2 3 4 5; do OWN[es-kind-seed$s]="$ESKIND --seed $s"; done
 
 meta() {  # meta-train one recipe, resuming from its last checkpoint
   local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
@@ -138,7 +151,7 @@ ORACLE_CHAMPIONS=gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-
 case ${1:-} in
   meta)
     mkdir -p "$OUT/meta"
-    for name in ${CHAINS[${2:?chain A, B, C, D, S or L}]}; do meta "$name"; done
+    for name in ${CHAINS[${2:?chain A, B, C, D, S, L, T, K or M}]}; do meta "$name"; done
     ;;
   heldout)
     opts="mezo,learned-random,per-block-const,learned:label=learned-greedy"
@@ -330,6 +343,21 @@ case ${1:-} in
         --out "docs/results/oracle-tiny/coupling-$t.md" >/dev/null
     done
     ;;
+  kind-heldout)
+    # The ES-fitted per-kind tables (chains K, M) held out with the robust protocol, beside MeZO, the shipped net and
+    # the untrained twin every table multiplies (learned-random of their spec, net_seed 0: its table all zeros)
+    ship=checkpoints/tiny/zo-finetuner
+    art0=$OUT/art/tiny-es-kind-seed0
+    [ -f "$art0/l2zo_artifact.json" ] || { echo "meta-train them first: $0 meta K; $0 meta M" >&2; exit 2; }
+    opts="mezo,learned=$ship:label=learned-role,learned-random=$art0:label=learned-random-kind" && champions=""
+    for s in 0 1 2 3 4 5; do
+      [ -f "$OUT/art/tiny-es-kind-seed$s/l2zo_artifact.json" ] || continue
+      opts="$opts,learned=$OUT/art/tiny-es-kind-seed$s:label=learned-es-kind-seed$s"
+      champions="$champions,learned-es-kind-seed$s"
+    done
+    TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "${champions#,},learned-role" kind \
+      docs/results/kind-tiny
+    ;;
   metaval)
     # Selecting among meta-trained nets on the held-out pairs would be selecting on the test: this measures them on
     # two of the meta-training tasks instead (on the derivative, which meta-training never saw), 3 seeds.
@@ -339,6 +367,6 @@ case ${1:-} in
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L|T | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | oracle-tolerance | permute-heldout | coupling | metaval" >&2
+  *) echo "usage: $0 meta A|B|C|D|S|L|T|K|M | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | oracle-tolerance | permute-heldout | coupling | kind-heldout | metaval" >&2
      exit 2 ;;
 esac
