@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -175,6 +176,22 @@ def test_inspect_prints_the_summary_and_sigma_per_kind(saved, capsys):
     assert "L=0.7" in out and "L=2" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("q_proj", "embed_tokens", "down_proj"))]
     assert len(rows) == 3 and all(len(r) == 6 for r in rows)
+
+
+def test_inspect_shows_a_kind_scale_nets_table(tmp_path, capsys):
+    model, path = tiny_llama(), tmp_path / "kind"
+    net = _save(path, model, NetSpec(hidden=4, kind_scale=True))
+    with torch.no_grad():  # the table: the embedding at 1/4, every other kind at 1
+        net.kind_log_scale[net.kinds.index("embed_tokens")] = math.log(0.25)
+    blocks = partition(model)
+    save_artifact(path, net, blocks, base_model={"name": "tiny-a", "revision": "r1"}, meta_config={}, meta_record={},
+                  normalization={"rule": "numel"}, model=model, overwrite=True)  # fmt: skip
+    assert cli_main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    header = next(line.split() for line in out.splitlines() if line.startswith("kind "))
+    assert header[-1] == "table"
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("q_proj", "embed_tokens"))}
+    assert rows["embed_tokens"][-1] == "0.25" and rows["q_proj"][-1] == "1"
 
 
 def test_registry_builds_all_three_on_one_artifact(saved):

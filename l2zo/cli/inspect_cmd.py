@@ -89,13 +89,16 @@ def run_inspect(path: str) -> int:
         f"\nsigma by block kind: mean effective sigma (c * sigma), net on the stored weight stats, L+ = L- = L, "
         f"{RECURRENT_STEPS} recurrent steps from sigma_prev = 1; 'meta' = recorded at the end of meta-training"
     )
-    header = ["kind", "blocks", *(f"L={loss:g}" for loss in LOSS_LEVELS), "meta"]
+    # a --kind-scale net also shows its learned table: the factor exp(kind_log_scale) on the untrained-shape output
+    scale = dict(zip(net.kinds, net.kind_log_scale.detach().exp().tolist(), strict=True)) if net.spec.kind_scale else {}
+    header = ["kind", "blocks", *(f"L={loss:g}" for loss in LOSS_LEVELS), "meta", *(["table"] if scale else [])]
     width = max(len(header[0]), *(len(k) for k in table))
     print(f"{header[0]:<{width}}  " + "  ".join(f"{h:>8}" for h in header[1:]))
     for kind, values in table.items():
         meta = recorded.get(kind)
         meta_cell = f"{meta:>8.4g}" if meta is not None else f"{'-':>8}"
         cells = [f"{counts[kind]:>8d}", *(f"{v:>8.4g}" for v in values), meta_cell]
+        cells += [f"{scale[kind]:>8.4g}"] if scale else []
         print(f"{kind:<{width}}  " + "  ".join(cells))
     return 0
 
