@@ -357,6 +357,11 @@ case ${1:-} in
     done
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "${champions#,},learned-role" kind \
       docs/results/kind-tiny
+    # the fitted tables themselves (the `table` column: exp of each kind's log-scale)
+    for s in 0 1 2 3 4 5; do
+      a=$OUT/art/tiny-es-kind-seed$s
+      [ -f "$a/l2zo_artifact.json" ] && $PY -m l2zo.cli.main inspect "$a"
+    done >docs/results/kind-tiny/tables.txt
     ;;
   metaval)
     # Selecting among meta-trained nets on the held-out pairs would be selecting on the test: this measures them on

@@ -423,7 +423,8 @@ def test_repick_says_which_picks_a_tolerance_would_move_without_running(tuned_co
 
 
 def test_resume_refuses_a_kept_run_made_with_another_optimizer_or_other_artifact_weights(tmp_path, capsys):
-    """A label reused for another optimizer, or a re-made artifact at the same path, would mix two experiments."""
+    """A label reused for another optimizer or other settings, or a re-made artifact at the same path, would mix two
+    experiments."""
     repo = Path(__file__).resolve().parents[1]
     art = tmp_path / "art"
     shutil.copytree(repo / "docs" / "results" / "meta-tiny" / "tiny-greedy", art)
@@ -440,6 +441,15 @@ def test_resume_refuses_a_kept_run_made_with_another_optimizer_or_other_artifact
     assert (
         "mezo/seed0 holds a finished run of 'mezo' made with mezo, not zo-sgd-mmt; give the item another label" in err
     )
+
+    # the same optimizer and label with a setting edited (what a script's edit does): its kept runs are not these
+    assert main(["compare", *argv, "--optimizers", "mezo:lr=1e-4:eps=0.01", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mezo/seed0 holds a finished run of 'mezo' made with eps=0.001, not eps=0.01; give the item another" in err
+    assert main(["compare", *argv, "--optimizers", f"learned={art}:lr=1e-4:permute_seed=0", "--resume"]) == 2
+    assert "made with permute_seed=None, not permute_seed=0" in capsys.readouterr().err
+    assert main(["compare", *argv, "--optimizers", "mezo:lr=2e-4", "--resume"]) == 2  # a fixed lr is a setting too
+    assert "made with lr=0.0001, not lr=0.0002" in capsys.readouterr().err
 
     shutil.rmtree(art)  # the same path, another net
     shutil.copytree(repo / "docs" / "results" / "meta-tiny" / "tiny-greedy-role", art)

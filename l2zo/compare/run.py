@@ -15,6 +15,8 @@ The experiment folder is locked while the compare runs. ``compare.json`` names t
 data, steps, ...) and says how each run ended; a folder that holds another experiment is refused unless
 ``--overwrite`` (which removes all of it), and a rerun of the same one is refused unless ``--resume`` (which
 skips the runs that finished, tuning runs included, and redoes a run whose tuned lr changed) or ``--overwrite``.
+A finished run that --resume would keep under a label must have been made by the same optimizer, artifact and
+settings (the lr aside where it is tuned); else the compare is refused, naming what changed.
 """
 
 from __future__ import annotations
@@ -124,6 +126,20 @@ def run_adapter(spec: RunSpec) -> PeftArgs:
         return PeftArgs(**peft)
     except L2ZOError as exc:
         raise L2ZOError(f"--optimizers item {spec.label!r}: {exc}") from None
+
+
+def _changed_hparams(recorded: dict[str, Any], fcfg: FinetuneConfig, *, lr_free: bool) -> list[tuple[str, Any, Any]]:
+    """(key, then, now) for each hyperparameter a finished run was made with that the planned run would change.
+
+    Not compared: the seed (the folder's), the artifact (compared by path and weights), and with ``lr_free`` the lr
+    (a tuned item's: a kept run whose tuned lr moved is redone). A key the run did not record (an older l2zo) counts
+    as the optimizer's default. Both sides go through JSON, as the record did (tuples become lists)."""
+    free = {"seed", "artifact"} | ({"lr"} if lr_free else set())
+    now = hparams_that_run(fcfg)
+    then = {**get_optimizer_spec(fcfg.optimizer).defaults, **recorded}
+    norm = json.loads(json.dumps({"then": then, "now": now}, default=str))
+    return [(k, norm["then"].get(k), norm["now"][k]) for k in sorted(norm["now"])
+            if k not in free and norm["then"].get(k) != norm["now"][k]]  # fmt: skip
 
 
 def split_peft(hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -296,9 +312,10 @@ def prepare_logdir(plan: Plan, overwrite: bool, resume: bool = False) -> set[Pat
 
 
 def _refuse_other_runs(plan: Plan, finished: set[Path]) -> None:
-    """A finished run that --resume would keep must be the planned run: the same optimizer and the same artifact
-    (path, and weights sha256 where the run recorded it). Else a label reused for another optimizer or a re-made
-    artifact would silently mix two experiments in one table."""
+    """A finished run that --resume would keep must be the planned run: the same optimizer, the same artifact (path,
+    and weights sha256 where the run recorded it) and the same hyperparameters other than the tuned lr. Else a label
+    reused for another optimizer, a re-made artifact or an edited setting would silently mix two experiments in one
+    table."""
     planned = {folder.resolve(): run for folder, run in plan.runs().items()}
     digests: dict[str | None, str | None] = {}  # artifact path -> its weights' sha256, each manifest read once
     for folder in sorted(finished):
@@ -311,9 +328,12 @@ def _refuse_other_runs(plan: Plan, finished: set[Path]) -> None:
         if fcfg.artifact not in digests:
             digests[fcfg.artifact] = artifact_digest(fcfg.artifact)
         ran_sha, now_sha = summary.get("artifact_sha256"), digests[fcfg.artifact]
-        if then != now or (ran_sha and now_sha and ran_sha != now_sha):
+        tuned = spec.label in plan.grids  # its lr is the tuning's to change
+        changed = [] if then != now else _changed_hparams(summary.get("hparams") or {}, fcfg, lr_free=tuned)
+        if then != now or (ran_sha and now_sha and ran_sha != now_sha) or changed:
             made = (f"{' '.join(filter(None, then))}, not {' '.join(filter(None, now))}" if then != now
-                    else f"other weights at {now[1]} (sha256 {ran_sha[:12]}, now {now_sha[:12]})")  # fmt: skip
+                    else f"other weights at {now[1]} (sha256 {ran_sha[:12]}, now {now_sha[:12]})" if not changed
+                    else ", ".join(f"{k}={a}, not {k}={b}" for k, a, b in changed))  # fmt: skip
             raise L2ZOError(f"{folder} holds a finished run of {spec.base!r} made with {made}; give the item another "
                             "label (learned=DIR:label=NAME), or pass --overwrite to start over")  # fmt: skip
 
