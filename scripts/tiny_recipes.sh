@@ -36,6 +36,7 @@
 #                                            # copied from oracle-heldout (docs/results/permute-tiny)
 #   bash scripts/tiny_recipes.sh meta K      # the per-kind table fitted by ES (es_space kind), meta-seeds 0-2; meta M:
 #                                            # 3-5 (one core each, ~12 min a seed)
+#   bash scripts/tiny_recipes.sh meta H0; ... meta H1  # the same with the reward at 8e-4 over 60 steps (seeds 0, 1)
 #   bash scripts/tiny_recipes.sh kind-heldout  # their held-out evaluation beside MeZO, the shipped net and the
 #                                            # untrained twin they all start from (docs/results/kind-tiny)
 #   bash scripts/tiny_recipes.sh metaval     # the same nets on meta-training tasks (tiny-derived x synth-sentiment,
@@ -67,7 +68,8 @@ declare -A CHAINS=([A]="expected distill distill-feat" [B]="es" [C]="greedy gree
                   [D]="greedy-logn greedy-wnorm greedy-drift greedy-curv greedy-gradrms greedy-role greedy-depth"
                   [S]="role-seed1 role-seed2" [L]="role-long"
                   [T]="role-seed3 role-seed4 role-seed5"
-                  [K]="es-kind-seed0 es-kind-seed1 es-kind-seed2" [M]="es-kind-seed3 es-kind-seed4 es-kind-seed5")
+                  [K]="es-kind-seed0 es-kind-seed1 es-kind-seed2" [M]="es-kind-seed3 es-kind-seed4 es-kind-seed5"
+                  [H0]="es-kind-hot-seed0" [H1]="es-kind-hot-seed1")
 # Chain C, the feature ablation on the recipe that works: the shipped recipe (meta_configs/tiny.yaml as it is:
 # greedy, teacher trajectory, 600 meta-steps) re-made, and the same with the per-block features of issue 15.
 declare -A OWN=([greedy]="$PLAIN --checkpoint-every 100 --no-progress"
@@ -91,6 +93,12 @@ ESKIND="--config meta_configs/tiny.yaml --objective es --kind-scale --es-space k
   --es-sigma 0.2 --meta-lr 0.05 --batch-size 8 --outer-batch heldout --p-teacher 0 --inner-lr 4e-4 --reset-every 300 \
   --steps 60 --checkpoint-every 10 --no-progress"
 for s in 0 1 2 3 4 5; do OWN[es-kind-seed$s]="$ESKIND --seed $s"; done
+# Chain H (stop 30, after kind-heldout): the tables above raise the embedding, which lowers the held-out lr cliff, and
+# a 40-step reward at 4e-4 never sees the cliff. The same search with the reward at 8e-4 (past MeZO's cliff) over 60
+# steps, where an allocation that lowers the cliff loses reward; 40 meta-steps, meta-seeds 0 and 1.
+for s in 0 1; do
+  OWN[es-kind-hot-seed$s]="$ESKIND --seed $s --inner-lr 8e-4 --unroll-steps 60 --steps 40"
+done
 
 meta() {  # meta-train one recipe, resuming from its last checkpoint
   local name=$1 logdir=$OUT/meta/$1 art=$OUT/art/tiny-$1 resume=()
@@ -151,7 +159,7 @@ ORACLE_CHAMPIONS=gsl-own,gsl-meta-consensus,gsl-own-g,gsl-zo-own,kopt-meta,kopt-
 case ${1:-} in
   meta)
     mkdir -p "$OUT/meta"
-    for name in ${CHAINS[${2:?chain A, B, C, D, S, L, T, K or M}]}; do meta "$name"; done
+    for name in ${CHAINS[${2:?chain A, B, C, D, S, L, T, K, M, H0 or H1}]}; do meta "$name"; done
     ;;
   heldout)
     opts="mezo,learned-random,per-block-const,learned:label=learned-greedy"
@@ -344,22 +352,21 @@ case ${1:-} in
     done
     ;;
   kind-heldout)
-    # The ES-fitted per-kind tables (chains K, M) held out with the robust protocol, beside MeZO, the shipped net and
+    # The ES-fitted per-kind tables (chains K, M, H0, H1) held out with the robust protocol, beside MeZO, the shipped net and
     # the untrained twin every table multiplies (learned-random of their spec, net_seed 0: its table all zeros)
     ship=checkpoints/tiny/zo-finetuner
     art0=$OUT/art/tiny-es-kind-seed0
     [ -f "$art0/l2zo_artifact.json" ] || { echo "meta-train them first: $0 meta K; $0 meta M" >&2; exit 2; }
     opts="mezo,learned=$ship:label=learned-role,learned-random=$art0:label=learned-random-kind" && champions=""
-    for s in 0 1 2 3 4 5; do
-      [ -f "$OUT/art/tiny-es-kind-seed$s/l2zo_artifact.json" ] || continue
-      opts="$opts,learned=$OUT/art/tiny-es-kind-seed$s:label=learned-es-kind-seed$s"
-      champions="$champions,learned-es-kind-seed$s"
+    for name in es-kind-seed{0,1,2,3,4,5} es-kind-hot-seed{0,1}; do
+      [ -f "$OUT/art/tiny-$name/l2zo_artifact.json" ] || continue
+      opts="$opts,learned=$OUT/art/tiny-$name:label=learned-$name" && champions="$champions,learned-$name"
     done
     TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2,3,4,5 1e-4,2e-4,4e-4,8e-4,1.6e-3 "${champions#,},learned-role" kind \
       docs/results/kind-tiny
     # the fitted tables themselves (the `table` column: exp of each kind's log-scale)
-    for s in 0 1 2 3 4 5; do
-      a=$OUT/art/tiny-es-kind-seed$s
+    for name in es-kind-seed{0,1,2,3,4,5} es-kind-hot-seed{0,1}; do
+      a=$OUT/art/tiny-$name
       [ -f "$a/l2zo_artifact.json" ] && $PY -m l2zo.cli.main inspect "$a"
     done >docs/results/kind-tiny/tables.txt
     ;;
@@ -372,6 +379,6 @@ case ${1:-} in
     TASKS=synth-sentiment,synth-size TUNE_SEEDS=100,101 evaluate "$opts" 0,1,2 1e-4,2e-4,4e-4,8e-4,1.6e-3 \
       "$champions" metaval docs/results/metaval-tiny
     ;;
-  *) echo "usage: $0 meta A|B|C|D|S|L|T|K|M | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | oracle-tolerance | permute-heldout | coupling | kind-heldout | metaval" >&2
+  *) echo "usage: $0 meta A|B|C|D|S|L|T|K|M|H0|H1 | heldout | ablation | confirm F | robust | select | select-heldout | transfer | oracle-heldout | oracle-tolerance | permute-heldout | coupling | kind-heldout | metaval" >&2
      exit 2 ;;
 esac
